@@ -1,0 +1,26 @@
+"""Columns and tensors: schema, synthetic ad world, vocabularies, text, tf.data."""
+
+import os
+
+# TFRS needs Keras 2 (tf_keras) behind tf.keras; keras-hub runs on Keras 3 with the TF backend.
+# Both must be decided before TensorFlow is first imported.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from features.schema import FeatureSchema, DEFAULT_SCHEMA  # noqa: E402
+from features.synthetic import SyntheticConfig, SyntheticWorld, generate_world  # noqa: E402
+from features.split import DataSplit, time_split  # noqa: E402
+from features.vocab import Vocabularies, build_vocabularies  # noqa: E402
+
+__all__ = [
+    "FeatureSchema",
+    "DEFAULT_SCHEMA",
+    "SyntheticConfig",
+    "SyntheticWorld",
+    "generate_world",
+    "DataSplit",
+    "time_split",
+    "Vocabularies",
+    "build_vocabularies",
+]

@@ -1,0 +1,107 @@
+"""A SavedModel loaded the way TensorFlow Serving loads it: TF1 graph mode, SignatureDef tensor names."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import serving  # noqa: F401
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (the ranking graph tokenizes with TF Text ops)
+from tensorflow.core.protobuf import meta_graph_pb2
+
+SERVE_TAG = "serve"
+DEFAULT_SIGNATURE = "serving_default"
+
+
+class ServableError(RuntimeError):
+    """A SavedModel version cannot be loaded or a request does not fit its signature."""
+
+
+@dataclass
+class TensorInfo:
+    name: str  # tensor name in the graph, e.g. "serving_default_user_id:0"
+    dtype: tf.dtypes.DType
+    shape: list[int | None]
+
+
+def _tensor_info(info: meta_graph_pb2.TensorInfo) -> TensorInfo:
+    shape = None if info.tensor_shape.unknown_rank else [
+        None if d.size < 0 else d.size for d in info.tensor_shape.dim]
+    return TensorInfo(info.name, tf.dtypes.as_dtype(info.dtype), shape)
+
+
+class Servable:
+    """One loaded version of one model: a TF1 session and its signatures."""
+
+    def __init__(self, name: str, version: int, path: Path):
+        self.name, self.version, self.path = name, version, Path(path)
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        try:
+            with self.graph.as_default():
+                self.meta_graph = tf.compat.v1.saved_model.loader.load(
+                    self.session, [SERVE_TAG], str(self.path))
+        except Exception as err:
+            self.session.close()
+            raise ServableError(f"cannot load {name} version {version} from {path}: {err}") from err
+        self.signatures = {
+            key: ({k: _tensor_info(v) for k, v in sig.inputs.items()},
+                  {k: _tensor_info(v) for k, v in sig.outputs.items()})
+            for key, sig in self.meta_graph.signature_def.items()
+            if not key.startswith("__")
+        }
+        meta_file = self.path / "assets.extra" / "adrec.json"
+        self.metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def signature_def_map(self):
+        return {k: v for k, v in self.meta_graph.signature_def.items() if not k.startswith("__")}
+
+    def signature(self, signature_name: str = ""):
+        key = signature_name or DEFAULT_SIGNATURE
+        if key not in self.signatures:
+            raise KeyError(key)
+        return self.signatures[key]
+
+    def run(self, inputs: dict[str, np.ndarray], signature_name: str = "",
+            output_filter: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Feed inputs by SignatureDef name, fetch outputs by SignatureDef name."""
+        in_infos, out_infos = self.signature(signature_name)
+        missing = sorted(set(in_infos) - set(inputs))
+        extra = sorted(set(inputs) - set(in_infos))
+        if missing or extra:
+            raise ServableError(f"inputs do not match signature: missing {missing}, unexpected {extra}; "
+                                f"expected {sorted(in_infos)}")
+        wanted = output_filter or tuple(out_infos)
+        unknown = sorted(set(wanted) - set(out_infos))
+        if unknown:
+            raise ServableError(f"unknown output(s) {unknown}; outputs are {sorted(out_infos)}")
+        feed = {in_infos[k].name: v for k, v in inputs.items()}
+        fetches = {k: out_infos[k].name for k in wanted}
+        if self._closed:
+            raise ServableError(f"{self.name} version {self.version} is unloaded")
+        return self.session.run(fetches, feed_dict=feed)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.session.close()
+
+
+def latest_version(base_path: Path) -> tuple[int, Path] | None:
+    """The highest numeric version directory under a model base path (TF Serving's default policy)."""
+    versions = [(int(p.name), p) for p in Path(base_path).glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions) if versions else None
+
+
+def load_latest(name: str, base_path: Path) -> Servable:
+    found = latest_version(base_path)
+    if found is None:
+        raise ServableError(f"no numeric version directory under {base_path} for model {name!r}")
+    return Servable(name, found[0], found[1])

@@ -1,0 +1,145 @@
+"""`adrec`: one command for every job (data, train, serve, recommend, demo).
+
+A user's mistake (bad config, missing file, unreachable server) prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_demo(args) -> int:
+    from trainer.demo import run_demo
+    from trainer.task import resolve_config
+
+    run_demo(resolve_config(args), n_users=args.users, k=args.k, progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from trainer.task import resolve_config, train_and_export
+
+    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet)
+    print(json.dumps(trained.metrics, indent=2))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from serving import server
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.model_base:
+        argv += ["--model-base", str(args.model_base)]
+    for spec in args.model:
+        argv += ["--model", spec]
+    if args.lifetime:
+        argv += ["--lifetime", str(args.lifetime)]
+    return server.main(argv)
+
+
+def _parse_features(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"feature {pair!r} is not KEY=VALUE")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def _cmd_recommend(args) -> int:
+    from serving.client import RecommendationClient
+
+    features = _parse_features(args.feature)
+    features["user_id"] = args.user
+    with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout) as client:
+        frame = client.recommend_df(features, {}, k=args.k)
+    print(frame.to_string(index=False))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from features.synthetic import generate_world
+    from trainer.task import resolve_config
+
+    cfg = resolve_config(args)
+    world = generate_world(cfg.data.synthetic)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    world.catalog.to_parquet(out / "catalog.parquet", index=False)
+    world.logs.to_parquet(out / "impressions.parquet", index=False)
+    world.users.to_parquet(out / "users.parquet", index=False)
+    print(f"wrote {len(world.catalog)} ads, {len(world.logs)} impressions, {len(world.users)} users "
+          f"to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.task import add_arguments
+
+    parser = argparse.ArgumentParser(prog="adrec", description="personalized ad recommendation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="synthetic data -> train -> export -> serve -> recommend")
+    add_arguments(demo)
+    demo.add_argument("--users", type=int, default=3, help="users to recommend for")
+    demo.add_argument("-k", type=int, default=5, help="ads per user")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train retrieval and ranking, evaluate, export SavedModels")
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    serve = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
+    serve.add_argument("--model-base", type=Path, help="directory with one subdirectory per model")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=BASE_PATH")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8500)
+    serve.add_argument("--lifetime", type=float, help="stop after this many seconds")
+    serve.set_defaults(func=_cmd_serve)
+
+    rec = sub.add_parser("recommend", help="ask a running server for a user's ads")
+    rec.add_argument("--address", default="127.0.0.1:8500")
+    rec.add_argument("--model", default="recommender")
+    rec.add_argument("--user", required=True, help="user id")
+    rec.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
+                     help="user or context feature, e.g. device=mobile hour=20 (repeatable)")
+    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--timeout", type=float, default=10.0)
+    rec.set_defaults(func=_cmd_recommend)
+
+    data = sub.add_parser("data", help="write the synthetic world to Parquet files")
+    add_arguments(data)
+    data.add_argument("--out", required=True)
+    data.set_defaults(func=_cmd_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    import grpc
+
+    from features.schema import SchemaError
+    from features.text import EncoderNotFoundError
+    from serving.client import RequestError
+    from serving.servable import ServableError
+    from trainer.config import ConfigError
+    from trainer.export import ExportError
+    from trainer.job import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, SchemaError, EncoderNotFoundError, ExportError, ServableError,
+            RequestError, ValueError, FileNotFoundError) as err:
+        print(f"adrec {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as err:
+        print(f"adrec {args.command}: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

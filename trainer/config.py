@@ -1,0 +1,132 @@
+"""Job configuration: dataclasses loaded from YAML with `yaml.safe_load`, unknown keys refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from features.synthetic import SyntheticConfig
+
+
+class ConfigError(ValueError):
+    """A config file has an unknown key, a wrong type, or a missing path."""
+
+
+@dataclass
+class EncoderConfig:
+    preset: str = "minilm"  # "minilm" (bundled), "tiny" (random, small), a keras-hub preset or a directory
+    mode: str = "frozen"  # "frozen": embeddings cached per ad; "full": fine-tuned in the towers
+    sequence_length: int = 32
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+    tiny_heads: int = 2
+    tiny_intermediate: int = 128
+    tiny_vocab_size: int = 4000
+
+
+@dataclass
+class RetrievalConfig:
+    embedding_dim: int = 64
+    id_embedding_dim: int = 32
+    hidden_units: int = 128
+    temperature: float = 0.05
+    learning_rate: float = 0.003
+    epochs: int = 8
+    batch_size: int = 512
+    top_k_metrics: tuple[int, ...] = (10, 100)
+
+
+@dataclass
+class RankingConfig:
+    embedding_dim: int = 16
+    cross_layers: int = 2
+    deep_units: tuple[int, ...] = (128, 64)
+    learning_rate: float = 0.002
+    epochs: int = 3
+    batch_size: int = 1024
+
+
+@dataclass
+class TrainingConfig:
+    strategy: str = "default"  # "default" | "mirrored" | "multi_worker"
+    seed: int = 42
+    test_fraction: float = 0.2
+    model_dir: str = "runs/demo"
+
+
+@dataclass
+class ExportConfig:
+    export_dir: str = "runs/demo/models"
+    top_k: int = 100  # retrieval model output size
+    retrieve_n: int = 100  # recommender: candidates retrieved before ranking
+    recommend_k: int = 20  # recommender: ads returned per request
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _coerce(cls, value, where: str):
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        return cls(**kwargs)
+    origin = typing.get_origin(cls)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(cls) if a is not Ellipsis}
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if cls in (int, float, str, bool) and not (isinstance(value, cls) and
+                                               not (cls is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {cls.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
+    return _coerce(JobConfig, raw or {}, where)
+
+
+def load_config(path: str | Path) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return config_from_dict(raw, str(path))
+
+
+def config_to_dict(cfg) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))

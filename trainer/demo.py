@@ -1,0 +1,75 @@
+"""`adrec demo`: synthetic world -> train -> export -> serve over gRPC -> recommend -> metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from trainer.config import JobConfig
+from trainer.job import TrainedModels, log
+
+
+def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict]]:
+    """The most active test users, each in the context of their last test impression."""
+    schema = trained.schema
+    test = trained.split.test
+    top_users = test[schema.user_id].value_counts().index[:n_users]
+    requests = []
+    for user_id in top_users:
+        row = test[test[schema.user_id] == user_id].iloc[-1]
+        user = {n: row[n] for n in (schema.user_id, *schema.user_categoricals)}
+        context = {n: (int(row[n]) if schema.is_int_feature(n) else row[n])
+                   for n in (*schema.context_categoricals, *schema.context_integers)}
+        requests.append((user, context))
+    return requests
+
+
+def format_metrics(metrics: dict) -> str:
+    r, k = metrics["retrieval"], metrics["ranking"]
+    lines = [f"Retrieval, held-out clicks after the time cutoff ({r['test_positives']} clicks, "
+             f"catalog of {r['catalog_size']} ads):",
+             f"  {'':24s}{'Recall@10':>10s}{'Recall@100':>12s}"]
+    for label, key in (("two-tower + BERT", "model"), ("most-popular baseline", "most_popular"),
+                       ("  warm ads (model)", "model_warm"),
+                       (f"  cold-start ads ({r['cold_test_positives']})", "model_cold")):
+        lines.append(f"  {label:24s}{r[key]['recall@10']:10.3f}{r[key]['recall@100']:12.3f}")
+    ratio = r["model"]["recall@100"] / max(r["most_popular"]["recall@100"], 1e-9)
+    verdict = "beats" if ratio > 1 else "DOES NOT beat"
+    lines.append(f"  -> the model {verdict} most-popular at Recall@100 ({ratio:.2f}x)")
+    lines.append(f"Ranking, held-out impressions ({k['test_impressions']}): AUC {k['auc']:.4f}, "
+                 f"log loss {k['logloss']:.4f}, mean pCTR {k['mean_pctr']:.4f} vs CTR {k['ctr']:.4f}"
+                 + (f"\n  ground-truth oracle AUC {k['oracle_auc']:.4f} (knows position), "
+                    f"{k['oracle_auc_no_position']:.4f} (true relevance only)" if "oracle_auc" in k else ""))
+    return "\n".join(lines)
+
+
+def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True) -> dict:
+    from serving.client import RecommendationClient
+    from serving.process import ServerProcess
+    from trainer.task import train_and_export
+
+    started = time.time()
+    trained, export = train_and_export(cfg, export=True, progress=progress)
+    export_dir = Path(cfg.export.export_dir)
+    log(f"starting the embedded TF Serving-compatible server on 127.0.0.1 for {export_dir}")
+    catalog = trained.catalog.set_index(trained.schema.ad_id)
+    shown = {}
+    with ServerProcess(export_dir, lifetime=600) as server:
+        log(f"server pid {server.pid} at {server.address}")
+        with RecommendationClient(server.address, model_name="recommender") as client:
+            for user, context in demo_requests(trained, n_users):
+                ads = client.recommend_df(user, context, k=k)
+                ads = ads.join(catalog[["category", "title"]], on="ad_id")
+                shown[user["user_id"]] = ads
+                print(f"\nuser {user['user_id']} ({user.get('age_bucket')}, {user.get('gender')}, "
+                      f"{user.get('region')}) on {context}")
+                with pd.option_context("display.width", 160, "display.max_colwidth", 48):
+                    print(ads[["rank", "ad_id", "category", "pctr", "retrieval_scores", "title"]]
+                          .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    log(f"server stopped (pid {server.pid})")
+    print()
+    print(format_metrics(trained.metrics))
+    log(f"demo finished in {time.time() - started:.0f}s; models at {export_dir} (version {export.version})")
+    return {"metrics": trained.metrics, "recommendations": shown, "version": export.version}

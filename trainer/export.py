@@ -1,0 +1,234 @@
+"""Versioned SavedModels in TensorFlow Serving's layout: `<export_dir>/<model>/<version>/`.
+
+Three servables, each taking raw values (strings, ints), never vocabulary indices:
+- `retrieval`: user + context -> top-K ad ids and scores (brute-force index in the graph);
+- `ranking`: user + context + ad (ids, categoricals, title, description) -> pCTR, with
+  the ad text tokenized and encoded by BERT inside the graph (TF Text ops);
+- `recommender`: one graph that retrieves N candidates, ranks them and returns the top k.
+
+Each version is written to a hidden temporary directory and renamed into place only when
+complete, so TF Serving never sees half a model. Every graph's ops are checked against
+what TF Serving (2.20+) links: core TensorFlow plus a few TF Text ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import trainer  # noqa: F401
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking graph uses)
+from tensorflow.core.protobuf import saved_model_pb2
+
+from features.schema import FeatureSchema
+from trainer.job import TrainedModels, ad_embeddings
+
+MODEL_NAMES = ("retrieval", "ranking", "recommender")
+METADATA_FILE = "adrec.json"
+
+# TF Text ops linked into tensorflow/serving 2.20+ that keras-hub tokenizers/packers emit.
+TF_TEXT_OPS = frozenset({
+    "CaseFoldUTF8", "NormalizeUTF8", "RegexSplitWithOffsets", "FastWordpieceTokenizeWithOffsets",
+    "RoundRobinTrim", "RoundRobinGenerateMasks",
+})
+
+
+class ExportError(RuntimeError):
+    """An export failed its checks; nothing was published."""
+
+
+@dataclass
+class ExportResult:
+    version: int
+    paths: dict[str, Path]
+
+
+def _query_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
+    specs = {n: tf.TensorSpec([None], tf.string, name=n) for n in schema.query_string_features}
+    specs.update({n: tf.TensorSpec([None], tf.int64, name=n) for n in schema.query_int_features})
+    return specs
+
+
+def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
+    names = (*schema.ad_string_features, *schema.ad_text)
+    return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
+
+
+class RetrievalServable(tf.Module):
+    def __init__(self, trained: TrainedModels, k: int):
+        super().__init__()
+        schema = trained.schema
+        self.query_tower = trained.retrieval.query_tower
+        k = min(k, len(trained.catalog))
+        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=k)
+        self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
+                         tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
+        specs = _query_specs(schema)
+
+        @tf.function(input_signature=[specs])
+        def serve(features):
+            scores, ids = self.index(features, k=k)
+            return {"ad_ids": ids, "scores": scores}
+
+        self.serve = serve
+
+
+class RankingServable(tf.Module):
+    def __init__(self, trained: TrainedModels):
+        super().__init__()
+        schema = trained.schema
+        self.ranking = trained.ranking
+        self.packer = trained.text.packer.packer
+        self.tokenizer = trained.text.tokenizer
+        self.encoder = trained.text.adapter
+        # Keras 3 export duplicates variable handles; tracking the raw tf.Variables here is
+        # what lets the TF1 loader (TF Serving) restore them.
+        self.inner_vars = [v.value for v in trained.text.adapter.backbone.variables]
+        specs = {**_query_specs(schema), **_ad_specs(schema)}
+        separator = schema.text_separator
+
+        @tf.function(input_signature=[specs])
+        def serve(features):
+            parts = [features[n] for n in schema.ad_text]
+            text = parts[0]
+            for p in parts[1:]:
+                text = tf.strings.join([text, p], separator=separator)
+            token_ids, mask = self.packer(self.tokenizer(text))
+            inputs = {n: features[n] for n in (*schema.query_features, *schema.ad_string_features)}
+            inputs["text_embedding"] = self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool))
+            return {"pctr": tf.sigmoid(self.ranking(inputs))}
+
+        self.serve = serve
+
+
+class RecommenderServable(tf.Module):
+    """retrieve N -> rank N by pCTR -> return the best k, in one graph."""
+
+    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int):
+        super().__init__()
+        schema = trained.schema
+        catalog = trained.catalog
+        n = min(retrieve_n, len(catalog))
+        k = min(k, n)
+        self.query_tower = trained.retrieval.query_tower
+        self.ranking = trained.ranking
+        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=n)
+        self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
+                         tf.range(len(catalog), dtype=tf.int32))
+        self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
+                           for c in schema.ad_string_features}
+        self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
+                                      name="text_embeddings")
+        specs = _query_specs(schema)
+
+        @tf.function(input_signature=[specs])
+        def serve(features):
+            retrieval_scores, rows = self.index(features, k=n)  # [B, n]
+            batch = tf.shape(rows)[0]
+            flat_rows = tf.reshape(rows, [-1])
+            inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
+            for name in schema.query_features:
+                inputs[name] = tf.reshape(tf.repeat(features[name][:, None], n, axis=1), [-1])
+            inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
+            pctr = tf.reshape(tf.sigmoid(self.ranking(inputs)), [batch, n])
+            top = tf.math.top_k(pctr, k=k)
+            chosen = tf.gather(rows, top.indices, batch_dims=1)
+            return {"ad_ids": tf.gather(self.ad_columns[schema.ad_id], chosen),
+                    "pctr": top.values,
+                    "retrieval_scores": tf.gather(retrieval_scores, top.indices, batch_dims=1)}
+
+        self.serve = serve
+
+
+def graph_ops(saved_model_dir: Path) -> set[str]:
+    """Every op type in the SavedModel's graphs, functions included."""
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta in proto.meta_graphs:
+        ops.update(node.op for node in meta.graph_def.node)
+        for fn in meta.graph_def.library.function:
+            ops.update(node.op for node in fn.node_def)
+    return ops
+
+
+def check_servable_ops(saved_model_dir: Path) -> None:
+    """Fail with a clear message if the graph uses an op TF Serving does not link."""
+    unknown = sorted(op for op in graph_ops(saved_model_dir)
+                     if not hasattr(tf.raw_ops, op) and op not in TF_TEXT_OPS)
+    if unknown:
+        raise ExportError(
+            f"{saved_model_dir}: ops {unknown} are neither core TensorFlow nor the TF Text ops "
+            f"that tensorflow/serving>=2.20 links ({sorted(TF_TEXT_OPS)}); the model server "
+            "would refuse this model")
+
+
+def next_version(export_dir: Path) -> int:
+    versions = [int(p.name) for name in MODEL_NAMES for p in (export_dir / name).glob("*")
+                if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str]) -> dict:
+    schema = trained.schema
+    inputs = {n: "int64" if schema.is_int_feature(n) else "string" for n in schema.query_features}
+    if name == "ranking":
+        inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
+    return {"model": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "signature": "serving_default", "inputs": inputs, "outputs": outputs,
+            "encoder": trained.config.encoder.preset, "catalog_size": int(len(trained.catalog)),
+            "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
+
+
+def save_atomically(module: tf.Module, target: Path, metadata: dict) -> Path:
+    """Write to a hidden sibling directory, check it, then rename it into place."""
+    if target.exists():
+        raise ExportError(f"{target} already exists; versions are never overwritten")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve})
+        check_servable_ops(tmp)
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def export_all(trained: TrainedModels, export_dir: str | Path, version: int | None = None) -> ExportResult:
+    cfg = trained.config.export
+    export_dir = Path(export_dir)
+    version = version or next_version(export_dir)
+    modules = {
+        "retrieval": (RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
+        "ranking": (RankingServable(trained), ["pctr"]),
+        "recommender": (RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k),
+                        ["ad_ids", "pctr", "retrieval_scores"]),
+    }
+    paths = {}
+    for name, (module, outputs) in modules.items():
+        paths[name] = save_atomically(module, export_dir / name / str(version),
+                                      _metadata(trained, name, version, outputs))
+    return ExportResult(version=version, paths=paths)
+
+
+def as_numpy_features(frame, names, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Raw request values in the dtypes the signatures take."""
+    out = {}
+    for n in names:
+        if schema.is_int_feature(n):
+            out[n] = frame[n].to_numpy(dtype=np.int64)
+        else:
+            out[n] = frame[n].astype(str).to_numpy(dtype=object)
+    return out

@@ -1,0 +1,45 @@
+"""Offline metrics computed with numpy: Recall@K over the whole catalog, AUC, log loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranks_of_targets(scores: np.ndarray, target_columns: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target among all columns (ties counted pessimistically)."""
+    target_scores = scores[np.arange(len(scores)), target_columns]
+    return (scores > target_scores[:, None]).sum(axis=1) + (
+        (scores == target_scores[:, None]).sum(axis=1) - 1)
+
+
+def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    if len(ranks) == 0:
+        return {f"recall@{k}": float("nan") for k in ks}
+    return {f"recall@{k}": float(np.mean(ranks < k)) for k in ks}
+
+
+def popularity_ranks(train_counts: np.ndarray, target_columns: np.ndarray) -> np.ndarray:
+    """Ranks under a most-popular ranker, the same list for every user."""
+    return ranks_of_targets(np.broadcast_to(train_counts, (len(target_columns), len(train_counts))),
+                            target_columns)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC via the Mann-Whitney statistic with average ranks for ties."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    _, starts, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = starts + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(probabilities, eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))

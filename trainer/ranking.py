@@ -1,0 +1,51 @@
+"""The TFRS ranking model: DCN cross layers and a deep tower over user, context and ad features -> pCTR."""
+
+from __future__ import annotations
+
+import trainer  # noqa: F401
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from features.schema import FeatureSchema
+from features.vocab import Vocabularies
+from trainer.config import RankingConfig
+from trainer.towers import CatalogText, FeatureEmbeddings, embedding_dims, mlp
+
+
+class RankingModel(tfrs.Model):
+    """Stacked DCN: x0 -> Cross x N -> deep MLP -> click logit.
+
+    The ad's text embedding comes from the catalog during training, or is passed in as
+    `text_embedding` (the exported ranking graph computes it from raw text).
+    """
+
+    def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RankingConfig,
+                 catalog_text: CatalogText):
+        super().__init__()
+        self.schema = schema
+        names = (*schema.query_features, *schema.ad_string_features)
+        dims = embedding_dims(names, vocabularies, (schema.user_id, schema.ad_id),
+                              cfg.embedding_dim, cfg.embedding_dim)
+        self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features)
+        self.catalog_text = catalog_text
+        self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
+        self.cross_layers = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(cfg.cross_layers)]
+        self.deep = mlp(cfg.deep_units, 1, name="deep")
+        self.task = tfrs.tasks.Ranking(
+            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
+        )
+
+    def call(self, features):
+        text = features.get("text_embedding")
+        if text is None:
+            text = self.catalog_text(features[self.schema.ad_id])
+        x0 = tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1)
+        x = x0
+        for cross in self.cross_layers:
+            x = cross(x0, x)
+        return tf.squeeze(self.deep(x), axis=-1)
+
+    def compute_loss(self, features, training=False):
+        logits = self(features)
+        return self.task(labels=features[self.schema.click], predictions=logits)

@@ -1,0 +1,64 @@
+"""Training entry point: `python -m trainer.task --config configs/demo.yaml [--export]`.
+
+The Vertex AI / AI Platform convention: the `trainer` package with a `task` module. The
+distribution strategy is created before anything else touches TensorFlow, because
+MultiWorkerMirroredStrategy must configure collectives at program start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import trainer  # noqa: F401
+from trainer.config import JobConfig, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/demo.yaml", help="job config (YAML)")
+    parser.add_argument("--model-dir", help="override training.model_dir")
+    parser.add_argument("--export-dir", help="override export.export_dir")
+    parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker"],
+                        help="override training.strategy")
+    parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_config(args) -> JobConfig:
+    cfg = load_config(args.config)
+    if args.model_dir:
+        cfg.training.model_dir = args.model_dir
+    if args.export_dir:
+        cfg.export.export_dir = args.export_dir
+    if args.strategy:
+        cfg.training.strategy = args.strategy
+    return cfg
+
+
+def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True):
+    from trainer.strategy import is_chief, make_strategy
+
+    strategy = make_strategy(cfg.training.strategy)  # first TF work of the process
+    from trainer.export import export_all
+    from trainer.job import log, run_training
+
+    trained = run_training(cfg, strategy, progress=progress)
+    result = None
+    if export and is_chief(strategy):
+        result = export_all(trained, cfg.export.export_dir)
+        log(f"exported version {result.version}: " + ", ".join(str(p) for p in result.paths.values()))
+    return trained, result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet)
+    print(json.dumps(trained.metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

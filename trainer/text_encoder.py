@@ -1,0 +1,90 @@
+"""The BERT text encoder: a keras-hub (Keras 3) backbone inside tf_keras models.
+
+tf_keras does not see Keras 3 variables on its own, so `BertEncoderAdapter` reports the
+backbone's variables itself; without that, fit() would silently leave BERT untrained.
+"""
+
+from __future__ import annotations
+
+import trainer  # noqa: F401
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from features.text import TINY, EncoderNotFoundError, resolve_preset
+from trainer.config import EncoderConfig
+
+
+def load_backbone(cfg: EncoderConfig, vocabulary_size: int | None = None, seed: int = 0):
+    """A keras-hub BertBackbone: pretrained from a preset/directory, or tiny and random."""
+    if cfg.preset == TINY:
+        if vocabulary_size is None:
+            raise ValueError("a tiny backbone needs the tokenizer's vocabulary size")
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=vocabulary_size, num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads,
+            hidden_dim=cfg.tiny_hidden, intermediate_dim=cfg.tiny_intermediate,
+            max_sequence_length=max(cfg.sequence_length, 16), dropout=0.0)
+    else:
+        try:
+            backbone = keras_hub.models.BertBackbone.from_preset(resolve_preset(cfg.preset))
+        except (ValueError, FileNotFoundError) as err:
+            raise EncoderNotFoundError(f"cannot load text encoder {cfg.preset!r}: {err}") from err
+    # Mean pooling never reads the pooled [CLS] projection; keep it out of training.
+    backbone.get_layer("pooled_dense").trainable = False
+    return backbone
+
+
+class BertEncoderAdapter(tf.keras.layers.Layer):
+    """tf_keras layer: (token_ids, padding_mask) -> mean-pooled sequence output."""
+
+    def __init__(self, backbone, fine_tune: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.fine_tune = fine_tune
+        self.output_dim = backbone.hidden_dim
+
+    @property
+    def trainable_weights(self):
+        if not (self.trainable and self.fine_tune):
+            return []
+        return [v.value for v in self.backbone.trainable_variables]
+
+    @property
+    def non_trainable_weights(self):
+        if self.trainable and self.fine_tune:
+            return [v.value for v in self.backbone.non_trainable_variables]
+        return [v.value for v in self.backbone.variables]
+
+    def call(self, token_ids, padding_mask):
+        sequence = self.backbone({
+            "token_ids": token_ids,
+            "segment_ids": tf.zeros_like(token_ids),
+            "padding_mask": padding_mask,
+        })["sequence_output"]
+        mask = tf.cast(padding_mask, sequence.dtype)[:, :, None]
+        summed = tf.reduce_sum(sequence * mask, axis=1)
+        return summed / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+
+def encode_packed(adapter: BertEncoderAdapter, packed: dict[str, np.ndarray],
+                  batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """Embed pre-tokenized texts in batches (the frozen-encoder cache)."""
+    n = len(packed["token_ids"])
+    out = np.zeros((n, adapter.output_dim), dtype=np.float32)
+
+    @tf.function(reduce_retracing=True)
+    def step(ids, mask):
+        return adapter(ids, mask)
+
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        out[start:stop] = step(tf.constant(packed["token_ids"][start:stop]),
+                               tf.constant(packed["padding_mask"][start:stop])).numpy()
+        if progress:
+            print(f"\r  encoded {stop}/{n} ad texts", end="", flush=True)
+    if progress:
+        print()
+    return out

@@ -1,0 +1,109 @@
+"""Building blocks shared by the retrieval and ranking models (tf_keras layers).
+
+Every categorical is looked up inside the model from its raw value, so exported graphs
+take raw strings and ints and unseen values fall into an out-of-vocabulary bucket.
+"""
+
+from __future__ import annotations
+
+import trainer  # noqa: F401
+import numpy as np
+import tensorflow as tf
+
+from trainer.text_encoder import BertEncoderAdapter
+
+
+class CategoricalEmbedding(tf.keras.layers.Layer):
+    """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
+
+    def __init__(self, vocabulary: list, dim: int, is_int: bool, **kwargs):
+        super().__init__(**kwargs)
+        if is_int:
+            self.lookup = tf.keras.layers.IntegerLookup(
+                vocabulary=np.asarray(vocabulary, dtype=np.int64), mask_token=None, num_oov_indices=1)
+        else:
+            self.lookup = tf.keras.layers.StringLookup(
+                vocabulary=[str(v) for v in vocabulary], mask_token=None, num_oov_indices=1)
+        self.embedding = tf.keras.layers.Embedding(len(vocabulary) + 1, dim)
+
+    def call(self, values):
+        return self.embedding(self.lookup(values))
+
+
+class FeatureEmbeddings(tf.keras.layers.Layer):
+    """Concatenated embeddings of a fixed list of categorical features."""
+
+    def __init__(self, names: tuple[str, ...], vocabularies, dims: dict[str, int],
+                 int_features: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.names = tuple(names)
+        self.tables = {
+            n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, name=f"emb_{n}")
+            for n in self.names
+        }
+
+    def call(self, features):
+        return tf.concat([self.tables[n](features[n]) for n in self.names], axis=-1)
+
+
+def embedding_dims(names, vocabularies, id_names: tuple[str, ...], id_dim: int, small_dim: int):
+    """Ids get `id_dim`; small categoricals get min(small_dim, ~1.6 * cardinality ** 0.56)."""
+    dims = {}
+    for n in names:
+        if n in id_names:
+            dims[n] = id_dim
+        else:
+            dims[n] = int(min(small_dim, max(2, round(1.6 * (len(vocabularies[n]) + 1) ** 0.56))))
+    return dims
+
+
+class CatalogText(tf.keras.layers.Layer):
+    """Ad id -> the ad's text embedding, from the catalog the model was built with.
+
+    Frozen mode holds one cached embedding per catalog ad (computed once by the encoder);
+    full mode holds the ads' token ids and runs the trainable encoder on every batch.
+    Unknown ads get a zero vector.
+    """
+
+    def __init__(self, catalog_ids: list[str], *, cached_embeddings: np.ndarray | None = None,
+                 packed_tokens: dict[str, np.ndarray] | None = None,
+                 encoder: BertEncoderAdapter | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if (cached_embeddings is None) == (encoder is None):
+            raise ValueError("CatalogText needs exactly one of cached_embeddings or encoder")
+        self.lookup = tf.keras.layers.StringLookup(
+            vocabulary=list(catalog_ids), mask_token=None, num_oov_indices=1)
+        self.encoder = encoder
+        if cached_embeddings is not None:
+            table = np.concatenate([np.zeros((1, cached_embeddings.shape[1]), np.float32),
+                                    cached_embeddings.astype(np.float32)])
+            self.output_dim = table.shape[1]
+            self.table = self.add_weight(
+                name="text_embeddings", shape=table.shape, trainable=False,
+                initializer=tf.keras.initializers.Constant(table))
+        else:
+            ids = packed_tokens["token_ids"].astype(np.int32)
+            mask = packed_tokens["padding_mask"].astype(bool)
+            ids = np.concatenate([np.zeros((1, ids.shape[1]), np.int32), ids])
+            mask = np.concatenate([np.zeros((1, mask.shape[1]), bool), mask])
+            mask[0, 0] = True  # unknown ad: a lone [PAD], masked in, keeps pooling finite
+            self.output_dim = encoder.output_dim
+            self.token_ids = self.add_weight(
+                name="token_ids", shape=ids.shape, dtype=tf.int32, trainable=False,
+                initializer=tf.keras.initializers.Constant(ids))
+            self.padding_mask = tf.constant(mask)
+
+    def call(self, ad_ids):
+        rows = self.lookup(ad_ids)
+        if self.encoder is None:
+            return tf.gather(self.table, rows)
+        known = tf.cast(rows > 0, tf.float32)[:, None]
+        pooled = self.encoder(tf.gather(self.token_ids, rows), tf.gather(self.padding_mask, rows))
+        return pooled * known
+
+
+def mlp(units: tuple[int, ...], output_dim: int | None = None, name: str | None = None):
+    layers = [tf.keras.layers.Dense(u, activation="relu") for u in units]
+    if output_dim is not None:
+        layers.append(tf.keras.layers.Dense(output_dim))
+    return tf.keras.Sequential(layers, name=name)
