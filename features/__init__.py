@@ -8,9 +8,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from features.schema import FeatureSchema, DEFAULT_SCHEMA  # noqa: E402
-from features.synthetic import SyntheticConfig, SyntheticWorld, generate_world  # noqa: E402
+from features.schema import DEFAULT_SCHEMA, FeatureSchema  # noqa: E402
 from features.split import DataSplit, time_split  # noqa: E402
+from features.synthetic import SyntheticConfig, SyntheticWorld, generate_world  # noqa: E402
 from features.vocab import Vocabularies, build_vocabularies  # noqa: E402
 
 __all__ = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import features  # noqa: F401
 import numpy as np
 import pandas as pd
 import tensorflow as tf

@@ -148,7 +148,7 @@ def _make_catalog(cfg: SyntheticConfig, rng: np.random.Generator):
     catalog = pd.DataFrame({
         "ad_id": [f"ad{i:05d}" for i in range(cfg.n_ads)],
         "advertiser_id": [f"adv{a:04d}" for a in ad_adv],
-        "campaign_id": [f"cmp{a:04d}_{c}" for a, c in zip(ad_adv, campaign)],
+        "campaign_id": [f"cmp{a:04d}_{c}" for a, c in zip(ad_adv, campaign, strict=True)],
         "category": np.array(topic_names)[ad_topic],
         "title": titles,
         "description": descriptions,

@@ -6,7 +6,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import features  # noqa: F401  (sets the Keras environment before TensorFlow loads)
 import keras_hub
 import numpy as np
 import tensorflow as tf

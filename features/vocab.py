@@ -25,7 +25,7 @@ class Vocabularies:
         return {k: list(v) for k, v in self.values.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, list]) -> "Vocabularies":
+    def from_dict(cls, d: dict[str, list]) -> Vocabularies:
         return cls(values={k: list(v) for k, v in d.items()})
 
 

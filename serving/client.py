@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import serving  # noqa: F401
 import grpc
 import numpy as np
 import pandas as pd

@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import serving  # noqa: F401
 import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the ranking graph tokenizes with TF Text ops)

@@ -18,7 +18,6 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-import serving  # noqa: F401
 import grpc
 import numpy as np
 import tensorflow as tf
@@ -91,7 +90,7 @@ def _decode_inputs(request, in_infos, context) -> dict[str, np.ndarray]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is not a valid tensor: {err}")
         shape = in_infos[key].shape
         if shape is not None and (arrays[key].ndim != len(shape) or any(
-                want is not None and want != have for want, have in zip(shape, arrays[key].shape))):
+                want is not None and want != have for want, have in zip(shape, arrays[key].shape, strict=True))):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"input {key!r} has shape {list(arrays[key].shape)}, expected "
                           f"{['?' if d is None else d for d in shape]}")
@@ -183,7 +182,7 @@ class EmbeddedModelServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> "EmbeddedModelServer":
+    def start(self) -> EmbeddedModelServer:
         self._server.start()
         return self
 

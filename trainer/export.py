@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import trainer  # noqa: F401
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -188,8 +187,8 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
 
 
-def save_atomically(module: tf.Module, target: Path, metadata: dict) -> Path:
-    """Write to a hidden sibling directory, check it, then rename it into place."""
+def _stage(module: tf.Module, target: Path, metadata: dict) -> Path:
+    """Write one servable to a hidden sibling of `target` and check it; returns the temp dir."""
     if target.exists():
         raise ExportError(f"{target} already exists; versions are never overwritten")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,28 +198,35 @@ def save_atomically(module: tf.Module, target: Path, metadata: dict) -> Path:
         check_servable_ops(tmp)
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
 
 
 def export_all(trained: TrainedModels, export_dir: str | Path, version: int | None = None) -> ExportResult:
+    """Stage all three servables, then rename them into place: one job publishes all or none."""
     cfg = trained.config.export
     export_dir = Path(export_dir)
     version = version or next_version(export_dir)
-    modules = {
-        "retrieval": (RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
-        "ranking": (RankingServable(trained), ["pctr"]),
-        "recommender": (RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k),
+    builders = {
+        "retrieval": (lambda: RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
+        "ranking": (lambda: RankingServable(trained), ["pctr"]),
+        "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k),
                         ["ad_ids", "pctr", "retrieval_scores"]),
     }
-    paths = {}
-    for name, (module, outputs) in modules.items():
-        paths[name] = save_atomically(module, export_dir / name / str(version),
-                                      _metadata(trained, name, version, outputs))
-    return ExportResult(version=version, paths=paths)
+    staged: dict[str, tuple[Path, Path]] = {}
+    try:
+        for name, (build, outputs) in builders.items():
+            target = export_dir / name / str(version)
+            staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs)), target)
+        for tmp, target in staged.values():
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged.values():
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(version=version, paths={n: target for n, (_, target) in staged.items()})
 
 
 def as_numpy_features(frame, names, schema: FeatureSchema) -> dict[str, np.ndarray]:

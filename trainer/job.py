@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import trainer  # noqa: F401
 import numpy as np
 import pandas as pd
 import tensorflow as tf

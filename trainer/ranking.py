@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import trainer  # noqa: F401
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -32,7 +31,8 @@ class RankingModel(tfrs.Model):
         self.cross_layers = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(cfg.cross_layers)]
         self.deep = mlp(cfg.deep_units, 1, name="deep")
         self.task = tfrs.tasks.Ranking(
-            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True,
+                                                    reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
 
@@ -48,4 +48,9 @@ class RankingModel(tfrs.Model):
 
     def compute_loss(self, features, training=False):
         logits = self(features)
-        return self.task(labels=features[self.schema.click], predictions=logits)
+        summed = self.task(labels=features[self.schema.click], predictions=logits, training=training)
+        # Replica gradients are summed, so each replica divides by the global batch: the update
+        # is the mean over the global batch whatever the number of replicas.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = tf.cast(tf.shape(logits)[0] * replicas, summed.dtype)
+        return summed / tf.maximum(global_batch, 1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import trainer  # noqa: F401
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 

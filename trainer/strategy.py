@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import trainer  # noqa: F401
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker")

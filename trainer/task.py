@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-import trainer  # noqa: F401
 from trainer.config import JobConfig, load_config
 
 

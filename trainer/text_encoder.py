@@ -6,7 +6,6 @@ backbone's variables itself; without that, fit() would silently leave BERT untra
 
 from __future__ import annotations
 
-import trainer  # noqa: F401
 import keras_hub
 import numpy as np
 import tensorflow as tf

@@ -6,7 +6,6 @@ take raw strings and ints and unseen values fall into an out-of-vocabulary bucke
 
 from __future__ import annotations
 
-import trainer  # noqa: F401
 import numpy as np
 import tensorflow as tf
 

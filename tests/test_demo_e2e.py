@@ -1,0 +1,26 @@
+"""The slow end-to-end path with the pretrained MiniLM: train -> export -> serve (child process) -> recommend."""
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_demo_with_pretrained_minilm(tmp_path, capsys):
+    from trainer.config import load_config
+    from trainer.demo import run_demo
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg.data.synthetic = type(cfg.data.synthetic)(n_users=800, n_ads=400, n_impressions=50000)
+    cfg.training.model_dir = str(tmp_path / "run")
+    cfg.export.export_dir = str(tmp_path / "models")
+    result = run_demo(cfg, n_users=3, k=5, progress=False)
+    printed = capsys.readouterr().out
+    assert cfg.encoder.preset == "minilm"
+    assert len(result["recommendations"]) == 3
+    assert all(len(ads) == 5 for ads in result["recommendations"].values())
+    r = result["metrics"]["retrieval"]
+    assert r["model"]["recall@100"] > r["most_popular"]["recall@100"]
+    assert r["model_cold"]["recall@100"] > 0.1  # cold ads are reachable only through their text
+    assert 0.5 < result["metrics"]["ranking"]["auc"] <= 1.0
+    assert "beats most-popular" in printed and "server stopped" in printed

@@ -1,0 +1,110 @@
+"""Each SavedModel is loaded the way TF Serving loads it (TF1 graph mode, SignatureDef names)
+and must give the outputs the trained models give in-process."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from serving.servable import Servable
+from trainer.export import (
+    TF_TEXT_OPS,
+    ExportError,
+    as_numpy_features,
+    export_all,
+    graph_ops,
+)
+from trainer.job import ad_embeddings, predict_ctr, query_embeddings
+
+
+def _requests(trained, n=12):
+    rows = trained.split.test.iloc[:: max(1, len(trained.split.test) // n)].head(n).reset_index(drop=True)
+    return rows, as_numpy_features(rows, trained.schema.query_features, trained.schema)
+
+
+def test_layout_versions_and_metadata(exported_tiny):
+    assert exported_tiny.version == 1
+    for name, path in exported_tiny.paths.items():
+        assert path.name == "1" and path.parent.name == name
+        assert (path / "saved_model.pb").exists() and (path / "variables").is_dir()
+        assert (path / "assets.extra" / "adrec.json").exists()
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_ranking_graph_uses_only_servable_ops(exported_tiny):
+    ops = graph_ops(exported_tiny.paths["ranking"])
+    assert {"FastWordpieceTokenizeWithOffsets", "CaseFoldUTF8"} <= ops
+    assert all(hasattr(tf.raw_ops, op) or op in TF_TEXT_OPS for op in ops)
+
+
+def test_tf1_loader_with_raw_signature_tensor_names(exported_tiny, trained_tiny):
+    """Exactly what tensorflow_model_server does: loader.load + session.run by tensor name."""
+    import tensorflow_text  # noqa: F401
+
+    rows, feats = _requests(trained_tiny, 4)
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(exported_tiny.paths["retrieval"]))
+        sig = meta.signature_def["serving_default"]
+        feed = {sig.inputs[k].name: v for k, v in feats.items()}
+        ids, scores = sess.run([sig.outputs["ad_ids"].name, sig.outputs["scores"].name], feed)
+    assert ids.shape == (4, trained_tiny.config.export.top_k)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_retrieval_matches_in_process_model(exported_tiny, trained_tiny):
+    rows, feats = _requests(trained_tiny)
+    out = Servable("retrieval", 1, exported_tiny.paths["retrieval"]).run(feats)
+    schema = trained_tiny.schema
+    scores = query_embeddings(trained_tiny.retrieval, rows, schema) @ ad_embeddings(
+        trained_tiny.retrieval, trained_tiny.catalog, schema).T
+    k = out["scores"].shape[1]
+    expected = np.sort(scores, axis=1)[:, ::-1][:, :k]
+    np.testing.assert_allclose(out["scores"], expected, rtol=1e-4, atol=1e-5)
+    ids = trained_tiny.catalog[schema.ad_id].to_numpy()
+    for b in range(len(rows)):
+        served = [i.decode() for i in out["ad_ids"][b]]
+        np.testing.assert_allclose(scores[b, [np.flatnonzero(ids == s)[0] for s in served]],
+                                   out["scores"][b], rtol=1e-4, atol=1e-5)
+
+
+def test_ranking_tokenizes_in_graph_like_the_training_cache(exported_tiny, trained_tiny):
+    schema = trained_tiny.schema
+    rows, _ = _requests(trained_tiny)
+    rows = rows.merge(trained_tiny.catalog[[schema.ad_id, *schema.ad_text]], on=schema.ad_id)
+    names = (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
+    out = Servable("ranking", 1, exported_tiny.paths["ranking"]).run(as_numpy_features(rows, names, schema))
+    # In-process: the cached text embeddings of catalog ads (computed once at training time).
+    expected = predict_ctr(trained_tiny.ranking, rows, schema)
+    np.testing.assert_allclose(out["pctr"], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_recommender_chains_retrieval_and_ranking(exported_tiny, trained_tiny):
+    schema = trained_tiny.schema
+    cfg = trained_tiny.config.export
+    rows, feats = _requests(trained_tiny, 3)
+    out = Servable("recommender", 1, exported_tiny.paths["recommender"]).run(feats)
+    assert out["ad_ids"].shape == (3, cfg.recommend_k)
+    scores = query_embeddings(trained_tiny.retrieval, rows, schema) @ ad_embeddings(
+        trained_tiny.retrieval, trained_tiny.catalog, schema).T
+    for b in range(len(rows)):
+        candidates = trained_tiny.catalog.iloc[np.argsort(-scores[b])[: cfg.retrieve_n]].copy()
+        for name in schema.query_features:
+            candidates[name] = rows.at[b, name]
+        pctr = predict_ctr(trained_tiny.ranking, candidates, schema)
+        order = np.argsort(-pctr)[: cfg.recommend_k]
+        np.testing.assert_allclose(out["pctr"][b], pctr[order], rtol=1e-3, atol=1e-5)
+        assert [i.decode() for i in out["ad_ids"][b][:3]] == candidates[schema.ad_id].to_numpy()[order][:3].tolist()
+        assert (np.diff(out["pctr"][b]) <= 1e-7).all()
+
+
+def test_next_export_is_a_new_version_and_failures_publish_nothing(trained_tiny, exported_tiny,
+                                                                   monkeypatch, tmp_path):
+    base = tmp_path / "models"
+    first = export_all(trained_tiny, base)
+    second = export_all(trained_tiny, base)
+    assert (first.version, second.version) == (1, 2)
+    monkeypatch.setattr("trainer.export.TF_TEXT_OPS", frozenset())
+    with pytest.raises(ExportError, match="FastWordpieceTokenizeWithOffsets"):
+        export_all(trained_tiny, base)
+    for name in ("retrieval", "ranking", "recommender"):  # all or nothing: no v3, no temp dir left
+        assert sorted(p.name for p in (base / name).iterdir()) == ["1", "2"], name

@@ -1,0 +1,152 @@
+"""gRPC round trips through the embedded TF Serving-compatible server and the client."""
+
+import os
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving.client import RecommendationClient, RequestError
+from serving.process import ServerProcess
+from serving.server import EmbeddedModelServer, discover_models
+
+USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
+CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+
+
+@pytest.fixture(scope="module")
+def server(exported_tiny, trained_tiny):
+    base = exported_tiny.paths["recommender"].parent.parent
+    with EmbeddedModelServer(discover_models(base), host="127.0.0.1", port=0) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server):
+    with RecommendationClient(server.address, timeout=10) as c:
+        yield c
+
+
+def test_server_binds_loopback(server):
+    assert server.address.startswith("127.0.0.1:")
+    assert set(server.registry.all()) == {"retrieval", "ranking", "recommender"}
+
+
+def test_recommend_round_trip_matches_tf1_servable(client, server, trained_tiny):
+    ads = client.recommend(USER, CONTEXT, k=5)
+    assert [a.rank for a in ads] == [1, 2, 3, 4, 5]
+    assert all(a.ad_id in set(trained_tiny.catalog["ad_id"]) for a in ads)
+    assert all(ads[i].score >= ads[i + 1].score for i in range(4))
+    direct = server.registry.get("recommender").run(
+        {k: np.array([v], dtype=np.int64 if isinstance(v, int) else object) for k, v in {**USER, **CONTEXT}.items()})
+    assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
+    np.testing.assert_allclose([a.score for a in ads], direct["pctr"][0][:5], rtol=1e-6)
+    frame = client.recommend_df(USER, CONTEXT, k=3)
+    assert list(frame["ad_id"]) == [a.ad_id for a in ads[:3]]
+    assert {"rank", "ad_id", "score", "pctr", "retrieval_scores"} <= set(frame.columns)
+
+
+def test_batch_and_unknown_user_still_get_ads(client):
+    unknown = {**USER, "user_id": "never-seen-user", "region": "atlantis"}
+    results = client.recommend_batch([(USER, CONTEXT), (unknown, CONTEXT)], k=4)
+    assert [len(r) for r in results] == [4, 4]
+
+
+def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
+    out = client.predict({k: [v] for k, v in {**USER, **CONTEXT}.items()}, model_name="retrieval")
+    assert out["ad_ids"].shape == out["scores"].shape == (1, trained_tiny.config.export.top_k)
+    ad = trained_tiny.catalog.iloc[0]
+    ranking_inputs = {**{k: [v] for k, v in {**USER, **CONTEXT}.items()},
+                      **{c: [str(ad[c])] for c in ("ad_id", "advertiser_id", "campaign_id", "category",
+                                                   "title", "description")}}
+    pctr = client.predict(ranking_inputs, model_name="ranking")["pctr"]
+    assert pctr.shape == (1,) and 0.0 < pctr[0] < 1.0
+
+
+def _raw_predict(address, model="recommender", signature="", inputs=None):
+    with grpc.insecure_channel(address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model
+        req.model_spec.signature_name = signature
+        for k, v in (inputs or {}).items():
+            req.inputs[k].CopyFrom(v)
+        return stub.Predict(req, timeout=10)
+
+
+def _good_inputs():
+    return {k: tf.make_tensor_proto([v], dtype=tf.int64 if isinstance(v, int) else tf.string)
+            for k, v in {**USER, **CONTEXT}.items()}
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("unknown_model", grpc.StatusCode.NOT_FOUND, "model 'nope' is not served"),
+    ("unknown_signature", grpc.StatusCode.NOT_FOUND, "signature 'predict_x' not found"),
+    ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "input 'hour' has dtype float32, expected int64"),
+    ("missing_input", grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) ['device']"),
+    ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "input 'region' has shape [1, 1], expected ['?']"),
+    ("batch_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "inputs disagree on batch size"),
+])
+def test_bad_requests_get_the_right_status(server, case, code, message):
+    inputs = _good_inputs()
+    model, signature = "recommender", ""
+    if case == "unknown_model":
+        model = "nope"
+    elif case == "unknown_signature":
+        signature = "predict_x"
+    elif case == "wrong_dtype":
+        inputs["hour"] = tf.make_tensor_proto([20.0], dtype=tf.float32)
+    elif case == "missing_input":
+        del inputs["device"]
+    elif case == "wrong_shape":
+        inputs["region"] = tf.make_tensor_proto([["r1"]])
+    elif case == "batch_mismatch":
+        inputs["device"] = tf.make_tensor_proto(["mobile", "desktop"])
+    with pytest.raises(grpc.RpcError) as err:
+        _raw_predict(server.address, model, signature, inputs)
+    assert err.value.code() == code
+    assert message in err.value.details()
+
+
+def test_client_names_missing_features(client):
+    with pytest.raises(RequestError, match="feature 'device' is missing"):
+        client.recommend(USER, {k: v for k, v in CONTEXT.items() if k != "device"})
+
+
+def test_model_status_and_metadata(server, client):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        req = get_model_status_pb2.GetModelStatusRequest()
+        req.model_spec.name = "ranking"
+        status = stub.GetModelStatus(req, timeout=10).model_version_status[0]
+    assert status.version == 1 and status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    inputs = client.signature_inputs("ranking")
+    assert inputs["title"] == tf.string and inputs["hour"] == tf.int64
+
+
+def test_server_process_serves_and_is_stopped_by_pid(exported_tiny):
+    base = exported_tiny.paths["recommender"].parent.parent
+    with ServerProcess(base, lifetime=120) as proc:
+        assert proc.address.startswith("127.0.0.1:")
+        with RecommendationClient(proc.address) as c:
+            assert len(c.recommend(USER, CONTEXT, k=3)) == 3
+    assert proc.process.returncode is not None
+    with pytest.raises(OSError):
+        os.kill(proc.pid, 0)
+
+
+@pytest.mark.skipif(not os.environ.get("ADREC_TF_SERVING_ADDR"),
+                    reason="set ADREC_TF_SERVING_ADDR to a tensorflow/serving (>=2.20) serving these models")
+def test_real_tensorflow_serving_round_trip():
+    with RecommendationClient(os.environ["ADREC_TF_SERVING_ADDR"]) as c:
+        inputs = c.signature_inputs()
+        assert {"user_id", "device"} <= set(inputs)
+        ads = c.recommend(USER, CONTEXT, k=5)
+        assert len(ads) == 5
