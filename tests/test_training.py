@@ -17,7 +17,7 @@ def _backbone_values(adapter):
 def test_fine_tuning_updates_bert_through_the_adapter(tmp_path):
     from features import generate_world, time_split
     from features.vocab import build_vocabularies
-    from trainer.job import build_text_assets, join_ad_features, train_retrieval
+    from trainer.job import build_retrieval, build_text_assets, join_ad_features, retrieval_dataset
 
     cfg = tiny_config(tmp_path, encoder={"mode": "full"}, retrieval={"epochs": 1})
     world = generate_world(cfg.data.synthetic)
@@ -28,8 +28,8 @@ def test_fine_tuning_updates_bert_through_the_adapter(tmp_path):
     assert len(trainable) == len(text.adapter.backbone.trainable_variables) > 0
     before = _backbone_values(text.adapter)
     train_rows = join_ad_features(split.train, world.catalog, world.schema)
-    model, history = train_retrieval(cfg, tf.distribute.get_strategy(), world.schema, vocab,
-                                     world.catalog, train_rows, text, None, False, tmp_path)
+    model = build_retrieval(cfg, tf.distribute.get_strategy(), world.schema, vocab, world.catalog, text, None)
+    history = model.fit(retrieval_dataset(train_rows, cfg, world.schema)[0], epochs=1, verbose=0).history
     # The pooled [CLS] projection is unused by mean pooling and stays frozen.
     pooled = {id(v.value) for v in text.adapter.backbone.get_layer("pooled_dense").variables}
     changed = [not np.allclose(b, a.numpy()) for b, a, v in zip(

@@ -22,7 +22,8 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     from trainer.task import resolve_config, train_and_export
 
-    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet)
+    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet,
+                                  warm_start=args.warm_start)
     print(json.dumps(trained.metrics, indent=2))
     return 0
 

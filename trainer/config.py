@@ -52,9 +52,15 @@ class RankingConfig:
 
 @dataclass
 class TrainingConfig:
-    strategy: str = "default"  # "default" | "mirrored" | "multi_worker"
+    strategy: str = "default"  # "default" | "mirrored" | "multi_worker" | "tpu"
+    tpu: str = ""  # TPU name or address for strategy "tpu" ("" = the local TPU VM)
     seed: int = 42
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0  # > 0: last share of training rows for early stopping / best model
+    early_stopping_patience: int = 2
+    mixed_precision: str = "none"  # "none" | "mixed_bfloat16" | "mixed_float16" (loss scaling)
+    steps_per_execution: int = 1
+    backup_every_steps: int = 0  # BackupAndRestore frequency in steps; 0 = every epoch
     model_dir: str = "runs/demo"
 
 
@@ -69,6 +75,7 @@ class ExportConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
+    time_window: tuple[float, ...] = (0.0, 1.0)  # share of the log's time span to use, [start, end]
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from features.synthetic import generate_world
 from features.text import TINY, TextPacker, build_word_vocabulary, make_tokenizer
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig, config_to_dict
+from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.metrics import auc, log_loss, popularity_ranks, ranks_of_targets, recall_at_k
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
@@ -93,53 +95,43 @@ def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSche
     return TextAssets(tokenizer, packer, packed, adapter, vocabulary)
 
 
-def _fit_verbosity(progress: bool) -> int:
-    if not progress:
-        return 0
-    return 1 if sys.stdout.isatty() else 2
+def _compile(model, learning_rate: float, cfg: JobConfig) -> None:
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
+                  steps_per_execution=cfg.training.steps_per_execution)
 
 
-def _callbacks(model_dir: Path, name: str) -> list:
-    return [tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch")]
-
-
-def train_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, train_rows, text: TextAssets,
-                    cached: np.ndarray | None, progress: bool, model_dir: Path):
-    rcfg = cfg.retrieval
-    positives = train_rows[train_rows[schema.click] > 0]
+def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, text: TextAssets,
+                    cached: np.ndarray | None) -> RetrievalModel:
     catalog_ids = catalog[schema.ad_id].tolist()
     with strategy.scope():
         if cfg.encoder.mode == "full":
             catalog_text = CatalogText(catalog_ids, packed_tokens=text.packed_catalog, encoder=text.adapter)
         else:
             catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
-        model = RetrievalModel(schema, vocabularies, rcfg, catalog_text,
+        model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema))
-        model.compile(optimizer=tf.keras.optimizers.Adam(rcfg.learning_rate))
-    columns = (*schema.query_features, *schema.ad_string_features)
-    ds = make_dataset(positives, columns, rcfg.batch_size, shuffle=True, seed=cfg.training.seed,
-                      schema=schema)
-    log(f"retrieval: {len(positives)} positive pairs, {rcfg.epochs} epochs, batch {rcfg.batch_size}, "
-        f"{strategy.num_replicas_in_sync} replica(s)")
-    hist = model.fit(ds, epochs=rcfg.epochs, verbose=_fit_verbosity(progress),
-                     callbacks=_callbacks(model_dir, "retrieval"))
-    return model, hist.history
+        _compile(model, cfg.retrieval.learning_rate, cfg)
+    return model
 
 
-def train_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, train_rows, cached: np.ndarray,
-                  progress: bool, model_dir: Path):
-    kcfg = cfg.ranking
+def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray) -> RankingModel:
     with strategy.scope():
         catalog_text = CatalogText(catalog[schema.ad_id].tolist(), cached_embeddings=cached)
-        model = RankingModel(schema, vocabularies, kcfg, catalog_text)
-        model.compile(optimizer=tf.keras.optimizers.Adam(kcfg.learning_rate))
-    columns = (*schema.query_features, *schema.ad_string_features, schema.click)
-    ds = make_dataset(train_rows, columns, kcfg.batch_size, shuffle=True, seed=cfg.training.seed,
-                      schema=schema)
-    log(f"ranking: {len(train_rows)} impressions, {kcfg.epochs} epochs, batch {kcfg.batch_size}")
-    hist = model.fit(ds, epochs=kcfg.epochs, verbose=_fit_verbosity(progress),
-                     callbacks=_callbacks(model_dir, "ranking"))
-    return model, hist.history
+        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text)
+        _compile(model, cfg.ranking.learning_rate, cfg)
+    return model
+
+
+def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
+    positives = rows[rows[schema.click] > 0]
+    ds = make_dataset(positives, (*schema.query_features, *schema.ad_string_features),
+                      cfg.retrieval.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
+    return ds, len(positives)
+
+
+def ranking_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
+    return make_dataset(rows, (*schema.query_features, *schema.ad_string_features, schema.click),
+                        cfg.ranking.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
 
 
 def _batched(fn, tensors: dict[str, np.ndarray], batch_size: int = 2048) -> np.ndarray:
@@ -193,57 +185,140 @@ def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSpli
     return out
 
 
+def training_checkpoint(retrieval: RetrievalModel, ranking: RankingModel) -> tf.train.Checkpoint:
+    """The job's final checkpoint: the trained parts of both models (what a warm start reads)."""
+    return tf.train.Checkpoint(retrieval=tf.train.Checkpoint(**retrieval.checkpoint_parts()),
+                               ranking=tf.train.Checkpoint(**ranking.checkpoint_parts()))
+
+
 def save_checkpoint(trained: TrainedModels, strategy, model_dir: Path) -> Path | None:
     """Checkpoint both models; only the chief writes where others can see it."""
-    ckpt = tf.train.Checkpoint(retrieval=trained.retrieval, ranking=trained.ranking)
-    target = model_dir / "checkpoints" if is_chief(strategy) else model_dir / f".worker-tmp-{id(ckpt)}"
-    manager = tf.train.CheckpointManager(ckpt, str(target), max_to_keep=3)
-    path = manager.save()
-    if is_chief(strategy):
-        (model_dir / "metrics.json").write_text(json.dumps(trained.metrics, indent=2))
-        (model_dir / "config.json").write_text(json.dumps(config_to_dict(trained.config), indent=2))
-        (model_dir / "vocabularies.json").write_text(json.dumps(trained.vocabularies.to_dict()))
-        return Path(path)
-    return None
+    ckpt = training_checkpoint(trained.retrieval, trained.ranking)
+    chief = is_chief(strategy)
+    target = model_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="adrec-worker-ckpt-"))
+    path = tf.train.CheckpointManager(ckpt, str(target), max_to_keep=3).save()
+    if not chief:
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    (model_dir / "metrics.json").write_text(json.dumps(trained.metrics, indent=2))
+    (model_dir / "config.json").write_text(json.dumps(config_to_dict(trained.config), indent=2))
+    (model_dir / "vocabularies.json").write_text(json.dumps(trained.vocabularies.to_dict()))
+    return Path(path)
+
+
+def select_time_window(logs: pd.DataFrame, window: tuple[float, ...], schema: FeatureSchema) -> pd.DataFrame:
+    """Rows whose timestamp falls in [start, end) of the log's time span, as fractions."""
+    if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+        raise DataError(f"data.time_window must be [start, end] with 0 <= start < end <= 1, got {list(window)}")
+    if tuple(window) == (0.0, 1.0):
+        return logs
+    ts = logs[schema.timestamp]
+    lo, hi = ts.min(), ts.max()
+    start, end = lo + window[0] * (hi - lo), lo + window[1] * (hi - lo)
+    keep = (ts >= start) & ((ts < end) if window[1] < 1.0 else (ts <= end))
+    return logs[keep].reset_index(drop=True)
+
+
+def load_warm_start(warm_dir: Path) -> tuple[Vocabularies, str]:
+    vocab_file = warm_dir / "vocabularies.json"
+    latest = tf.train.latest_checkpoint(str(warm_dir / "checkpoints"))
+    if not vocab_file.exists() or latest is None:
+        raise DataError(f"--warm-start {warm_dir}: no finished job there (need vocabularies.json and "
+                        "checkpoints/)")
+    return Vocabularies.from_dict(json.loads(vocab_file.read_text())), latest
+
+
+def restore_parts(checkpoint_path: str | None, retrieval: RetrievalModel | None = None,
+                  ranking: RankingModel | None = None) -> None:
+    """Warm start: fill the given (built) models' trained parts from a job's final checkpoint."""
+    if checkpoint_path is None:
+        return
+    parts = {}
+    if retrieval is not None:
+        parts["retrieval"] = tf.train.Checkpoint(**retrieval.checkpoint_parts())
+    if ranking is not None:
+        parts["ranking"] = tf.train.Checkpoint(**ranking.checkpoint_parts())
+    tf.train.Checkpoint(**parts).read(checkpoint_path).expect_partial().assert_existing_objects_matched()
+
+
+def _set_precision(policy: str) -> None:
+    if policy not in ("none", "mixed_bfloat16", "mixed_float16"):
+        raise DataError(f"training.mixed_precision {policy!r}: expected none, mixed_bfloat16 or mixed_float16")
+    tf.keras.mixed_precision.set_global_policy("float32" if policy == "none" else policy)
 
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
-                 schema: FeatureSchema = DEFAULT_SCHEMA) -> TrainedModels:
+                 schema: FeatureSchema = DEFAULT_SCHEMA, warm_start: str | Path | None = None) -> TrainedModels:
     strategy = strategy or tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
 
     catalog, logs = load_data(cfg)
+    logs = select_time_window(logs, cfg.data.time_window, schema)
     split = time_split(logs, cfg.training.test_fraction, schema)
-    vocabularies = build_vocabularies(split.train, catalog, schema)
-    train_rows = join_ad_features(split.train, catalog, schema)
-    split = DataSplit(train=train_rows, test=join_ad_features(split.test, catalog, schema),
-                      cutoff=split.cutoff)
+    warm_checkpoint = None
+    if warm_start:
+        vocabularies, warm_checkpoint = load_warm_start(Path(warm_start))
+        log(f"warm start from {warm_checkpoint}: vocabularies kept, new ids fall into OOV buckets")
+    else:
+        vocabularies = build_vocabularies(split.train, catalog, schema)
+    split = DataSplit(train=join_ad_features(split.train, catalog, schema),
+                      test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
+    fit_rows, validation_rows = split.train, None
+    if cfg.training.validation_fraction > 0:
+        inner = time_split(split.train, cfg.training.validation_fraction, schema)
+        fit_rows, validation_rows = inner.train, inner.test
     log(f"data: {len(catalog)} ads, {len(split.train)} train / {len(split.test)} test impressions, "
-        f"{len(split.cold_ad_ids(schema))} cold-start ads in test")
+        f"{len(split.cold_ad_ids(schema))} cold-start ads in test"
+        + (f"; {len(validation_rows)} training rows held for validation" if validation_rows is not None else ""))
 
     t0 = time.time()
-    with strategy.scope():
-        text = build_text_assets(cfg, catalog, schema)
-    cached = None
-    if cfg.encoder.mode == "frozen":
-        cached = encode_packed(text.adapter, text.packed_catalog, progress=progress)
-        log(f"text encoder {cfg.encoder.preset!r} frozen: cached {len(cached)} ad embeddings "
-            f"in {time.time() - t0:.1f}s")
-    retrieval, r_hist = train_retrieval(cfg, strategy, schema, vocabularies, catalog, split.train, text,
-                                        cached, progress, model_dir)
-    if cached is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
-        cached = encode_packed(text.adapter, text.packed_catalog)
-    ranking, k_hist = train_ranking(cfg, strategy, schema, vocabularies, catalog, split.train, cached,
-                                    progress, model_dir)
+    _set_precision(cfg.training.mixed_precision)
+    try:
+        with strategy.scope():
+            text = build_text_assets(cfg, catalog, schema)
+        cached = None
+        if cfg.encoder.mode == "frozen":
+            cached = encode_packed(text.adapter, text.packed_catalog, progress=progress)
+            log(f"text encoder {cfg.encoder.preset!r} frozen: cached {len(cached)} ad embeddings "
+                f"in {time.time() - t0:.1f}s")
+        retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached)
+        ds, n_pos = retrieval_dataset(fit_rows, cfg, schema)
+        build_model(retrieval, next(iter(ds)), strategy)
+        ranking_ds = ranking_dataset(fit_rows, cfg, schema)
+        ranking = None
+        if cached is not None:
+            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+            build_model(ranking, next(iter(ranking_ds)), strategy)
+        restore_parts(warm_checkpoint, retrieval=retrieval, ranking=ranking)
+        log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
+            f"{strategy.num_replicas_in_sync} replica(s)")
+        val = retrieval_dataset(validation_rows, cfg, schema, False)[0] if validation_rows is not None else None
+        r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
+                            retrieval.checkpoint_parts(), val,
+                            f"val_factorized_top_k/top_{max(cfg.retrieval.top_k_metrics)}_categorical_accuracy")
+        if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
+            cached = encode_packed(text.adapter, text.packed_catalog)
+            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+            build_model(ranking, next(iter(ranking_ds)), strategy)
+            restore_parts(warm_checkpoint, ranking=ranking)
+        log(f"ranking: {len(fit_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}")
+        val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
+        k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
+                            progress, ranking.checkpoint_parts(), val, "val_auc")
+    finally:
+        _set_precision("none")
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,
                             retrieval=retrieval, ranking=ranking,
-                            history={"retrieval": r_hist, "ranking": k_hist})
+                            history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
                                                        cfg.retrieval.top_k_metrics),
                        "ranking": evaluate_ranking(ranking, schema, split),
-                       "train_seconds": round(time.time() - t0, 1)}
+                       "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
+                       "train_seconds": round(time.time() - t0, 1),
+                       "warm_start": str(warm_checkpoint) if warm_checkpoint else None}
     save_checkpoint(trained, strategy, model_dir)
+    clear_stages(model_dir, strategy)
     return trained

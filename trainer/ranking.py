@@ -36,6 +36,15 @@ class RankingModel(tfrs.Model):
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
 
+    def build_from_batch(self, features) -> None:
+        """Create every variable (no metric updates, safe in a cross-replica context)."""
+        self(features)
+
+    def checkpoint_parts(self) -> dict:
+        """The trained layers; the catalog's text table is rebuilt from the current catalog."""
+        return {"embeddings": self.embeddings, "text_projection": self.text_projection,
+                "cross_layers": self.cross_layers, "deep": self.deep}
+
     def call(self, features):
         text = features.get("text_embedding")
         if text is None:

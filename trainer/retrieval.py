@@ -61,6 +61,21 @@ class RetrievalModel(tfrs.Model):
             metrics = tfrs.metrics.FactorizedTopK(candidates=candidates, ks=cfg.top_k_metrics)
         self.task = tfrs.tasks.Retrieval(metrics=metrics, temperature=cfg.temperature)
 
+    def build_from_batch(self, features) -> None:
+        """Create the towers' variables (no metric updates, safe in a cross-replica context)."""
+        self.query_tower(features)
+        self.ad_embedding(features)
+
+    def checkpoint_parts(self) -> dict:
+        """What carries over between runs (warm start): the towers, and BERT when it is trained.
+
+        The catalog's text table is left out: it is rebuilt from the current catalog.
+        """
+        parts = {"query_tower": self.query_tower, "ad_tower": self.ad_tower}
+        if self.catalog_text.encoder is not None:
+            parts["bert"] = [v.value for v in self.catalog_text.encoder.backbone.variables]
+        return parts
+
     def ad_embedding(self, features):
         ad = {n: features[n] for n in self.schema.ad_string_features}
         ad["text_embedding"] = self.catalog_text(features[self.schema.ad_id])

@@ -11,10 +11,10 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
-def make_strategy(name: str):
+def make_strategy(name: str, tpu: str = ""):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -23,6 +23,11 @@ def make_strategy(name: str):
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multi_worker' needs TF_CONFIG naming the cluster and this task")
         return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
 
 

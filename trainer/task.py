@@ -18,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/demo.yaml", help="job config (YAML)")
     parser.add_argument("--model-dir", help="override training.model_dir")
     parser.add_argument("--export-dir", help="override export.export_dir")
-    parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker"],
+    parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker", "tpu"],
                         help="override training.strategy")
+    parser.add_argument("--warm-start", metavar="MODEL_DIR",
+                        help="start from the last checkpoint of a finished job (same vocabularies)")
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -35,14 +37,14 @@ def resolve_config(args) -> JobConfig:
     return cfg
 
 
-def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True):
+def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True, warm_start: str | None = None):
     from trainer.strategy import is_chief, make_strategy
 
-    strategy = make_strategy(cfg.training.strategy)  # first TF work of the process
+    strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)  # first TF work of the process
     from trainer.export import export_all
     from trainer.job import log, run_training
 
-    trained = run_training(cfg, strategy, progress=progress)
+    trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start)
     result = None
     if export and is_chief(strategy):
         result = export_all(trained, cfg.export.export_dir)
@@ -50,12 +52,25 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True)
     return trained, result
 
 
+def weights_digest(trained) -> str:
+    """A hash of every trained weight: equal on all workers of a synchronous job."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in (trained.retrieval, trained.ranking):
+        for w in model.trainable_weights:
+            digest.update(w.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet)
+    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet,
+                                  warm_start=args.warm_start)
     print(json.dumps(trained.metrics, indent=2))
+    print(f"weights digest: {weights_digest(trained)}")
     return 0
 
 

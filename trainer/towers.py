@@ -103,6 +103,6 @@ class CatalogText(tf.keras.layers.Layer):
 
 def mlp(units: tuple[int, ...], output_dim: int | None = None, name: str | None = None):
     layers = [tf.keras.layers.Dense(u, activation="relu") for u in units]
-    if output_dim is not None:
-        layers.append(tf.keras.layers.Dense(output_dim))
+    if output_dim is not None:  # float32 output, also under a mixed-precision policy
+        layers.append(tf.keras.layers.Dense(output_dim, dtype="float32"))
     return tf.keras.Sequential(layers, name=name)

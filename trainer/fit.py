@@ -1,0 +1,97 @@
+"""Fault-tolerant fitting of one training stage (retrieval or ranking).
+
+- `BackupAndRestore` backs the stage up every epoch or N steps; a job killed mid-epoch
+  resumes at the step it reached, so no epoch is lost or repeated.
+- A finished stage leaves a checkpoint and a DONE marker, so a restarted job does not
+  retrain a stage it already completed; markers are cleared when the whole job finishes.
+- Only the chief writes where others can see; other workers write to private temp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from trainer.config import JobConfig
+from trainer.strategy import is_chief
+
+DONE = "DONE.json"
+
+
+def log(msg: str) -> None:
+    import time
+
+    print(f"[adrec {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def checkpoint_of(parts: dict) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(**parts)
+
+
+def _writable(path: Path, strategy) -> Path:
+    """The chief writes `path`; other workers write a private temp dir (MWMS saves are collective)."""
+    if is_chief(strategy):
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"adrec-worker-{path.name}-"))
+
+
+def _verbosity(progress: bool) -> int:
+    if not progress:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def build_model(model, sample_batch, strategy) -> None:
+    """Create every variable before fit, so BackupAndRestore can restore optimizer state too."""
+    with strategy.scope():
+        model.build_from_batch(sample_batch)
+    model.built = True
+
+
+def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
+              model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
+              monitor: str | None = None) -> dict:
+    """Fit `model` (or restore it if this stage already finished); returns history and step count."""
+    stage_dir = model_dir / "stages" / name
+    done_file = stage_dir / DONE
+    if done_file.exists():
+        checkpoint_of(parts).read(str(stage_dir / "stage")).expect_partial()
+        state = json.loads(done_file.read_text())
+        log(f"{name}: stage already finished ({state['steps']} steps); restored, not retrained")
+        return state
+
+    backup_dir = model_dir / "backup" / name
+    if backup_dir.exists() and any(backup_dir.iterdir()):
+        log(f"{name}: resuming from the backup in {backup_dir}")
+    callbacks = [
+        tf.keras.callbacks.BackupAndRestore(
+            str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
+        tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
+    ]
+    if validation is not None and monitor:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
+            restore_best_weights=True, verbose=int(progress)))
+    hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=_verbosity(progress),
+                     callbacks=callbacks)
+    state = {"steps": int(model.optimizer.iterations.numpy()),
+             "history": {k: [float(x) for x in v] for k, v in hist.history.items()}}
+    target = _writable(stage_dir, strategy)
+    checkpoint_of(parts).write(str(target / "stage"))
+    if is_chief(strategy):
+        done_file.write_text(json.dumps(state))
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+    return state
+
+
+def clear_stages(model_dir: Path, strategy) -> None:
+    """The job finished: the next run with this model_dir trains afresh."""
+    if is_chief(strategy):
+        shutil.rmtree(model_dir / "stages", ignore_errors=True)
+        shutil.rmtree(model_dir / "backup", ignore_errors=True)
