@@ -35,6 +35,7 @@ class RankingModel(tfrs.Model):
                                                     reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
+        self.task._autocast = False  # labels and loss stay float32 under mixed precision
 
     def build_from_batch(self, features) -> None:
         """Create every variable (no metric updates, safe in a cross-replica context)."""
@@ -53,7 +54,7 @@ class RankingModel(tfrs.Model):
         x = x0
         for cross in self.cross_layers:
             x = cross(x0, x)
-        return tf.squeeze(self.deep(x), axis=-1)
+        return tf.squeeze(tf.cast(self.deep(x), tf.float32), axis=-1)
 
     def compute_loss(self, features, training=False):
         logits = self(features)

@@ -23,7 +23,7 @@ class QueryTower(tf.keras.Model):
         self.head = mlp((cfg.hidden_units,), cfg.embedding_dim, name="query_mlp")
 
     def call(self, features):
-        return tf.math.l2_normalize(self.head(self.embeddings(features)), axis=-1)
+        return tf.math.l2_normalize(tf.cast(self.head(self.embeddings(features)), tf.float32), axis=-1)
 
 
 class AdTower(tf.keras.Model):
@@ -41,7 +41,7 @@ class AdTower(tf.keras.Model):
     def call(self, features):
         x = tf.concat([self.embeddings(features), self.text_projection(features["text_embedding"])],
                       axis=-1)
-        return tf.math.l2_normalize(self.head(x), axis=-1)
+        return tf.math.l2_normalize(tf.cast(self.head(x), tf.float32), axis=-1)
 
 
 class RetrievalModel(tfrs.Model):
@@ -60,6 +60,9 @@ class RetrievalModel(tfrs.Model):
                 lambda f: (f[schema.ad_id], self.ad_embedding(f)))
             metrics = tfrs.metrics.FactorizedTopK(candidates=candidates, ks=cfg.top_k_metrics)
         self.task = tfrs.tasks.Retrieval(metrics=metrics, temperature=cfg.temperature)
+        # Scores and the softmax stay float32 under a mixed-precision policy: tf_keras would
+        # otherwise cast the task's first input (the query embeddings) to the compute dtype.
+        self.task._autocast = False
 
     def build_from_batch(self, features) -> None:
         """Create the towers' variables (no metric updates, safe in a cross-replica context)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 from trainer.config import JobConfig, load_config
 
@@ -46,9 +47,15 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
 
     trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start)
     result = None
-    if export and is_chief(strategy):
-        result = export_all(trained, cfg.export.export_dir)
-        log(f"exported version {result.version}: " + ", ".join(str(p) for p in result.paths.values()))
+    if export:
+        # Saving multi-worker variables runs collectives, so every worker exports; only the
+        # chief's export is published, the others write to a temporary directory and delete it.
+        if is_chief(strategy):
+            result = export_all(trained, cfg.export.export_dir)
+            log(f"exported version {result.version}: " + ", ".join(str(p) for p in result.paths.values()))
+        else:
+            with tempfile.TemporaryDirectory(prefix="adrec-worker-export-") as scratch:
+                export_all(trained, scratch)
     return trained, result
 
 

@@ -1,0 +1,148 @@
+"""The training job as GPU VMs run it: multi-worker, killed and resumed, warm-started."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tests.conftest import ROOT, tiny_config
+from trainer.config import config_to_dict
+
+
+def _write_config(tmp: Path, name: str, **overrides) -> tuple[Path, dict]:
+    cfg = config_to_dict(tiny_config(tmp / name, **overrides))
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+def _task(config: Path, *extra, env=None, **kwargs):
+    cmd = [sys.executable, "-m", "trainer.task", "--config", str(config), "--quiet", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, **kwargs)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_two_processes(tmp_path):
+    config, cfg = _write_config(tmp_path, "mwms", retrieval={"epochs": 1}, ranking={"epochs": 1})
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = [_task(config, "--strategy", "multi_worker",
+                   env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+             for i in range(2)]
+    outputs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=420)
+        finally:
+            p.kill()
+        outputs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    digests = [[line for line in out.splitlines() if line.startswith("weights digest:")][-1] for out in outputs]
+    assert digests[0] == digests[1], digests
+    model_dir, export_dir = Path(cfg["training"]["model_dir"]), Path(cfg["export"]["export_dir"])
+    assert (model_dir / "checkpoints" / "checkpoint").exists()
+    assert sorted(p.name for p in model_dir.iterdir()) == ["checkpoints", "config.json", "logs", "metrics.json",
+                                                           "vocabularies.json"]
+    for name in ("retrieval", "ranking", "recommender"):
+        assert sorted(p.name for p in (export_dir / name).iterdir()) == ["1"]  # the chief exported once
+    assert "exported version 1" in outputs[0] and "exported version" not in outputs[1]
+    assert "2 replica(s)" in outputs[0]
+
+
+def _run_to_end(config: Path, timeout: float = 300) -> str:
+    p = _task(config, "--no-export")
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def test_killed_job_resumes_without_lost_or_repeated_steps(tmp_path):
+    overrides = dict(retrieval={"epochs": 4, "batch_size": 64}, ranking={"epochs": 2, "batch_size": 256},
+                     training={"backup_every_steps": 4})
+    baseline_cfg, baseline = _write_config(tmp_path, "baseline", **overrides)
+    _run_to_end(baseline_cfg)
+    expected = json.loads((Path(baseline["training"]["model_dir"]) / "metrics.json").read_text())["train_steps"]
+
+    config, cfg = _write_config(tmp_path, "killed", **overrides)
+    model_dir = Path(cfg["training"]["model_dir"])
+    backup = model_dir / "backup"
+    p = _task(config, "--no-export")
+    deadline = time.monotonic() + 240
+    while not (backup.exists() and any(backup.rglob("*.index"))):
+        assert p.poll() is None, "training ended before its first backup"
+        assert time.monotonic() < deadline, "no backup written in time"
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(30)
+    assert p.returncode == -signal.SIGKILL
+    assert not (model_dir / "metrics.json").exists()
+
+    out = _run_to_end(config)
+    assert "resuming from the backup" in out or "stage already finished" in out, out[-2000:]
+    got = json.loads((model_dir / "metrics.json").read_text())["train_steps"]
+    assert got == expected
+    assert not backup.exists() and not (model_dir / "stages").exists()  # cleared once the job finished
+
+
+def _recall_of_export(path: Path, trained, k: int) -> float:
+    from serving.servable import Servable
+    from trainer.export import as_numpy_features
+
+    schema = trained.schema
+    test = trained.split.test[trained.split.test[schema.click] > 0]
+    out = Servable("retrieval", 0, path).run(as_numpy_features(test, schema.query_features, schema))
+    ids = test[schema.ad_id].to_numpy()
+    return float(np.mean([ids[i].encode() in set(out["ad_ids"][i][:k]) for i in range(len(ids))]))
+
+
+def test_warm_start_exports_next_version_that_does_better_on_new_logs(tmp_path):
+    from trainer.export import export_all
+    from trainer.job import run_training
+
+    first = tiny_config(tmp_path / "v1", retrieval={"epochs": 3})
+    first.data.time_window = (0.0, 0.5)
+    export_dir = tmp_path / "models"
+    v1 = export_all(run_training(first, progress=False), export_dir)
+
+    second = tiny_config(tmp_path / "v2", retrieval={"epochs": 3})
+    second.data.time_window = (0.5, 1.0)
+    trained = run_training(second, progress=False, warm_start=first.training.model_dir)
+    v2 = export_all(trained, export_dir)
+    assert (v1.version, v2.version) == (1, 2)
+    assert trained.metrics["warm_start"]
+    saved_vocab = json.loads((Path(first.training.model_dir) / "vocabularies.json").read_text())
+    assert trained.vocabularies.to_dict() == saved_vocab
+    old = _recall_of_export(v1.paths["retrieval"], trained, 20)
+    new = _recall_of_export(v2.paths["retrieval"], trained, 20)
+    assert new > old, (old, new)
+
+
+def test_mixed_bfloat16_with_validation_and_early_stopping(tmp_path):
+    from trainer.job import run_training
+
+    cfg = tiny_config(tmp_path, retrieval={"epochs": 2}, ranking={"epochs": 2},
+                      training={"mixed_precision": "mixed_bfloat16", "validation_fraction": 0.15,
+                                "steps_per_execution": 2})
+    trained = run_training(cfg, progress=False)
+    assert trained.ranking.cross_layers[0].compute_dtype == "bfloat16"
+    assert "val_auc" in trained.history["ranking"]
+    assert any(k.startswith("val_factorized_top_k") for k in trained.history["retrieval"])
+    assert np.isfinite(trained.history["ranking"]["loss"]).all()
+    assert trained.metrics["ranking"]["auc"] > 0.5
