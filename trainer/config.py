@@ -68,8 +68,10 @@ class ExportConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # "synthetic" | "spec" (real logs through a YAML data spec)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    spec: str = ""  # source "spec": path of the data spec (configs/data/*.yaml), relative to the CWD
+    root: str = ""  # source "spec": overrides the spec's data directory when set
 
 
 @dataclass
