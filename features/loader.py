@@ -153,6 +153,10 @@ def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str
         part = check_chunk(chunk.frame.reset_index(drop=True))
         counts.kept += len(part)
         kept.append(part)
+    if counts.read == 0:
+        raise DataValidationError(f"{table}: the file(s) {counts.files} hold no data rows", report=report)
+    if counts.kept == 0:
+        raise DataValidationError(f"{table}: all {counts.read:,d} rows were skipped", report=report)
     return pd.concat(kept, ignore_index=True)
 
 
@@ -165,9 +169,6 @@ def load_dataset(spec: DataSpec) -> LoadedData:
     catalog_ids = set(catalog["ad_id"])
     logs = _read(spec, report, "logs", _log_columns(spec),
                  lambda f: _check_log_chunk(spec, report, f, catalog_ids))
-    if catalog.empty or logs.empty:
-        raise DataValidationError(f"no {'catalog' if catalog.empty else 'log'} rows left after validation",
-                                  report=report)
     skipped = sum(report.logs.skipped.values())
     if skipped > spec.max_skipped_fraction * report.logs.read:
         raise DataValidationError(

@@ -80,6 +80,8 @@ def _read_text(table: TableSpec, path: Path, chunk_rows: int, names=None) -> Ite
                 frame[LINE_COL] = range(first_line, first_line + len(frame))
                 first_line += len(frame)
                 yield frame
+    except pd.errors.EmptyDataError as err:
+        raise DataReadError(f"{path}: the file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataReadError(f"{path}: cannot parse as {table.sep!r}-separated text "
                             f"({table.encoding}): {err}") from err

@@ -214,3 +214,18 @@ def test_cli_validate_prints_report_and_one_line_errors(tmp_path, capsys):
                    "(a number, 1970..2100) [bad_timestamp]"]
     assert main(["data", "describe", str(tmp_path / "missing.yaml")]) == 1
     assert "data spec not found" in capsys.readouterr().err
+
+
+def test_empty_and_header_only_files_are_named_errors(tmp_path):
+    from features.readers import DataReadError
+
+    spec = _spec(tmp_path, logs="")
+    with pytest.raises(DataReadError, match=r"logs.csv: the file is empty"):
+        load_dataset(spec)
+    spec = _spec(tmp_path, logs="user,ad,ts,clicked,slot\n")
+    with pytest.raises(DataValidationError, match=r"logs: the file\(s\) .* hold no data rows"):
+        load_dataset(spec)
+    spec = _spec(tmp_path, logs=LOGS.replace("u1,", ",").replace("u2,", ",").replace("u3,", ",").replace("u4,", ","))
+    with pytest.raises(DataValidationError, match=r"^logs: all 4 rows were skipped$") as err:
+        load_dataset(spec)
+    assert err.value.report.logs.skipped == {"null_id": 4}
