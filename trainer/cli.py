@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, DataSpecError, DataReadError, DataValidationError, SchemaError,
             EncoderNotFoundError, ExportError, ServableError,
             RequestError, ValueError, FileNotFoundError) as err:
-        if isinstance(err, DataValidationError) and err.report is not None:
+        if isinstance(err, DataValidationError) and err.report is not None and err.problem is None:
             print(err.report.format(), file=sys.stderr)
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 1
