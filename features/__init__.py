@@ -1,4 +1,4 @@
-"""Columns and tensors: schema, synthetic ad world, vocabularies, text, tf.data."""
+"""Columns and tensors: schema, data specs and validation, synthetic ad world, vocabularies, text, tf.data."""
 
 import os
 
@@ -8,9 +8,12 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from features.loader import LoadedData, load_dataset  # noqa: E402
 from features.schema import DEFAULT_SCHEMA, FeatureSchema  # noqa: E402
+from features.spec import DataSpec, DataSpecError, load_spec  # noqa: E402
 from features.split import DataSplit, time_split  # noqa: E402
 from features.synthetic import SyntheticConfig, SyntheticWorld, generate_world  # noqa: E402
+from features.validate import DataValidationError, ValidationReport  # noqa: E402
 from features.vocab import Vocabularies, build_vocabularies  # noqa: E402
 
 __all__ = [
@@ -23,4 +26,11 @@ __all__ = [
     "time_split",
     "Vocabularies",
     "build_vocabularies",
+    "DataSpec",
+    "DataSpecError",
+    "load_spec",
+    "load_dataset",
+    "LoadedData",
+    "DataValidationError",
+    "ValidationReport",
 ]

@@ -35,3 +35,9 @@ def time_split(logs: pd.DataFrame, test_fraction: float = 0.2,
     is_test = ts >= cutoff
     return DataSplit(train=logs[~is_test].reset_index(drop=True),
                      test=logs[is_test].reset_index(drop=True), cutoff=cutoff)
+
+
+def cold_start_test(split: DataSplit, schema: FeatureSchema = DEFAULT_SCHEMA) -> pd.DataFrame:
+    """The cold-start evaluation set: held-out rows whose ad never appears in training."""
+    cold = split.test[schema.ad_id].isin(split.cold_ad_ids(schema))
+    return split.test[cold].reset_index(drop=True)

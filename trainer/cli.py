@@ -62,7 +62,7 @@ def _cmd_recommend(args) -> int:
     return 0
 
 
-def _cmd_data(args) -> int:
+def _cmd_data_synthetic(args) -> int:
     from features.synthetic import generate_world
     from trainer.task import resolve_config
 
@@ -76,6 +76,44 @@ def _cmd_data(args) -> int:
     print(f"wrote {len(world.catalog)} ads, {len(world.logs)} impressions, {len(world.users)} users "
           f"to {out}")
     return 0
+
+
+def _load_spec_data(args):
+    from features.loader import load_dataset
+    from features.spec import load_spec
+
+    return load_dataset(load_spec(args.spec, root=args.root))
+
+
+def _cmd_data_validate(args) -> int:
+    print(_load_spec_data(args).report.format())
+    return 0
+
+
+def _cmd_data_describe(args) -> int:
+    from features.describe import describe, format_description
+
+    loaded = _load_spec_data(args)
+    print(loaded.report.format())
+    print(format_description(describe(loaded)))
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    from trainer.task import add_arguments
+
+    data = sub.add_parser("data", help="write the synthetic world; validate or describe real logs")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synthetic = data_sub.add_parser("synthetic", help="write the synthetic world to Parquet files")
+    add_arguments(synthetic)
+    synthetic.add_argument("--out", required=True)
+    synthetic.set_defaults(func=_cmd_data_synthetic)
+    for name, func, text in (("validate", _cmd_data_validate, "read and check logs + catalog; report skips"),
+                             ("describe", _cmd_data_describe, "counts, cardinalities, label rates, text lengths")):
+        cmd = data_sub.add_parser(name, help=text)
+        cmd.add_argument("spec", help="data spec (YAML), e.g. configs/data/ml-latest-small.yaml")
+        cmd.add_argument("--root", help="data directory, overriding the spec's root")
+        cmd.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,18 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--timeout", type=float, default=10.0)
     rec.set_defaults(func=_cmd_recommend)
 
-    data = sub.add_parser("data", help="write the synthetic world to Parquet files")
-    add_arguments(data)
-    data.add_argument("--out", required=True)
-    data.set_defaults(func=_cmd_data)
+    _add_data_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     import grpc
 
+    from features.readers import DataReadError
     from features.schema import SchemaError
+    from features.spec import DataSpecError
     from features.text import EncoderNotFoundError
+    from features.validate import DataValidationError
     from serving.client import RequestError
     from serving.servable import ServableError
     from trainer.config import ConfigError
@@ -133,8 +171,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SchemaError, EncoderNotFoundError, ExportError, ServableError,
+    except (ConfigError, DataError, DataSpecError, DataReadError, DataValidationError, SchemaError,
+            EncoderNotFoundError, ExportError, ServableError,
             RequestError, ValueError, FileNotFoundError) as err:
+        if isinstance(err, DataValidationError) and err.report is not None and err.problem is None:
+            print(err.report.format(), file=sys.stderr)
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 1
     except grpc.RpcError as err:

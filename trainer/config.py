@@ -74,9 +74,11 @@ class ExportConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # "synthetic" | "spec" (real logs through a YAML data spec)
     time_window: tuple[float, ...] = (0.0, 1.0)  # share of the log's time span to use, [start, end]
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    spec: str = ""  # source "spec": path of the data spec (configs/data/*.yaml), relative to the CWD
+    root: str = ""  # source "spec": overrides the spec's data directory when set
 
 
 @dataclass

@@ -54,19 +54,23 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
     trained, export = train_and_export(cfg, export=True, progress=progress)
     export_dir = Path(cfg.export.export_dir)
     log(f"starting the embedded TF Serving-compatible server on 127.0.0.1 for {export_dir}")
-    catalog = trained.catalog.set_index(trained.schema.ad_id)
+    schema = trained.schema
+    catalog = trained.catalog.set_index(schema.ad_id)
+    # Any schema: show one ad categorical (the category when there is one) and the first text field.
+    label = ["category"] if "category" in schema.ad_categoricals else list(schema.ad_categoricals[:1])
+    text = list(schema.ad_text[:1])
     shown = {}
     with ServerProcess(export_dir, lifetime=600) as server:
         log(f"server pid {server.pid} at {server.address}")
         with RecommendationClient(server.address, model_name="recommender") as client:
             for user, context in demo_requests(trained, n_users):
                 ads = client.recommend_df(user, context, k=k)
-                ads = ads.join(catalog[["category", "title"]], on="ad_id")
+                ads = ads.join(catalog[label + text], on="ad_id")
                 shown[user["user_id"]] = ads
-                print(f"\nuser {user['user_id']} ({user.get('age_bucket')}, {user.get('gender')}, "
-                      f"{user.get('region')}) on {context}")
+                about = ", ".join(str(user[n]) for n in schema.user_categoricals)
+                print(f"\nuser {user['user_id']}" + (f" ({about})" if about else "") + f" on {context}")
                 with pd.option_context("display.width", 160, "display.max_colwidth", 48):
-                    print(ads[["rank", "ad_id", "category", "pctr", "retrieval_scores", "title"]]
+                    print(ads[["rank", "ad_id", *label, "pctr", "retrieval_scores", *text]]
                           .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     log(f"server stopped (pid {server.pid})")
     print()

@@ -70,6 +70,26 @@ def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return world.catalog, world.logs
 
 
+def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
+    """Catalog, logs and their schema: the synthetic world, or real logs through a data spec.
+
+    With `data.source: spec` the schema is the spec's (its columns, possibly no context); the
+    spec's validation report is printed, and a `fail` policy raises DataValidationError.
+    """
+    if cfg.data.source != "spec":
+        catalog, logs = load_data(cfg)
+        return catalog, logs, schema or DEFAULT_SCHEMA
+    if not cfg.data.spec:
+        raise DataError("data.source is 'spec' but data.spec names no spec file")
+    from features.loader import load_dataset
+    from features.spec import load_spec
+
+    loaded = load_dataset(load_spec(cfg.data.spec, root=cfg.data.root or None))
+    log("data validation:\n" + loaded.report.format())
+    return loaded.catalog, loaded.logs, loaded.schema
+
+
 def join_ad_features(logs: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema) -> pd.DataFrame:
     """Attach the catalog's ad columns to each log row; every logged ad must be in the catalog."""
     unknown = ~logs[schema.ad_id].isin(set(catalog[schema.ad_id]))
@@ -248,13 +268,13 @@ def _set_precision(policy: str) -> None:
 
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
-                 schema: FeatureSchema = DEFAULT_SCHEMA, warm_start: str | Path | None = None) -> TrainedModels:
+                 schema: FeatureSchema | None = None, warm_start: str | Path | None = None) -> TrainedModels:
     strategy = strategy or tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
 
-    catalog, logs = load_data(cfg)
+    catalog, logs, schema = load_job_data(cfg, schema)
     logs = select_time_window(logs, cfg.data.time_window, schema)
     split = time_split(logs, cfg.training.test_fraction, schema)
     warm_checkpoint = None

@@ -1,0 +1,177 @@
+"""A data spec -> validated, typed catalog and log frames in the FeatureSchema the spec defines.
+
+The catalog is read first (ad ids must be unique), then the logs chunk by chunk: each chunk
+is parsed and checked (`features.validate`), bad rows are skipped or fail per the spec's
+policy, and only the kept rows, in model dtypes, stay in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from features.readers import read_table
+from features.schema import FeatureSchema
+from features.spec import DataSpec
+from features.validate import (
+    ChunkChecker,
+    DataValidationError,
+    ValidationReport,
+    parse_ids,
+    parse_numbers,
+    parse_text,
+    parse_timestamps,
+    require_columns,
+)
+
+
+@dataclass
+class LoadedData:
+    catalog: pd.DataFrame
+    logs: pd.DataFrame
+    schema: FeatureSchema
+    report: ValidationReport
+
+
+def _catalog_columns(spec: DataSpec) -> dict[str, str]:
+    c = spec.columns
+    needed = {c.catalog_ad_id or c.ad_id: "ad_id"}
+    for role in ("ad_categoricals", "ad_numerics", "ad_text"):
+        needed.update({col: role for col in getattr(c, role)})
+    if c.bid:
+        needed[c.bid] = "bid"
+    return needed
+
+
+def _log_columns(spec: DataSpec) -> dict[str, str]:
+    c, labels = spec.columns, spec.columns.labels
+    needed = {c.user_id: "user_id", c.ad_id: "ad_id", c.timestamp.column: "timestamp"}
+    for role in ("click", "conversion", "rating"):
+        if getattr(labels, role):
+            needed[getattr(labels, role)] = f"labels.{role}"
+    for role in ("user_categoricals", "context_categoricals", "context_integers", "user_numerics",
+                 "context_numerics"):
+        needed.update({col: role for col in getattr(c, role)})
+    if c.position:
+        needed[c.position] = "position"
+    return needed
+
+
+def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
+                         seen: set[str]) -> pd.DataFrame:
+    c = spec.columns
+    id_col = c.catalog_ad_id or c.ad_id
+    check = ChunkChecker(spec, report, "catalog", frame)
+    ids, null = parse_ids(frame[id_col])
+    check.flag(null, "null_id", id_col, "a non-empty ad id")
+    numerics = {}
+    for col in (*c.ad_numerics, *([c.bid] if c.bid else [])):
+        numerics[col], bad = parse_numbers(frame[col])
+        check.flag(bad, "bad_type", col, "a number")
+    good = ids[~check.bad]
+    dup = pd.Series(False, index=frame.index)
+    dup[good.index] = good.duplicated() | good.isin(seen)
+    check.flag(dup, "duplicate_catalog_id", id_col, "an ad id not already in the catalog")
+    keep = ~check.bad
+    out = pd.DataFrame({"ad_id": ids[keep]})
+    for col in (*c.ad_categoricals, *c.ad_text):
+        out[col] = parse_text(frame.loc[keep, col], col, report)
+    for col in c.ad_numerics:
+        out[col] = numerics[col][keep].astype("float64")
+    if c.bid:
+        out["bid"] = numerics[c.bid][keep].astype("float32")
+    seen.update(out["ad_id"])
+    return out
+
+
+def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
+                     catalog_ids: set[str]) -> pd.DataFrame:
+    c, labels = spec.columns, spec.columns.labels
+    check = ChunkChecker(spec, report, "logs", frame)
+    users, null_user = parse_ids(frame[c.user_id])
+    check.flag(null_user, "null_id", c.user_id, "a non-empty user id")
+    ads, null_ad = parse_ids(frame[c.ad_id])
+    check.flag(null_ad, "null_id", c.ad_id, "a non-empty ad id")
+    ts, bad_ts, expected = parse_timestamps(frame[c.timestamp.column], c.timestamp.format)
+    check.flag(bad_ts, "bad_timestamp", c.timestamp.column, expected)
+    label_values = {}
+    for role in ("click", "conversion"):
+        col = getattr(labels, role)
+        if col:
+            values, bad = parse_numbers(frame[col])
+            check.flag(bad, "bad_type", col, "a number (0 or 1)")
+            check.flag(~values.isin([0, 1]), "label_domain", col, "0 or 1")
+            label_values[role] = values
+    if labels.rating:
+        values, bad = parse_numbers(frame[labels.rating])
+        check.flag(bad, "bad_type", labels.rating, "a number")
+        check.flag((values < labels.rating_min) | (values > labels.rating_max), "label_domain", labels.rating,
+                   f"a rating in [{labels.rating_min:g}, {labels.rating_max:g}]")
+        label_values["rating"] = values
+    typed = {}
+    for col in (*c.context_integers, *([c.position] if c.position else [])):
+        typed[col], bad = parse_numbers(frame[col], integer=True)
+        check.flag(bad, "bad_type", col, "an integer")
+    for col in (*c.user_numerics, *c.context_numerics):
+        typed[col], bad = parse_numbers(frame[col])
+        check.flag(bad, "bad_type", col, "a number")
+    check.flag(~ads.isin(catalog_ids), "unknown_ad", c.ad_id, "an ad id present in the catalog", ads)
+
+    keep = ~check.bad
+    out = pd.DataFrame({"user_id": users[keep], "ad_id": ads[keep], "timestamp": ts[keep]})
+    for col in (*c.user_categoricals, *c.context_categoricals):
+        out[col] = parse_text(frame.loc[keep, col], col, report)
+    for col in c.context_integers:
+        out[col] = typed[col][keep].astype("int64")
+    for col in (*c.user_numerics, *c.context_numerics):
+        out[col] = typed[col][keep].astype("float64")
+    if c.position:
+        out["position"] = typed[c.position][keep].astype("int64")
+    if labels.rating:
+        out["rating"] = label_values["rating"][keep].astype("float32")
+        out["click"] = (label_values["rating"][keep] >= labels.threshold).astype("float32")
+    else:
+        out["click"] = label_values["click"][keep].astype("float32")
+    if labels.conversion:
+        out["conversion"] = label_values["conversion"][keep].astype("float32")
+    if spec.derive_time_context:
+        when = pd.to_datetime(out["timestamp"], unit="s", utc=True)
+        out["hour"] = when.dt.hour.astype("int64")
+        out["weekday"] = when.dt.weekday.astype("int64")
+    return out
+
+
+def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str, str], check_chunk) -> pd.DataFrame:
+    counts = getattr(report, table)
+    kept = []
+    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows):
+        if chunk.file not in counts.files:
+            counts.files.append(chunk.file)
+        require_columns(chunk.frame, needed, chunk.file)
+        counts.read += len(chunk.frame)
+        part = check_chunk(chunk.frame.reset_index(drop=True))
+        counts.kept += len(part)
+        kept.append(part)
+    if counts.read == 0:
+        raise DataValidationError(f"{table}: the file(s) {counts.files} hold no data rows", report=report)
+    if counts.kept == 0:
+        raise DataValidationError(f"{table}: all {counts.read:,d} rows were skipped", report=report)
+    return pd.concat(kept, ignore_index=True)
+
+
+def load_dataset(spec: DataSpec) -> LoadedData:
+    """Read, validate and type the catalog and logs a spec names; see `LoadedData.report`."""
+    report = ValidationReport(spec_name=spec.name, root=str(spec.root_dir))
+    seen: set[str] = set()
+    catalog = _read(spec, report, "catalog", _catalog_columns(spec),
+                    lambda f: _check_catalog_chunk(spec, report, f, seen))
+    catalog_ids = set(catalog["ad_id"])
+    logs = _read(spec, report, "logs", _log_columns(spec),
+                 lambda f: _check_log_chunk(spec, report, f, catalog_ids))
+    skipped = sum(report.logs.skipped.values())
+    if skipped > spec.max_skipped_fraction * report.logs.read:
+        raise DataValidationError(
+            f"{skipped:,d} of {report.logs.read:,d} log rows were skipped, more than max_skipped_fraction "
+            f"{spec.max_skipped_fraction:g}; is the spec's column mapping right?", report=report)
+    return LoadedData(catalog=catalog, logs=logs, schema=spec.schema(), report=report)

@@ -1,0 +1,144 @@
+"""Readers: CSV / TSV / Parquet files (globs allowed) streamed in chunks of raw values.
+
+Every chunk carries `_file` and `_line` so validation can point at the exact place of a
+problem: `_line` is the physical line of the row in a text file (the header is line 1) when
+no field spans lines, and the 1-based row number in a Parquet file. Values are read as
+strings (Parquet keeps its types); validation parses them. Two format-specific readers:
+MIND `behaviors.tsv` (one row per impression, expanded here to one row per shown news item
+with its click label and position) and MovieLens 100k `u.item` (19 genre flags to a text).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from features.spec import TableSpec
+
+FILE_COL = "_file"
+LINE_COL = "_line"
+
+MIND_BEHAVIOR_COLUMNS = ("impression_id", "user_id", "time", "history", "impressions")
+MIND_NEWS_COLUMNS = ("news_id", "category", "subcategory", "title", "abstract", "url",
+                     "title_entities", "abstract_entities")
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+ML100K_ITEM_COLUMNS = ("movie_id", "title", "release_date", "video_release_date", "imdb_url", *ML100K_GENRES)
+
+
+class DataReadError(ValueError):
+    """A data file is missing or cannot be parsed at all."""
+
+
+@dataclass
+class Chunk:
+    frame: pd.DataFrame  # raw columns plus _file and _line
+    file: str
+
+
+def resolve_files(table: TableSpec, root: Path) -> list[Path]:
+    """Expand each entry (a path or a glob, relative to root) in order; every entry must match."""
+    out: list[Path] = []
+    for pattern in table.files:
+        full = Path(pattern).expanduser()
+        full = full if full.is_absolute() else root / full
+        matches = sorted(Path(p) for p in glob.glob(str(full)))
+        if not matches:
+            raise DataReadError(f"no file matches {pattern!r} (looked for {full})")
+        out.extend(m for m in matches if m not in out)
+    return out
+
+
+def _format_of(table: TableSpec, path: Path) -> str:
+    if table.format != "auto":
+        return table.format
+    return "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
+
+
+def _read_text(table: TableSpec, path: Path, chunk_rows: int, names=None) -> Iterator[pd.DataFrame]:
+    names = list(names or table.names) or None
+    header = 0 if table.header else None
+    kwargs = dict(sep=table.sep, header=header, names=names, dtype=str, keep_default_na=False,
+                  na_values=[""], encoding=table.encoding, chunksize=chunk_rows)
+    if not table.quoting:
+        kwargs["quoting"] = csv.QUOTE_NONE
+    if len(table.sep) > 1:  # e.g. MovieLens 1M's "::": the python engine splits on a literal regex
+        kwargs["engine"] = "python"
+        kwargs["sep"] = "".join("\\" + ch for ch in table.sep)
+    first_line = 2 if table.header else 1
+    try:
+        with pd.read_csv(path, **kwargs) as reader:
+            for frame in reader:
+                frame[LINE_COL] = range(first_line, first_line + len(frame))
+                first_line += len(frame)
+                yield frame
+    except pd.errors.EmptyDataError as err:
+        raise DataReadError(f"{path}: the file is empty") from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataReadError(f"{path}: cannot parse as {table.sep!r}-separated text "
+                            f"({table.encoding}): {err}") from err
+
+
+def _read_parquet(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataReadError(f"{path}: not a readable Parquet file: {err}") from err
+    start = 1
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        frame = batch.to_pandas()
+        frame[LINE_COL] = range(start, start + len(frame))
+        start += len(frame)
+        yield frame
+
+
+def expand_mind_behaviors(frame: pd.DataFrame) -> pd.DataFrame:
+    """One MIND impression row ("N1-1 N2-0 ...") -> one row per shown news item.
+
+    `news_id` and `click` are the two halves of each token (a malformed token keeps its raw
+    click text, so validation reports it on the impression's line); `position` is 1-based.
+    """
+    tokens = frame["impressions"].str.split()
+    out = frame.drop(columns=["impressions", "history"]).assign(token=tokens).explode("token")
+    out["position"] = out.groupby(level=0).cumcount() + 1
+    parts = out["token"].str.rsplit("-", n=1, expand=True)
+    if parts.shape[1] < 2:
+        parts[1] = None
+    out["news_id"] = parts[0]
+    out["click"] = parts[1].where(parts[1].notna(), out["token"])
+    return out.drop(columns=["token"]).reset_index(drop=True)
+
+
+def movielens_100k_items(frame: pd.DataFrame) -> pd.DataFrame:
+    """u.item's 19 genre flag columns -> one `genres` text ("Action|Comedy")."""
+    flags = frame[list(ML100K_GENRES)].eq("1")
+    genres = flags.apply(lambda row: "|".join(g for g, on in zip(ML100K_GENRES, row, strict=True) if on), axis=1)
+    out = frame[["movie_id", "title", "release_date", LINE_COL]].copy()
+    out["genres"] = genres if len(frame) else pd.Series(dtype=str)
+    return out
+
+
+def read_table(table: TableSpec, root: Path, chunk_rows: int) -> Iterator[Chunk]:
+    """Stream every file of a table, in order, as chunks of at most `chunk_rows` source rows."""
+    for path in resolve_files(table, root):
+        fmt = _format_of(table, path)
+        if fmt == "parquet":
+            frames = _read_parquet(path, chunk_rows)
+        elif fmt == "mind_behaviors":
+            frames = map(expand_mind_behaviors, _read_text(table, path, chunk_rows, MIND_BEHAVIOR_COLUMNS))
+        elif fmt == "movielens_100k_items":
+            frames = map(movielens_100k_items, _read_text(table, path, chunk_rows, ML100K_ITEM_COLUMNS))
+        else:
+            frames = _read_text(table, path, chunk_rows)
+        for frame in frames:
+            rel = os.path.relpath(path, root)
+            frame[FILE_COL] = rel
+            yield Chunk(frame=frame, file=rel)

@@ -1,0 +1,222 @@
+"""A YAML data spec: where a user's logs and ad catalog live and which column plays which role.
+
+Loaded with `yaml.safe_load`; unknown keys are refused with their dotted path. Ids, the
+timestamp, labels, position and bid are renamed to the canonical names of `FeatureSchema`
+(`user_id`, `ad_id`, `timestamp`, `click`, `conversion`, `position`, `bid`) so exported
+models always take `user_id` / `ad_id`; categoricals, numerics and text keep their names.
+
+```yaml
+name: my-logs
+root: /data/ads                # file paths are relative to it; itself relative to this file
+logs:    {files: ["impressions/*.parquet"]}
+catalog: {files: [ads.csv], format: csv}
+columns:
+  user_id: uid
+  ad_id: creative_id
+  timestamp: {column: ts, format: unix}      # unix | unix_ms | iso | a strftime format
+  labels: {click: clicked, conversion: converted}   # or {rating: stars, threshold: 4}
+  user_categoricals: [country]
+  context_categoricals: [device]
+  context_integers: []
+  ad_categoricals: [advertiser]
+  ad_text: [headline, body]
+  position: slot
+  bid: cpc
+derive_time_context: true      # hour and weekday (UTC) from the timestamp
+policy: {bad_timestamp: fail}  # per problem: fail | skip (skip counts and reports)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from features.schema import FeatureSchema
+
+# Row-level problems a policy can fail on or skip; a missing column always fails.
+PROBLEMS = ("null_id", "bad_type", "bad_timestamp", "label_domain", "duplicate_catalog_id", "unknown_ad")
+POLICIES = ("fail", "skip")
+TABLE_FORMATS = ("auto", "csv", "parquet", "mind_behaviors", "movielens_100k_items")
+TIME_CONTEXT = ("hour", "weekday")
+
+
+class DataSpecError(ValueError):
+    """A data spec file is malformed: unknown key, wrong type, impossible combination."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    files: tuple[str, ...] = ()
+    format: str = "auto"  # auto (by extension) | csv | parquet | mind_behaviors | movielens_100k_items
+    sep: str = ","
+    header: bool = True
+    names: tuple[str, ...] = ()  # column names when the file has no header
+    encoding: str = "utf-8"
+    quoting: bool = True  # False: quote characters are plain text (MIND's TSVs)
+
+
+@dataclass(frozen=True)
+class TimestampSpec:
+    column: str = "timestamp"
+    format: str = "unix"  # unix | unix_ms | iso | a strftime format such as "%m/%d/%Y %I:%M:%S %p"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    click: str = ""  # a 0/1 column
+    conversion: str = ""  # a 0/1 column
+    rating: str = ""  # or: a rating column, positive when rating >= threshold
+    threshold: float = 0.0
+    rating_min: float = float("-inf")
+    rating_max: float = float("inf")
+
+
+@dataclass(frozen=True)
+class ColumnsSpec:
+    user_id: str = "user_id"
+    ad_id: str = "ad_id"
+    catalog_ad_id: str = ""  # the catalog's ad id column when it differs from the logs'
+    timestamp: TimestampSpec = field(default_factory=TimestampSpec)
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    user_categoricals: tuple[str, ...] = ()
+    context_categoricals: tuple[str, ...] = ()
+    context_integers: tuple[str, ...] = ()
+    ad_categoricals: tuple[str, ...] = ()
+    user_numerics: tuple[str, ...] = ()
+    context_numerics: tuple[str, ...] = ()
+    ad_numerics: tuple[str, ...] = ()
+    ad_text: tuple[str, ...] = ()
+    position: str = ""
+    bid: str = ""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "data"
+    root: str = "."
+    logs: TableSpec = field(default_factory=TableSpec)
+    catalog: TableSpec = field(default_factory=TableSpec)
+    columns: ColumnsSpec = field(default_factory=ColumnsSpec)
+    derive_time_context: bool = False
+    policy: dict = field(default_factory=dict)
+    max_skipped_fraction: float = 0.5  # more skipped log rows than this fails the run
+    chunk_rows: int = 200_000
+    text_separator: str = " . "
+    base_dir: str = "."  # the spec file's directory (set by load_spec, not by the file)
+
+    @property
+    def root_dir(self) -> Path:
+        root = Path(self.root).expanduser()
+        return (root if root.is_absolute() else Path(self.base_dir) / root).resolve()
+
+    def policy_for(self, problem: str) -> str:
+        return self.policy.get(problem, "skip")
+
+    def schema(self) -> FeatureSchema:
+        """The FeatureSchema of the frames `load_dataset` returns for this spec."""
+        c = self.columns
+        ints = tuple(c.context_integers)
+        if self.derive_time_context:
+            ints = ints + tuple(n for n in TIME_CONTEXT if n not in ints)
+        labels = c.labels
+        return FeatureSchema(
+            user_categoricals=tuple(c.user_categoricals),
+            context_categoricals=tuple(c.context_categoricals),
+            context_integers=ints,
+            ad_categoricals=tuple(c.ad_categoricals),
+            ad_text=tuple(c.ad_text),
+            bid="bid" if c.bid else "",
+            position="position" if c.position else "",
+            conversion="conversion" if labels.conversion else "",
+            text_separator=self.text_separator,
+            extra={"numerics": (*c.user_numerics, *c.context_numerics, *c.ad_numerics),
+                   "spec": self.name},
+        )
+
+
+def _coerce(cls, value, where: str):
+    if dataclasses.is_dataclass(cls):
+        if isinstance(value, str) and cls is TimestampSpec:
+            return TimestampSpec(column=value)
+        if not isinstance(value, dict):
+            raise DataSpecError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise DataSpecError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    if typing.get_origin(cls) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise DataSpecError(f"{where}: expected a list of column names, got {value!r}")
+        return tuple(value)
+    if cls is dict:
+        if not isinstance(value, dict):
+            raise DataSpecError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if cls in (int, float, str, bool) and not (isinstance(value, cls)
+                                               and not (cls is int and isinstance(value, bool))):
+        raise DataSpecError(f"{where}: expected {cls.__name__}, got {value!r}")
+    return value
+
+
+def _check(spec: DataSpec, where: str) -> None:
+    c = spec.columns
+    for problem, policy in spec.policy.items():
+        if problem not in PROBLEMS:
+            raise DataSpecError(f"{where}.policy: unknown problem {problem!r}; known: {list(PROBLEMS)}")
+        if policy not in POLICIES:
+            raise DataSpecError(f"{where}.policy.{problem}: expected one of {list(POLICIES)}, got {policy!r}")
+    for table in ("logs", "catalog"):
+        t = getattr(spec, table)
+        if not t.files:
+            raise DataSpecError(f"{where}.{table}.files: at least one file or glob is required")
+        if t.format not in TABLE_FORMATS:
+            raise DataSpecError(f"{where}.{table}.format: expected one of {list(TABLE_FORMATS)}, got {t.format!r}")
+    labels = c.labels
+    if bool(labels.click) == bool(labels.rating):
+        raise DataSpecError(f"{where}.columns.labels: give exactly one of `click` or `rating` (+ `threshold`)")
+    if not c.ad_text:
+        raise DataSpecError(f"{where}.columns.ad_text: the ad tower reads text; name at least one text column")
+    reserved = {"user_id", "ad_id", "timestamp", "click", "conversion", "position", "bid"}
+    if spec.derive_time_context:
+        reserved |= set(TIME_CONTEXT)
+    for role in ("user_categoricals", "context_categoricals", "context_integers", "ad_categoricals",
+                 "user_numerics", "context_numerics", "ad_numerics", "ad_text"):
+        clash = sorted(set(getattr(c, role)) & reserved - ({*TIME_CONTEXT} if role == "context_integers" else set()))
+        if clash:
+            raise DataSpecError(f"{where}.columns.{role}: {clash} are reserved for canonical columns; "
+                                "map them through their role (user_id, ad_id, labels, ...) instead")
+    if spec.chunk_rows < 1:
+        raise DataSpecError(f"{where}.chunk_rows: expected a positive integer, got {spec.chunk_rows}")
+
+
+def spec_from_dict(raw: dict | None, where: str = "spec", base_dir: str | Path = ".") -> DataSpec:
+    spec = _coerce(DataSpec, raw or {}, where)
+    spec = dataclasses.replace(spec, base_dir=str(base_dir))
+    _check(spec, where)
+    return spec
+
+
+def load_spec(path: str | Path, root: str | Path | None = None) -> DataSpec:
+    """Read a spec file; `root` overrides the spec's data directory (e.g. a test fixture)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataSpecError(f"{path}: data spec not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataSpecError(f"{path}: not valid YAML: {err}") from err
+    spec = spec_from_dict(raw, str(path), base_dir=path.resolve().parent)
+    if root is not None:
+        spec = dataclasses.replace(spec, root=str(Path(root).resolve()))
+    return spec
