@@ -35,12 +35,17 @@ class ModelRegistry:
         self._servables: dict[str, Servable] = {}
         self._states: dict[str, dict[int, VersionState]] = {n: {} for n in self.base_paths}
         self._refused: dict[tuple[str, int], int] = {}  # (model, version) -> directory mtime_ns
-        for name, path in self.base_paths.items():
-            found = latest_version(path)
-            if found is None:
-                raise ServableError(f"no numeric version directory under {path} for model {name!r}")
-            self._servables[name] = self._load(name, *found)  # a model that cannot load fails startup
-            self._states[name][found[0]] = VersionState("AVAILABLE")
+        try:
+            for name, path in self.base_paths.items():
+                found = latest_version(path)
+                if found is None:
+                    raise ServableError(f"no numeric version directory under {path} for model {name!r}")
+                self._servables[name] = self._load(name, *found)  # a model that cannot load fails startup
+                self._states[name][found[0]] = VersionState("AVAILABLE")
+        except BaseException:
+            for servable in self._servables.values():
+                servable.close()
+            raise
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 

@@ -129,3 +129,19 @@ def test_unloadable_version_is_refused_and_old_keeps_serving(model_copy, caplog,
         _publish(model_copy, "recommender", 3)  # a good version after the bad one is still picked up
         assert server.registry.poll_once() == ["recommender 1->3"]
         assert client.predict_versioned({k: [v] for k, v in {**USER, **CONTEXT}.items()})[1] == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model_config_list { config { name: 'x' base_path: '/models/x' model_platform: 'pytorch' } }",
+     "only 'tensorflow' is served"),
+    ("model_config_list { confg {} }", "not a ModelServerConfig text proto"),
+    ("", "no model_config_list entries"),
+])
+def test_serve_refuses_a_bad_model_config_in_one_line(tmp_path, capsys, text, message):
+    from serving.server import main
+
+    config = tmp_path / "models.config"
+    config.write_text(text)
+    assert main(["--model-config-file", str(config), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
