@@ -211,7 +211,8 @@ class RecommendationClient:
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
                      k: int = 10) -> pd.DataFrame:
         ads = self.recommend(user, context, k)
-        return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **a.scores} for a in ads])
+        return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
+                             for a in ads])
 
 
 def _as_dict(values) -> dict:

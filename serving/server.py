@@ -294,6 +294,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     """Serve until SIGTERM/SIGINT or `--lifetime`; `args` as `add_arguments` defines them."""
     logging.basicConfig(level=logging.INFO, format="[adrec-serve %(asctime)s] %(levelname)s %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # its loader logs every restore twice otherwise
     if bool(args.ssl_cert) != bool(args.ssl_key):
         print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
         return 2
@@ -327,6 +328,7 @@ def run(args) -> int:
             break
         stop.wait(0.2)
     server.stop()
+    print(f"stopped (pid {os.getpid()})", flush=True)
     return 0
 
 
