@@ -61,13 +61,18 @@ class RecommendationClient:
 
     `root_certificates` (PEM path or bytes) switches to TLS; `server_name` overrides the name
     checked against the server certificate. `timeout` is each call's deadline, retries included.
+    `recommend_batch` splits its rows into Predict calls of at most `max_batch_size` (keep it at
+    or under the server's limit).
     """
 
     def __init__(self, address: str, model_name: str = "recommender",
                  signature_name: str = "serving_default", timeout: float = 10.0,
                  root_certificates: str | Path | bytes | None = None, server_name: str | None = None,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, max_batch_size: int = 256):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.address = address
+        self.max_batch_size = max_batch_size
         self.model_name = model_name
         self.signature_name = signature_name
         self.timeout = timeout
@@ -180,20 +185,25 @@ class RecommendationClient:
 
     def recommend_batch(self, requests: Sequence[tuple[Mapping, Mapping]] | pd.DataFrame,
                         k: int = 10) -> list[list[RecommendedAd]]:
-        """Ranked ads for many users in one Predict: (user, context) pairs or a DataFrame with
-        one row per request (columns = feature names)."""
+        """Ranked ads for many users: (user, context) pairs or a DataFrame with one row per
+        request (columns = feature names), sent in Predict calls of at most `max_batch_size` rows."""
         if isinstance(requests, pd.DataFrame):
             rows = requests.to_dict("records")
         else:
             rows = [{**_as_dict(user), **_as_dict(context)} for user, context in requests]
-        if not rows:
-            return []
-        out = self.predict(self._request_batch(rows, None))
+        batches = [self._request_batch(rows[i:i + self.max_batch_size], None)  # validate all before sending
+                   for i in range(0, len(rows), self.max_batch_size)]
+        results = []
+        for batch in batches:
+            results.extend(self._ranked(self.predict(batch), k))
+        return results
+
+    def _ranked(self, out: dict[str, np.ndarray], k: int) -> list[list[RecommendedAd]]:
         if "ad_ids" not in out:
             raise RequestError(f"model {self.model_name!r} returns {sorted(out)}, not ad_ids")
         score_key = "pctr" if "pctr" in out else "scores"
         results = []
-        for b in range(len(rows)):
+        for b in range(len(out["ad_ids"])):
             ads = []
             for r, ad in enumerate(out["ad_ids"][b][:k]):
                 scores = {key: float(v[b][r]) for key, v in out.items()

@@ -162,6 +162,15 @@ def test_health_and_pandas_input(server, client):
         client.recommend_batch(frame.assign(device=[None, "mobile"]), k=3)
 
 
+def test_large_batches_are_split_under_the_server_limit(server):
+    users = [({**USER, "user_id": f"u{i:05d}"}, {**CONTEXT, "hour": i % 24}) for i in range(40)]
+    with RecommendationClient(server.address, max_batch_size=16) as c:  # the server refuses 17+
+        batched = c.recommend_batch(users, k=3)
+        assert c.calls == 1 + 3  # metadata, then 16 + 16 + 8
+        singles = [[a.ad_id for a in c.recommend(u, x, k=3)] for u, x in users[::13]]
+    assert len(batched) == 40 and [[a.ad_id for a in batched[i]] for i in range(0, 40, 13)] == singles
+
+
 def test_tls_server_and_client(exported_tiny, tmp_path, capsys):
     from trainer.cli import main as cli_main
 
