@@ -1,14 +1,24 @@
-"""A thin gRPC client for TF Serving's PredictionService (ours or `tensorflow/serving`)."""
+"""A thin gRPC client for TF Serving's PredictionService (ours or `tensorflow/serving`).
+
+Every call has a deadline (`timeout`, covering its retries); UNAVAILABLE (server starting,
+restarting, unreachable) is retried with exponential backoff and jitter, at most
+`max_attempts` times; every other error is raised at once. TLS with `root_certificates`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from serving.server import MAX_MESSAGE_BYTES
@@ -26,20 +36,88 @@ class RecommendedAd:
     scores: dict[str, float]
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff on UNAVAILABLE: initial * multiplier**n, capped, with full jitter."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    retry_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt))
+
+
+def _read_pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 class RecommendationClient:
-    """`recommend(user, context, k)` against a recommender model served over gRPC."""
+    """`recommend(user, context, k)` against a recommender model served over gRPC.
+
+    `root_certificates` (PEM path or bytes) switches to TLS; `server_name` overrides the name
+    checked against the server certificate. `timeout` is each call's deadline, retries included.
+    `recommend_batch` splits its rows into Predict calls of at most `max_batch_size` (keep it at
+    or under the server's limit).
+    """
 
     def __init__(self, address: str, model_name: str = "recommender",
-                 signature_name: str = "serving_default", timeout: float = 10.0):
+                 signature_name: str = "serving_default", timeout: float = 10.0,
+                 root_certificates: str | Path | bytes | None = None, server_name: str | None = None,
+                 retry: RetryPolicy | None = None, max_batch_size: int = 256):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.address = address
+        self.max_batch_size = max_batch_size
         self.model_name = model_name
         self.signature_name = signature_name
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.retry = retry or RetryPolicy()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        pem = _read_pem(root_certificates)
+        if pem is not None:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(pem), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inputs: dict[str, dict[str, tf.DType]] = {}
+        self._stats_lock = threading.Lock()
+        self.calls = 0
+        self.retries = 0
+
+    def _call(self, method, request):
+        """One RPC under the call's deadline, retrying the retryable codes with backoff."""
+        deadline = time.monotonic() + self.timeout
+        with self._stats_lock:
+            self.calls += 1
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.001))
+            except grpc.RpcError as err:
+                attempt += 1
+                if err.code() not in self.retry.retry_codes or attempt >= self.retry.max_attempts:
+                    raise
+                pause = self.retry.backoff(attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                with self._stats_lock:
+                    self.retries += 1
+                time.sleep(pause)
+
+    def health(self, service: str = "tensorflow.serving.PredictionService") -> str:
+        """The server's grpc.health.v1 status for `service`: 'SERVING', 'NOT_SERVING', ..."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
         self._channel.close()
@@ -57,7 +135,7 @@ class RecommendationClient:
             request = get_model_metadata_pb2.GetModelMetadataRequest()
             request.model_spec.name = model_name
             request.metadata_field.append("signature_def")
-            response = self._stub.GetModelMetadata(request, timeout=self.timeout)
+            response = self._call(self._stub.GetModelMetadata, request)
             sig_map = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(sig_map)
             if self.signature_name not in sig_map.signature_def:
@@ -72,6 +150,11 @@ class RecommendationClient:
 
         Values are converted to the dtypes the signature declares (Python ints to int64).
         """
+        return self.predict_versioned(inputs, model_name)[0]
+
+    def predict_versioned(self, inputs: Mapping[str, object],
+                          model_name: str | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """`predict`, plus the model version that answered."""
         model_name = model_name or self.model_name
         specs = self.signature_inputs(model_name)
         request = predict_pb2.PredictRequest()
@@ -79,14 +162,14 @@ class RecommendationClient:
         request.model_spec.signature_name = self.signature_name
         for name, values in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype=specs.get(name)))
-        response = self._stub.Predict(request, timeout=self.timeout)
-        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+        response = self._call(self._stub.Predict, request)
+        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}, response.model_spec.version.value
 
     def _request_batch(self, rows: list[Mapping[str, object]], model_name: str | None) -> dict:
         specs = self.signature_inputs(model_name)
         batch = {}
         for name, dtype in specs.items():
-            missing = [i for i, r in enumerate(rows) if name not in r or r[name] is None]
+            missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
             if missing:
                 raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
                                    f"the model needs {sorted(specs)}")
@@ -100,16 +183,27 @@ class RecommendationClient:
                 raise RequestError(f"feature {name!r} must be {dtype.name}: {err}") from err
         return batch
 
-    def recommend_batch(self, requests: list[tuple[Mapping, Mapping]], k: int = 10) -> list[list[RecommendedAd]]:
-        rows = [{**user, **context} for user, context in requests]
-        if not rows:
-            return []
-        out = self.predict(self._request_batch(rows, None))
+    def recommend_batch(self, requests: Sequence[tuple[Mapping, Mapping]] | pd.DataFrame,
+                        k: int = 10) -> list[list[RecommendedAd]]:
+        """Ranked ads for many users: (user, context) pairs or a DataFrame with one row per
+        request (columns = feature names), sent in Predict calls of at most `max_batch_size` rows."""
+        if isinstance(requests, pd.DataFrame):
+            rows = requests.to_dict("records")
+        else:
+            rows = [{**_as_dict(user), **_as_dict(context)} for user, context in requests]
+        batches = [self._request_batch(rows[i:i + self.max_batch_size], None)  # validate all before sending
+                   for i in range(0, len(rows), self.max_batch_size)]
+        results = []
+        for batch in batches:
+            results.extend(self._ranked(self.predict(batch), k))
+        return results
+
+    def _ranked(self, out: dict[str, np.ndarray], k: int) -> list[list[RecommendedAd]]:
         if "ad_ids" not in out:
             raise RequestError(f"model {self.model_name!r} returns {sorted(out)}, not ad_ids")
         score_key = "pctr" if "pctr" in out else "scores"
         results = []
-        for b in range(len(rows)):
+        for b in range(len(out["ad_ids"])):
             ads = []
             for r, ad in enumerate(out["ad_ids"][b][:k]):
                 scores = {key: float(v[b][r]) for key, v in out.items()
@@ -121,10 +215,26 @@ class RecommendationClient:
 
     def recommend(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
                   k: int = 10) -> list[RecommendedAd]:
-        """Ranked ads for one user in one context (features as plain Python values)."""
-        return self.recommend_batch([(user, context or {})], k)[0]
+        """Ranked ads for one user in one context (dicts of plain Python/numpy values or pandas Series)."""
+        return self.recommend_batch([(user, {} if context is None else context)], k)[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
                      k: int = 10) -> pd.DataFrame:
         ads = self.recommend(user, context, k)
-        return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **a.scores} for a in ads])
+        return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
+                             for a in ads])
+
+
+def _as_dict(values) -> dict:
+    if isinstance(values, pd.Series):
+        return values.to_dict()
+    return dict(values or {})
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays and other non-scalars
+        return False

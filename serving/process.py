@@ -14,15 +14,19 @@ from pathlib import Path
 class ServerProcess:
     """`python -m serving.server` in a child process; it also stops itself after `lifetime` s."""
 
-    def __init__(self, model_base: Path, lifetime: float = 900.0, startup_timeout: float = 120.0,
-                 log_path: Path | None = None):
+    def __init__(self, model_base: Path | None = None, lifetime: float = 900.0, startup_timeout: float = 120.0,
+                 log_path: Path | None = None, model_config_file: Path | None = None,
+                 extra_args: list[str] | tuple[str, ...] = ()):
         self._dir = tempfile.TemporaryDirectory(prefix="adrec-server-")
         port_file = Path(self._dir.name) / "port"
         self.log_path = log_path or Path(self._dir.name) / "server.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "serving.server", "--model-base", str(model_base),
-               "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-               "--lifetime", str(lifetime)]
+        cmd = [sys.executable, "-m", "serving.server", "--host", "127.0.0.1", "--port", "0",
+               "--port-file", str(port_file), "--lifetime", str(lifetime), *extra_args]
+        if model_base is not None:
+            cmd += ["--model-base", str(model_base)]
+        if model_config_file is not None:
+            cmd += ["--model-config-file", str(model_config_file)]
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid
         deadline = time.monotonic() + startup_timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the ranking graph tokenizes with TF Text ops)
 from tensorflow.core.protobuf import meta_graph_pb2
+
+from serving.warmup import read_warmup_file
 
 SERVE_TAG = "serve"
 DEFAULT_SIGNATURE = "serving_default"
@@ -57,6 +60,8 @@ class Servable:
         self.metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         self._lock = threading.Lock()
         self._closed = False
+        self._retired = False
+        self._in_flight = 0
 
     def signature_def_map(self):
         return {k: v for k, v in self.meta_graph.signature_def.items() if not k.startswith("__")}
@@ -86,11 +91,51 @@ class Servable:
             raise ServableError(f"{self.name} version {self.version} is unloaded")
         return self.session.run(fetches, feed_dict=feed)
 
+    @contextlib.contextmanager
+    def in_use(self):
+        """Hold the session open for one request: a retired version closes after its last request."""
+        with self._lock:
+            if self._closed:
+                raise ServableError(f"{self.name} version {self.version} is unloaded")
+            self._in_flight += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                close = self._retired and self._in_flight == 0 and not self._closed
+                if close:
+                    self._closed = True
+            if close:
+                self.session.close()
+
+    def retire(self) -> None:
+        """Unload once the requests already running on this version have finished."""
+        with self._lock:
+            self._retired = True
+            close = self._in_flight == 0 and not self._closed
+            if close:
+                self._closed = True
+        if close:
+            self.session.close()
+
+    def warmup(self) -> int:
+        """Replay `assets.extra/tf_serving_warmup_requests` as TF Serving does; returns the count."""
+        try:
+            requests = read_warmup_file(self.path)
+            for request in requests:
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                self.run(inputs, request.model_spec.signature_name, tuple(request.output_filter))
+        except Exception as err:
+            raise ServableError(f"warmup of {self.name} version {self.version} failed: {err}") from err
+        return len(requests)
+
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self.session.close()
+            if self._closed:
+                return
+            self._closed = True
+        self.session.close()
 
 
 def latest_version(base_path: Path) -> tuple[int, Path] | None:

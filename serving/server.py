@@ -10,17 +10,20 @@ Run: `python -m serving.server --model recommender=runs/demo/models/recommender 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -30,50 +33,20 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.status_pb2 import StatusProto
 
-from serving.servable import Servable, ServableError, load_latest
+from serving.config import ModelConfigError, read_model_config
+from serving.registry import ModelRegistry
+from serving.servable import ServableError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BATCH_SIZE = 1024
 LOOPBACK = "127.0.0.1"
-
-
-class ModelRegistry:
-    """Name -> the loaded (latest) version of each configured model."""
-
-    def __init__(self, base_paths: dict[str, Path]):
-        self.base_paths = {k: Path(v) for k, v in base_paths.items()}
-        self._servables: dict[str, Servable] = {}
-        for name, path in self.base_paths.items():
-            self._servables[name] = load_latest(name, path)
-
-    def get(self, name: str, version: int | None = None) -> Servable:
-        servable = self._servables.get(name)
-        if servable is None:
-            raise KeyError(f"model {name!r} is not served; served models: {sorted(self._servables)}")
-        if version is not None and version != servable.version:
-            raise KeyError(f"model {name!r} version {version} is not loaded "
-                           f"(loaded version: {servable.version})")
-        return servable
-
-    def all(self) -> dict[str, Servable]:
-        return dict(self._servables)
-
-    def close(self) -> None:
-        for s in self._servables.values():
-            s.close()
-
+HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 def _requested_version(model_spec) -> int | None:
     return model_spec.version.value if model_spec.HasField("version") else None
 
 
-def _lookup(registry: ModelRegistry, model_spec, context) -> Servable:
-    try:
-        return registry.get(model_spec.name, _requested_version(model_spec))
-    except KeyError as err:
-        context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
-
-
-def _decode_inputs(request, in_infos, context) -> dict[str, np.ndarray]:
+def _decode_inputs(request, in_infos, context, max_batch_size: int = 0) -> dict[str, np.ndarray]:
     arrays = {}
     for key, proto in request.inputs.items():
         if key not in in_infos:
@@ -100,15 +73,27 @@ def _decode_inputs(request, in_infos, context) -> dict[str, np.ndarray]:
     batch = {len(a) for a in arrays.values() if a.ndim > 0}
     if len(batch) > 1:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on batch size: {sorted(batch)}")
+    if max_batch_size and batch and max(batch) > max_batch_size:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"batch size {max(batch)} exceeds the server's max batch size {max_batch_size}; "
+                      "split the request")
     return arrays
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         self.registry = registry
+        self.max_batch_size = max_batch_size
 
     def Predict(self, request, context):
-        servable = _lookup(self.registry, request.model_spec, context)
+        try:
+            held = self.registry.acquire(request.model_spec.name, _requested_version(request.model_spec))
+            with held as servable:
+                return self._predict(servable, request, context)
+        except KeyError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+
+    def _predict(self, servable, request, context):
         signature_name = request.model_spec.signature_name or "serving_default"
         try:
             in_infos, _ = servable.signature(signature_name)
@@ -116,7 +101,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"signature {signature_name!r} not found in model {servable.name!r}; "
                           f"signatures: {sorted(servable.signatures)}")
-        inputs = _decode_inputs(request, in_infos, context)
+        inputs = _decode_inputs(request, in_infos, context, self.max_batch_size)
         try:
             outputs = servable.run(inputs, signature_name, tuple(request.output_filter))
         except ServableError as err:
@@ -132,7 +117,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     def GetModelMetadata(self, request, context):
-        servable = _lookup(self.registry, request.model_spec, context)
+        try:
+            servable = self.registry.get(request.model_spec.name, _requested_version(request.model_spec))
+        except KeyError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -152,31 +140,71 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.registry = registry
 
     def GetModelStatus(self, request, context):
-        servable = _lookup(self.registry, request.model_spec, context)
+        try:
+            states = self.registry.version_states(request.model_spec.name)
+        except KeyError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+        wanted = _requested_version(request.model_spec)
+        if wanted is not None:
+            if wanted not in states:
+                context.abort(grpc.StatusCode.NOT_FOUND,
+                              f"model {request.model_spec.name!r} has no version {wanted}; "
+                              f"known versions: {sorted(states)}")
+            states = {wanted: states[wanted]}
         response = get_model_status_pb2.GetModelStatusResponse()
-        status = response.model_version_status.add()
-        status.version = servable.version
-        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        status.status.CopyFrom(StatusProto())
+        for version in sorted(states, reverse=True):
+            status = response.model_version_status.add()
+            status.version = version
+            status.state = get_model_status_pb2.ModelVersionStatus.State.Value(states[version].state)
+            status.status.CopyFrom(StatusProto(error_code=2 if states[version].error else 0,
+                                               error_message=states[version].error))
         return response
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())])
+
+
 class EmbeddedModelServer:
-    """Serve models on host:port (loopback unless told otherwise); port 0 picks a free port."""
+    """Serve models on host:port (loopback unless told otherwise); port 0 picks a free port.
+
+    `poll_seconds` > 0 watches the base paths and swaps in new versions without failing a
+    request; `tls` serves over TLS; requests over `max_message_bytes` are refused by gRPC
+    (RESOURCE_EXHAUSTED) and batches over `max_batch_size` with INVALID_ARGUMENT.
+    """
 
     def __init__(self, base_paths: dict[str, Path], host: str = LOOPBACK, port: int = 0,
-                 max_workers: int = 8):
-        self.registry = ModelRegistry(base_paths)
+                 max_workers: int = 8, poll_seconds: float = 0.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: TlsConfig | None = None, warmup: bool = True):
+        self.registry = ModelRegistry(base_paths, warmup=warmup)
         self.host = host
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        self.poll_seconds = poll_seconds
+        options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                              thread_name_prefix="adrec-rpc"), options=options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.registry), self._server)
+            PredictionServicer(self.registry, max_batch_size), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        target = f"{host}:{port}"
+        try:
+            self.port = (self._server.add_secure_port(target, tls.credentials()) if tls
+                         else self._server.add_insecure_port(target))
+        except RuntimeError as err:  # grpc raises RuntimeError when it cannot bind
+            self.registry.close()
+            raise OSError(f"cannot bind {target}: {err}") from err
         if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+            self.registry.close()
+            raise OSError(f"cannot bind {target}")
 
     @property
     def address(self) -> str:
@@ -184,9 +212,13 @@ class EmbeddedModelServer:
 
     def start(self) -> EmbeddedModelServer:
         self._server.start()
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.registry.start_polling(self.poll_seconds)
         return self
 
     def stop(self, grace: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         self.registry.close()
 
@@ -206,35 +238,76 @@ def discover_models(model_base: Path) -> dict[str, Path]:
             if p.is_dir() and any(c.is_dir() and c.name.isdigit() for c in p.iterdir())}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's flags (shared with `adrec serve`); names follow tensorflow_model_server's."""
+    parser.add_argument("--model-config-file", type=Path,
+                        help="ModelServerConfig text proto (models.config, as written by export)")
+    parser.add_argument("--models-root", type=Path,
+                        help="where /models/<name> base paths of the config live (default: the config's dir)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=BASE_PATH",
                         help="a model name and its base path (repeatable)")
     parser.add_argument("--model-base", type=Path,
                         help="serve every model directory found under this path")
-    parser.add_argument("--host", default=LOOPBACK)
+    parser.add_argument("--host", default=LOOPBACK, help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8500)
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
+                        help="poll base paths for new versions this often (0: never)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="refuse larger batches with INVALID_ARGUMENT (0: no limit)")
+    parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                        help="largest request accepted (gRPC answers RESOURCE_EXHAUSTED above it)")
+    parser.add_argument("--ssl-cert", type=Path, help="server certificate (PEM); with --ssl-key serves TLS")
+    parser.add_argument("--ssl-key", type=Path, help="server private key (PEM)")
+    parser.add_argument("--no-warmup", action="store_true", help="do not replay warmup requests on load")
     parser.add_argument("--lifetime", type=float, default=None,
                         help="stop by itself after this many seconds (tests and demos)")
-    parser.add_argument("--max-workers", type=int, default=8)
+    parser.add_argument("--max-workers", type=int, default=8, help="request thread pool size")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.splitlines()[0])
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    models = discover_models(args.model_base) if args.model_base else {}
+def models_from_args(args) -> dict[str, Path]:
+    models: dict[str, Path] = {}
+    if args.model_config_file:
+        models.update({e.name: e.base_path for e in read_model_config(args.model_config_file, args.models_root)})
+    if args.model_base:
+        models.update(discover_models(args.model_base))
     for spec in args.model:
         name, sep, path = spec.partition("=")
         if not sep:
-            print(f"error: --model expects NAME=BASE_PATH, got {spec!r}", file=sys.stderr)
-            return 2
+            raise ModelConfigError(f"--model expects NAME=BASE_PATH, got {spec!r}")
         models[name] = Path(path)
     if not models:
-        print("error: no models to serve (use --model NAME=PATH or --model-base DIR)", file=sys.stderr)
+        raise ModelConfigError("no models to serve (use --model-config-file, --model NAME=PATH or --model-base DIR)")
+    return models
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args) -> int:
+    """Serve until SIGTERM/SIGINT or `--lifetime`; `args` as `add_arguments` defines them."""
+    logging.basicConfig(level=logging.INFO, format="[adrec-serve %(asctime)s] %(levelname)s %(message)s")
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # its loader logs every restore twice otherwise
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
         return 2
     try:
-        server = EmbeddedModelServer(models, args.host, args.port, args.max_workers).start()
+        models = models_from_args(args)
+        tls = TlsConfig(args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+        server = EmbeddedModelServer(models, args.host, args.port, args.max_workers,
+                                     poll_seconds=args.file_system_poll_wait_seconds,
+                                     max_batch_size=args.max_batch_size, max_message_bytes=args.max_message_bytes,
+                                     tls=tls, warmup=not args.no_warmup).start()
+    except ModelConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ServableError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -242,7 +315,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     versions = ", ".join(f"{n} v{s.version}" for n, s in server.registry.all().items())
-    print(f"serving {versions} on {server.address} (pid {os.getpid()})", flush=True)
+    print(f"serving {versions} on {server.address} ({'TLS' if tls else 'plaintext'}, pid {os.getpid()})",
+          flush=True)
     if args.port_file:
         tmp = args.port_file.with_suffix(".tmp")
         tmp.write_text(str(server.port))
@@ -254,6 +328,7 @@ def main(argv=None) -> int:
             break
         stop.wait(0.2)
     server.stop()
+    print(f"stopped (pid {os.getpid()})", flush=True)
     return 0
 
 

@@ -1,9 +1,13 @@
 """gRPC round trips through the embedded TF Serving-compatible server and the client."""
 
 import os
+import socket
+import threading
+import time
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import (
@@ -13,9 +17,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.client import RecommendationClient, RequestError
+from serving.client import RecommendationClient, RequestError, RetryPolicy
+from serving.config import read_model_config
 from serving.process import ServerProcess
-from serving.server import EmbeddedModelServer, discover_models
+from serving.server import EmbeddedModelServer, TlsConfig, discover_models
+from tests.conftest import make_self_signed_cert
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
@@ -24,7 +30,8 @@ CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
 @pytest.fixture(scope="module")
 def server(exported_tiny, trained_tiny):
     base = exported_tiny.paths["recommender"].parent.parent
-    with EmbeddedModelServer(discover_models(base), host="127.0.0.1", port=0) as srv:
+    with EmbeddedModelServer(discover_models(base), host="127.0.0.1", port=0, max_batch_size=16,
+                             max_message_bytes=256 * 1024) as srv:
         yield srv
 
 
@@ -70,12 +77,14 @@ def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
     assert pctr.shape == (1,) and 0.0 < pctr[0] < 1.0
 
 
-def _raw_predict(address, model="recommender", signature="", inputs=None):
+def _raw_predict(address, model="recommender", signature="", inputs=None, version=None):
     with grpc.insecure_channel(address) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         req = predict_pb2.PredictRequest()
         req.model_spec.name = model
         req.model_spec.signature_name = signature
+        if version is not None:
+            req.model_spec.version.value = version
         for k, v in (inputs or {}).items():
             req.inputs[k].CopyFrom(v)
         return stub.Predict(req, timeout=10)
@@ -93,6 +102,10 @@ def _good_inputs():
     ("missing_input", grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) ['device']"),
     ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "input 'region' has shape [1, 1], expected ['?']"),
     ("batch_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "inputs disagree on batch size"),
+    ("batch_too_large", grpc.StatusCode.INVALID_ARGUMENT, "batch size 17 exceeds the server's max batch size 16"),
+    ("message_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    ("version_not_loaded", grpc.StatusCode.NOT_FOUND, "model 'recommender' version 7 is not loaded"),
+    ("unknown_input", grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'colour'"),
 ])
 def test_bad_requests_get_the_right_status(server, case, code, message):
     inputs = _good_inputs()
@@ -109,8 +122,16 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
         inputs["region"] = tf.make_tensor_proto([["r1"]])
     elif case == "batch_mismatch":
         inputs["device"] = tf.make_tensor_proto(["mobile", "desktop"])
+    elif case == "batch_too_large":
+        inputs = {k: tf.make_tensor_proto([v] * 17, dtype=tf.int64 if isinstance(v, int) else tf.string)
+                  for k, v in {**USER, **CONTEXT}.items()}
+    elif case == "message_too_large":
+        inputs["user_id"] = tf.make_tensor_proto(["u" * 300_000])
+    elif case == "unknown_input":
+        inputs["colour"] = tf.make_tensor_proto(["red"])
+    version = 7 if case == "version_not_loaded" else None
     with pytest.raises(grpc.RpcError) as err:
-        _raw_predict(server.address, model, signature, inputs)
+        _raw_predict(server.address, model, signature, inputs, version)
     assert err.value.code() == code
     assert message in err.value.details()
 
@@ -131,9 +152,98 @@ def test_model_status_and_metadata(server, client):
     assert inputs["title"] == tf.string and inputs["hour"] == tf.int64
 
 
+def test_health_and_pandas_input(server, client):
+    assert client.health() == "SERVING" and client.health("") == "SERVING"
+    frame = pd.DataFrame([{**USER, **CONTEXT}, {**USER, **CONTEXT, "user_id": "u00002", "hour": 3}])
+    by_frame = client.recommend_batch(frame, k=3)
+    by_series = client.recommend(pd.Series(USER), pd.Series(CONTEXT), k=3)
+    assert [a.ad_id for a in by_frame[0]] == [a.ad_id for a in by_series]
+    with pytest.raises(RequestError, match="feature 'device' is missing"):
+        client.recommend_batch(frame.assign(device=[None, "mobile"]), k=3)
+
+
+def test_large_batches_are_split_under_the_server_limit(server):
+    users = [({**USER, "user_id": f"u{i:05d}"}, {**CONTEXT, "hour": i % 24}) for i in range(40)]
+    with RecommendationClient(server.address, max_batch_size=16) as c:  # the server refuses 17+
+        batched = c.recommend_batch(users, k=3)
+        assert c.calls == 1 + 3  # metadata, then 16 + 16 + 8
+        singles = [[a.ad_id for a in c.recommend(u, x, k=3)] for u, x in users[::13]]
+    assert len(batched) == 40 and [[a.ad_id for a in batched[i]] for i in range(0, 40, 13)] == singles
+
+
+def test_tls_server_and_client(exported_tiny, tmp_path, capsys):
+    from trainer.cli import main as cli_main
+
+    cert, key = make_self_signed_cert(tmp_path)
+    other_cert, _ = make_self_signed_cert(tmp_path, "not-the-server")
+    base = exported_tiny.paths["recommender"].parent.parent
+    fast_fail = RetryPolicy(max_attempts=1)
+    with EmbeddedModelServer(read_model_config_paths(base), tls=TlsConfig(cert, key)) as srv:
+        with RecommendationClient(srv.address, root_certificates=cert, timeout=10) as c:
+            assert len(c.recommend(USER, CONTEXT, k=3)) == 3
+        for kwargs in ({}, {"root_certificates": other_cert}):  # plaintext, or an untrusted certificate
+            with RecommendationClient(srv.address, timeout=5, retry=fast_fail, **kwargs) as c:
+                with pytest.raises(grpc.RpcError) as err:
+                    c.recommend(USER, CONTEXT, k=3)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        argv = ["recommend", "--address", srv.address, "--root-cert", str(cert), "--user", USER["user_id"],
+                "-k", "2", "--timeout", "10"]
+        argv += [f"--feature={k}={v}" for k, v in {**USER, **CONTEXT}.items() if k != "user_id"]
+        assert cli_main(argv) == 0
+        assert "pctr" in capsys.readouterr().out
+
+
+def read_model_config_paths(base):
+    return {e.name: e.base_path for e in read_model_config(base / "models.config")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_retries_unavailable_with_backoff_then_gives_up():
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.05, max_backoff=0.2)
+    with RecommendationClient(f"127.0.0.1:{_free_port()}", timeout=10, retry=policy) as c:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            c.signature_inputs()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (c.calls, c.retries) == (1, 2) and time.monotonic() - started < 5
+    # The deadline bounds the retries: a 0.3 s deadline cannot wait for 2 s backoffs.
+    slow = RetryPolicy(max_attempts=10, initial_backoff=2.0, max_backoff=2.0)
+    with RecommendationClient(f"127.0.0.1:{_free_port()}", timeout=0.3, retry=slow) as c:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError):
+            c.signature_inputs()
+        assert time.monotonic() - started < 2.0 and c.retries < 9
+
+
+def test_client_rides_out_a_server_that_starts_late(exported_tiny):
+    port = _free_port()
+    result = {}
+    policy = RetryPolicy(max_attempts=30, initial_backoff=0.1, max_backoff=0.5)
+
+    def call():
+        with RecommendationClient(f"127.0.0.1:{port}", timeout=60, retry=policy) as c:
+            try:
+                result["ads"] = c.recommend(USER, CONTEXT, k=3)
+            finally:
+                result["retries"] = c.retries
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    base = exported_tiny.paths["recommender"].parent.parent
+    with EmbeddedModelServer(read_model_config_paths(base), port=port):
+        caller.join(timeout=60)
+    assert len(result.get("ads", [])) == 3 and result["retries"] >= 1
+
+
 def test_server_process_serves_and_is_stopped_by_pid(exported_tiny):
     base = exported_tiny.paths["recommender"].parent.parent
-    with ServerProcess(base, lifetime=120) as proc:
+    with ServerProcess(model_config_file=base / "models.config", lifetime=120) as proc:
         assert proc.address.startswith("127.0.0.1:")
         with RecommendationClient(proc.address) as c:
             assert len(c.recommend(USER, CONTEXT, k=3)) == 3

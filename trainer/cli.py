@@ -31,14 +31,7 @@ def _cmd_train(args) -> int:
 def _cmd_serve(args) -> int:
     from serving import server
 
-    argv = ["--host", args.host, "--port", str(args.port)]
-    if args.model_base:
-        argv += ["--model-base", str(args.model_base)]
-    for spec in args.model:
-        argv += ["--model", spec]
-    if args.lifetime:
-        argv += ["--lifetime", str(args.lifetime)]
-    return server.main(argv)
+    return server.run(args)
 
 
 def _parse_features(pairs: list[str]) -> dict:
@@ -56,7 +49,11 @@ def _cmd_recommend(args) -> int:
 
     features = _parse_features(args.feature)
     features["user_id"] = args.user
-    with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout) as client:
+    from serving.client import RetryPolicy
+
+    with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
+                              root_certificates=args.root_cert, server_name=args.server_name,
+                              retry=RetryPolicy(max_attempts=args.attempts)) as client:
         frame = client.recommend_df(features, {}, k=args.k)
     print(frame.to_string(index=False))
     return 0
@@ -132,12 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
+    from serving.server import add_arguments as add_server_arguments
+
     serve = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
-    serve.add_argument("--model-base", type=Path, help="directory with one subdirectory per model")
-    serve.add_argument("--model", action="append", default=[], metavar="NAME=BASE_PATH")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8500)
-    serve.add_argument("--lifetime", type=float, help="stop after this many seconds")
+    add_server_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     rec = sub.add_parser("recommend", help="ask a running server for a user's ads")
@@ -147,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
                      help="user or context feature, e.g. device=mobile hour=20 (repeatable)")
     rec.add_argument("-k", type=int, default=10)
-    rec.add_argument("--timeout", type=float, default=10.0)
+    rec.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds, retries included")
+    rec.add_argument("--attempts", type=int, default=4, help="attempts when the server is UNAVAILABLE")
+    rec.add_argument("--root-cert", type=Path, help="CA / server certificate (PEM): connect with TLS")
+    rec.add_argument("--server-name", help="name to verify in the server certificate (default: the host)")
     rec.set_defaults(func=_cmd_recommend)
 
     _add_data_parser(sub)

@@ -28,6 +28,7 @@ import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking gra
 from tensorflow.core.protobuf import saved_model_pb2
 
 from features.schema import FeatureSchema
+from trainer import serving_artifacts
 from trainer.job import TrainedModels, ad_embeddings
 
 MODEL_NAMES = ("retrieval", "ranking", "recommender")
@@ -187,7 +188,7 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
 
 
-def _stage(module: tf.Module, target: Path, metadata: dict) -> Path:
+def _stage(module: tf.Module, target: Path, metadata: dict, extra=None) -> Path:
     """Write one servable to a hidden sibling of `target` and check it; returns the temp dir."""
     if target.exists():
         raise ExportError(f"{target} already exists; versions are never overwritten")
@@ -198,6 +199,8 @@ def _stage(module: tf.Module, target: Path, metadata: dict) -> Path:
         check_servable_ops(tmp)
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if extra is not None:
+            extra(tmp)  # e.g. the warmup requests: staged with the version, published with it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -215,11 +218,15 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
         "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k),
                         ["ad_ids", "pctr", "retrieval_scores"]),
     }
+    rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}
     try:
         for name, (build, outputs) in builders.items():
             target = export_dir / name / str(version)
-            staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs)), target)
+            warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
+                tmp, name, rows, trained.schema)
+            staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs), warmup), target)
+        serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)
         for tmp, target in staged.values():
             os.replace(tmp, target)
     finally:

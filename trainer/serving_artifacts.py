@@ -1,0 +1,82 @@
+"""What `tensorflow/serving` reads beside the SavedModels, written at export time.
+
+- per version: `assets.extra/tf_serving_warmup_requests`, real Predict requests built from
+  training rows (one of batch 1, one of a small batch), written into the staged version
+  directory before it is renamed into place;
+- per export directory: `models.config` (all three models, latest version),
+  `batching_parameters.txt` and `monitoring.config` (Prometheus), written atomically.
+
+The README shows the `docker run tensorflow/serving` line that uses them as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from features.schema import FeatureSchema
+from serving.config import (
+    BATCHING_FILE,
+    MODEL_CONFIG_FILE,
+    MONITORING_FILE,
+    BatchingConfig,
+    batching_parameters_text,
+    model_config_text,
+    monitoring_config_text,
+)
+from serving.warmup import predict_request, write_warmup_file
+
+WARMUP_BATCH_SIZES = (1, 8)
+
+
+def signature_inputs(schema: FeatureSchema, model_name: str) -> tuple[str, ...]:
+    if model_name == "ranking":
+        return (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
+    return tuple(schema.query_features)
+
+
+def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema,
+                n: int = max(WARMUP_BATCH_SIZES)) -> pd.DataFrame:
+    """`n` training impressions spread over the log, with their ad's catalog text attached."""
+    step = max(1, len(train) // n)
+    rows = train.iloc[::step].head(n).reset_index(drop=True)
+    text = catalog[[schema.ad_id, *schema.ad_text]]
+    return rows.drop(columns=[c for c in schema.ad_text if c in rows]).merge(text, on=schema.ad_id, how="left")
+
+
+def _arrays(rows: pd.DataFrame, names: tuple[str, ...], schema: FeatureSchema) -> dict[str, np.ndarray]:
+    return {n: rows[n].to_numpy(dtype=np.int64) if schema.is_int_feature(n)
+            else rows[n].fillna("").astype(str).to_numpy(dtype=object) for n in names}
+
+
+def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame, schema: FeatureSchema) -> Path:
+    names = signature_inputs(schema, model_name)
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise ValueError(f"warmup rows for {model_name!r} lack column(s) {missing}")
+    requests = [predict_request(model_name, _arrays(rows.head(b), names, schema)) for b in WARMUP_BATCH_SIZES
+                if b <= len(rows)]
+    return write_warmup_file(version_dir, requests)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_server_configs(export_dir: Path, model_names: tuple[str, ...],
+                         batching: BatchingConfig | None = None) -> dict[str, Path]:
+    """models.config, batching_parameters.txt and monitoring.config in the export directory."""
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    files = {MODEL_CONFIG_FILE: model_config_text(model_names),
+             BATCHING_FILE: batching_parameters_text(batching or BatchingConfig()),
+             MONITORING_FILE: monitoring_config_text()}
+    for name, text in files.items():
+        _write_atomic(export_dir / name, text)
+    return {name: export_dir / name for name in files}
