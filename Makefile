@@ -24,7 +24,7 @@ test: setup lint
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check features trainer serving tests
+	$(BIN)/ruff check features trainer serving tests benchmarks
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
