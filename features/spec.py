@@ -30,13 +30,11 @@ policy: {bad_timestamp: fail}  # per problem: fail | skip (skip counts and repor
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from features.schema import FeatureSchema
+from features.typed_yaml import coerce, read_yaml
 
 # Row-level problems a policy can fail on or skip; a missing column always fails.
 PROBLEMS = ("null_id", "bad_type", "bad_timestamp", "label_domain", "duplicate_catalog_id", "unknown_ad")
@@ -139,36 +137,6 @@ class DataSpec:
         )
 
 
-def _coerce(cls, value, where: str):
-    if dataclasses.is_dataclass(cls):
-        if isinstance(value, str) and cls is TimestampSpec:
-            return TimestampSpec(column=value)
-        if not isinstance(value, dict):
-            raise DataSpecError(f"{where}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)} - {"base_dir"}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise DataSpecError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()})
-    if typing.get_origin(cls) is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise DataSpecError(f"{where}: expected a list of column names, got {value!r}")
-        return tuple(value)
-    if cls is dict:
-        if not isinstance(value, dict):
-            raise DataSpecError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if cls is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if cls in (int, float, str, bool) and not (isinstance(value, cls)
-                                               and not (cls is int and isinstance(value, bool))):
-        raise DataSpecError(f"{where}: expected {cls.__name__}, got {value!r}")
-    return value
-
-
 def _check(spec: DataSpec, where: str) -> None:
     c = spec.columns
     for problem, policy in spec.policy.items():
@@ -201,7 +169,9 @@ def _check(spec: DataSpec, where: str) -> None:
 
 
 def spec_from_dict(raw: dict | None, where: str = "spec", base_dir: str | Path = ".") -> DataSpec:
-    spec = _coerce(DataSpec, raw or {}, where)
+    spec = coerce(DataSpec, raw or {}, where, DataSpecError,
+                  shorthands={TimestampSpec: lambda column: TimestampSpec(column=column)},
+                  hidden=frozenset({"base_dir"}))
     spec = dataclasses.replace(spec, base_dir=str(base_dir))
     _check(spec, where)
     return spec
@@ -210,12 +180,7 @@ def spec_from_dict(raw: dict | None, where: str = "spec", base_dir: str | Path =
 def load_spec(path: str | Path, root: str | Path | None = None) -> DataSpec:
     """Read a spec file; `root` overrides the spec's data directory (e.g. a test fixture)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataSpecError(f"{path}: data spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataSpecError(f"{path}: not valid YAML: {err}") from err
+    raw = read_yaml(path, DataSpecError, "data spec")
     spec = spec_from_dict(raw, str(path), base_dir=path.resolve().parent)
     if root is not None:
         spec = dataclasses.replace(spec, root=str(Path(root).resolve()))

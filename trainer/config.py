@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from features.synthetic import SyntheticConfig
+from features.typed_yaml import coerce, read_yaml
 
 
 class ConfigError(ValueError):
@@ -91,44 +89,12 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def _coerce(cls, value, where: str):
-    if dataclasses.is_dataclass(cls):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in value.items()}
-        return cls(**kwargs)
-    origin = typing.get_origin(cls)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = {a for a in typing.get_args(cls) if a is not Ellipsis}
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if cls is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if cls in (int, float, str, bool) and not (isinstance(value, cls) and
-                                               not (cls is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {cls.__name__}, got {value!r}")
-    return value
-
-
 def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
-    return _coerce(JobConfig, raw or {}, where)
+    return coerce(JobConfig, raw or {}, where, ConfigError)
 
 
 def load_config(path: str | Path) -> JobConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_yaml(path, ConfigError, "config file"), str(path))
 
 
 def config_to_dict(cfg) -> dict:

@@ -1,0 +1,69 @@
+"""YAML files to typed dataclasses: unknown keys and wrong types refused with their dotted path.
+
+Shared by data specs (`features.spec`) and job configs (`trainer.config`); each passes its
+own exception class so a user sees which kind of file is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+
+def coerce(cls, value, where: str, error: type[Exception],
+           shorthands: dict[type, Callable[[object], object]] | None = None,
+           hidden: frozenset[str] = frozenset()):
+    """Build `cls` from plain YAML values.
+
+    `shorthands` maps a dataclass to a builder used when the YAML gives a bare string for
+    it; `hidden` names dataclass fields that a file may not set (filled in by the loader).
+    A bare string where a tuple of strings is expected is taken as a one-item tuple.
+    """
+    shorthands = shorthands or {}
+
+    def build(cls, value, where):
+        if dataclasses.is_dataclass(cls):
+            if isinstance(value, str) and cls in shorthands:
+                return shorthands[cls](value)
+            if not isinstance(value, dict):
+                raise error(f"{where}: expected a mapping, got {value!r}")
+            hints = typing.get_type_hints(cls)
+            known = {f.name for f in dataclasses.fields(cls)} - hidden
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise error(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+            return cls(**{k: build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+        if typing.get_origin(cls) is tuple:
+            (item,) = {a for a in typing.get_args(cls) if a is not Ellipsis}
+            if isinstance(value, str) and item is str:
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise error(f"{where}: expected a list, got {value!r}")
+            return tuple(build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if cls is dict:
+            if not isinstance(value, dict):
+                raise error(f"{where}: expected a mapping, got {value!r}")
+            return dict(value)
+        if cls is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if cls in (int, float, str, bool) and not (isinstance(value, cls)
+                                                   and not (cls is int and isinstance(value, bool))):
+            raise error(f"{where}: expected {cls.__name__}, got {value!r}")
+        return value
+
+    return build(cls, value, where)
+
+
+def read_yaml(path: str | Path, error: type[Exception], what: str):
+    """`yaml.safe_load` of a file that must exist; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {err}") from err
