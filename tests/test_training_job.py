@@ -134,15 +134,26 @@ def test_warm_start_exports_next_version_that_does_better_on_new_logs(tmp_path):
     assert new > old, (old, new)
 
 
-def test_mixed_bfloat16_with_validation_and_early_stopping(tmp_path):
-    from trainer.job import run_training
+def test_mixed_bfloat16_xla_with_validation_and_early_stopping(tmp_path):
+    from serving.servable import Servable
+    from trainer.export import as_numpy_features, export_all, graph_ops
+    from trainer.job import predict_ctr, run_training
 
     cfg = tiny_config(tmp_path, retrieval={"epochs": 2}, ranking={"epochs": 2},
                       training={"mixed_precision": "mixed_bfloat16", "validation_fraction": 0.15,
-                                "steps_per_execution": 2})
+                                "steps_per_execution": 2, "jit_compile": True})
     trained = run_training(cfg, progress=False)
+    assert trained.ranking.interact.jit and trained.retrieval.query_tower.core.jit
     assert trained.ranking.cross_layers[0].compute_dtype == "bfloat16"
     assert "val_auc" in trained.history["ranking"]
     assert any(k.startswith("val_factorized_top_k") for k in trained.history["retrieval"])
     assert np.isfinite(trained.history["ranking"]["loss"]).all()
     assert trained.metrics["ranking"]["auc"] > 0.5
+    # The export runs the same weights without XLA, so TF Serving needs no JIT.
+    export = export_all(trained, tmp_path / "models")
+    assert not any(op.startswith("Xla") for op in graph_ops(export.paths["ranking"]))
+    schema = trained.schema
+    rows = trained.split.test.head(8).merge(trained.catalog[[schema.ad_id, *schema.ad_text]], on=schema.ad_id)
+    names = (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
+    served = Servable("ranking", 1, export.paths["ranking"]).run(as_numpy_features(rows, names, schema))
+    np.testing.assert_allclose(served["pctr"], predict_ctr(trained.ranking, rows, schema), rtol=2e-2, atol=2e-3)

@@ -58,6 +58,7 @@ class TrainingConfig:
     early_stopping_patience: int = 2
     mixed_precision: str = "none"  # "none" | "mixed_bfloat16" | "mixed_float16" (loss scaling)
     steps_per_execution: int = 1
+    jit_compile: bool = False  # XLA-compile the models' dense cores (lookups stay uncompiled)
     backup_every_steps: int = 0  # BackupAndRestore frequency in steps; 0 = every epoch
     model_dir: str = "runs/demo"
 

@@ -211,6 +211,9 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     """Stage all three servables, then rename them into place: one job publishes all or none."""
     cfg = trained.config.export
     export_dir = Path(export_dir)
+    # Served graphs run without XLA JIT: TF Serving builds without it by default.
+    trained.retrieval.set_jit(False)
+    trained.ranking.interact.jit = False
     version = version or next_version(export_dir)
     builders = {
         "retrieval": (lambda: RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),

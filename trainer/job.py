@@ -129,7 +129,8 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
         else:
             catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
         model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
-                               catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema))
+                               catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
+                               jit_compile=cfg.training.jit_compile)
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
 
@@ -137,7 +138,7 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
 def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray) -> RankingModel:
     with strategy.scope():
         catalog_text = CatalogText(catalog[schema.ad_id].tolist(), cached_embeddings=cached)
-        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text)
+        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile)
         _compile(model, cfg.ranking.learning_rate, cfg)
     return model
 

@@ -8,7 +8,7 @@ import tensorflow_recommenders as tfrs
 from features.schema import FeatureSchema
 from features.vocab import Vocabularies
 from trainer.config import RankingConfig
-from trainer.towers import CatalogText, FeatureEmbeddings, embedding_dims, mlp
+from trainer.towers import CatalogText, FeatureEmbeddings, XlaSwitch, embedding_dims, mlp
 
 
 class RankingModel(tfrs.Model):
@@ -19,7 +19,7 @@ class RankingModel(tfrs.Model):
     """
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RankingConfig,
-                 catalog_text: CatalogText):
+                 catalog_text: CatalogText, jit_compile: bool = False):
         super().__init__()
         self.schema = schema
         names = (*schema.query_features, *schema.ad_string_features)
@@ -30,6 +30,7 @@ class RankingModel(tfrs.Model):
         self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
         self.cross_layers = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(cfg.cross_layers)]
         self.deep = mlp(cfg.deep_units, 1, name="deep")
+        self.interact = XlaSwitch(self._interact, jit_compile)
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True,
                                                     reduction=tf.keras.losses.Reduction.SUM),
@@ -50,7 +51,9 @@ class RankingModel(tfrs.Model):
         text = features.get("text_embedding")
         if text is None:
             text = self.catalog_text(features[self.schema.ad_id])
-        x0 = tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1)
+        return self.interact(tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1))
+
+    def _interact(self, x0):
         x = x0
         for cross in self.cross_layers:
             x = cross(x0, x)

@@ -101,6 +101,22 @@ class CatalogText(tf.keras.layers.Layer):
         return pooled * known
 
 
+class XlaSwitch:
+    """Runs a model's dense core XLA-compiled when asked.
+
+    String lookups cannot be compiled (XLA has no string ops), so only the numeric part after
+    the embeddings is; exports turn it off (`jit = False`) so served graphs need no XLA JIT.
+    """
+
+    def __init__(self, fn, enabled: bool):
+        self.plain = fn
+        self.compiled = tf.function(fn, jit_compile=True, reduce_retracing=True)
+        self.jit = enabled
+
+    def __call__(self, *args):
+        return self.compiled(*args) if self.jit else self.plain(*args)
+
+
 def mlp(units: tuple[int, ...], output_dim: int | None = None, name: str | None = None):
     layers = [tf.keras.layers.Dense(u, activation="relu") for u in units]
     if output_dim is not None:  # float32 output, also under a mixed-precision policy
