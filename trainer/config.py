@@ -41,6 +41,7 @@ class RetrievalConfig:
 @dataclass
 class RankingConfig:
     embedding_dim: int = 16
+    embedding_l2: float = 0.0  # L2 penalty on embedding tables (ids are many, clicks are few)
     cross_layers: int = 2
     deep_units: tuple[int, ...] = (128, 64)
     learning_rate: float = 0.002

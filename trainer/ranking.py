@@ -25,7 +25,8 @@ class RankingModel(tfrs.Model):
         names = (*schema.query_features, *schema.ad_string_features)
         dims = embedding_dims(names, vocabularies, (schema.user_id, schema.ad_id),
                               cfg.embedding_dim, cfg.embedding_dim)
-        self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features)
+        self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features,
+                                            l2=cfg.embedding_l2)
         self.catalog_text = catalog_text
         self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
         self.cross_layers = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(cfg.cross_layers)]

@@ -15,7 +15,7 @@ from trainer.text_encoder import BertEncoderAdapter
 class CategoricalEmbedding(tf.keras.layers.Layer):
     """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
 
-    def __init__(self, vocabulary: list, dim: int, is_int: bool, **kwargs):
+    def __init__(self, vocabulary: list, dim: int, is_int: bool, l2: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if is_int:
             self.lookup = tf.keras.layers.IntegerLookup(
@@ -23,7 +23,8 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
         else:
             self.lookup = tf.keras.layers.StringLookup(
                 vocabulary=[str(v) for v in vocabulary], mask_token=None, num_oov_indices=1)
-        self.embedding = tf.keras.layers.Embedding(len(vocabulary) + 1, dim)
+        self.embedding = tf.keras.layers.Embedding(
+            len(vocabulary) + 1, dim, embeddings_regularizer=tf.keras.regularizers.l2(l2) if l2 else None)
 
     def call(self, values):
         return self.embedding(self.lookup(values))
@@ -33,11 +34,11 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
     """Concatenated embeddings of a fixed list of categorical features."""
 
     def __init__(self, names: tuple[str, ...], vocabularies, dims: dict[str, int],
-                 int_features: tuple[str, ...] = (), **kwargs):
+                 int_features: tuple[str, ...] = (), l2: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.names = tuple(names)
         self.tables = {
-            n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, name=f"emb_{n}")
+            n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, l2, name=f"emb_{n}")
             for n in self.names
         }
 
