@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from trainer.config import JobConfig
-from trainer.job import TrainedModels, log
+from trainer.job import TrainedModels
+from trainer.progress import log
 
 
 def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict]]:

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import tensorflow as tf
 
 from trainer.config import JobConfig
+from trainer.progress import fit_verbosity, log
 from trainer.strategy import is_chief
 
 DONE = "DONE.json"
-
-
-def log(msg: str) -> None:
-    import time
-
-    print(f"[adrec {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def checkpoint_of(parts: dict) -> tf.train.Checkpoint:
@@ -38,12 +32,6 @@ def _writable(path: Path, strategy) -> Path:
     if is_chief(strategy):
         return path
     return Path(tempfile.mkdtemp(prefix=f"adrec-worker-{path.name}-"))
-
-
-def _verbosity(progress: bool) -> int:
-    if not progress:
-        return 0
-    return 1 if sys.stdout.isatty() else 2
 
 
 def build_model(model, sample_batch, strategy) -> None:
@@ -77,7 +65,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
-    hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=_verbosity(progress),
+    hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=fit_verbosity(progress),
                      callbacks=callbacks)
     state = {"steps": int(model.optimizer.iterations.numpy()),
              "history": {k: [float(x) for x in v] for k, v in hist.history.items()}}

@@ -22,6 +22,7 @@ from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig, config_to_dict
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.metrics import auc, log_loss, popularity_ranks, ranks_of_targets, recall_at_k
+from trainer.progress import log
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
@@ -57,10 +58,6 @@ class TrainedModels:
     ranking: RankingModel
     metrics: dict = field(default_factory=dict)
     history: dict = field(default_factory=dict)
-
-
-def log(msg: str) -> None:
-    print(f"[adrec {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -43,7 +43,8 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
 
     strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)  # first TF work of the process
     from trainer.export import export_all
-    from trainer.job import log, run_training
+    from trainer.job import run_training
+    from trainer.progress import log
 
     trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start)
     result = None
