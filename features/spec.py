@@ -213,7 +213,9 @@ def load_spec(path: str | Path, root: str | Path | None = None) -> DataSpec:
     if not path.is_file():
         raise DataSpecError(f"{path}: data spec not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataSpecError(f"{path}: not UTF-8 text: {err}") from err
     except yaml.YAMLError as err:
         raise DataSpecError(f"{path}: not valid YAML: {err}") from err
     spec = spec_from_dict(raw, str(path), base_dir=path.resolve().parent)
