@@ -74,6 +74,8 @@ def _read_text(table: TableSpec, path: Path, chunk_rows: int, names=None) -> Ite
         kwargs["engine"] = "python"
         kwargs["sep"] = "".join("\\" + ch for ch in table.sep)
     first_line = 2 if table.header else 1
+    if table.header and names is None and len(table.sep) == 1:
+        _check_first_row_width(table, path)
     try:
         with pd.read_csv(path, **kwargs) as reader:
             for frame in reader:
@@ -84,7 +86,23 @@ def _read_text(table: TableSpec, path: Path, chunk_rows: int, names=None) -> Ite
         raise DataReadError(f"{path}: the file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataReadError(f"{path}: cannot parse as {table.sep!r}-separated text "
-                            f"({table.encoding}): {err}") from err
+                            f"({table.encoding}): {' '.join(str(err).split())}") from err
+
+
+def _check_first_row_width(table: TableSpec, path: Path) -> None:
+    """pandas takes surplus fields of the *first* data row as an index, silently shifting every
+    column of the file (later rows with surplus fields are a ParserError); refuse it by name."""
+    try:
+        with open(path, newline="", encoding=table.encoding) as f:
+            reader = csv.reader(f, delimiter=table.sep,
+                                quoting=csv.QUOTE_MINIMAL if table.quoting else csv.QUOTE_NONE)
+            header = next(reader, None)
+            first = next((row for row in reader if row), None)
+    except (csv.Error, UnicodeDecodeError, OSError):
+        return  # compressed or unreadable as text here: pandas reports what it finds
+    if header and first and len(first) > len(header):
+        raise DataReadError(f"{path}: the first data row has {len(first)} fields, the header {len(header)} "
+                            f"({table.sep!r}-separated)")
 
 
 def _read_parquet(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:

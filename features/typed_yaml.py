@@ -30,7 +30,7 @@ def coerce(cls, value, where: str, error: type[Exception],
             if isinstance(value, str) and cls in shorthands:
                 return shorthands[cls](value)
             if not isinstance(value, dict):
-                raise error(f"{where}: expected a mapping, got {value!r}")
+                raise error(f"{where}: expected a mapping, got {type(value).__name__}")
             hints = typing.get_type_hints(cls)
             known = {f.name for f in dataclasses.fields(cls)} - hidden
             unknown = sorted(set(value) - known)
@@ -46,7 +46,7 @@ def coerce(cls, value, where: str, error: type[Exception],
             return tuple(build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
         if cls is dict:
             if not isinstance(value, dict):
-                raise error(f"{where}: expected a mapping, got {value!r}")
+                raise error(f"{where}: expected a mapping, got {type(value).__name__}")
             return dict(value)
         if cls is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
@@ -64,6 +64,8 @@ def read_yaml(path: str | Path, error: type[Exception], what: str):
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text: {err}") from err
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {err}") from err

@@ -23,6 +23,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 
 from serving.server import MAX_MESSAGE_BYTES
 
+RECONNECT_BACKOFF_MAX_MS = 1000
+
 
 class RequestError(ValueError):
     """A request cannot be built from the given values (missing or ill-typed features)."""
@@ -78,7 +80,12 @@ class RecommendationClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # gRPC's own reconnect backoff grows to 120 s by default: after a server restart
+                   # the channel would fail calls fast for seconds after the server is back.
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         pem = _read_pem(root_certificates)

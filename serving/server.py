@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -39,11 +40,26 @@ from serving.servable import ServableError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = 1024
+MAX_ELEMENTS_PER_INPUT = 1 << 24  # a declared shape above this is refused before decoding
 LOOPBACK = "127.0.0.1"
 HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 def _requested_version(model_spec) -> int | None:
     return model_spec.version.value if model_spec.HasField("version") else None
+
+
+def _declared_shape_error(key: str, proto, max_batch_size: int) -> str | None:
+    """Check the shape a TensorProto declares *before* decoding it: decoding allocates the full
+    array, so a few bytes declaring [10**12] rows must not reach `tf.make_ndarray`."""
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        return f"input {key!r} declares a negative dimension: {dims}"
+    if max_batch_size and dims and dims[0] > max_batch_size:
+        return (f"batch size {dims[0]} exceeds the server's max batch size {max_batch_size}; "
+                "split the request")
+    if math.prod(dims) > MAX_ELEMENTS_PER_INPUT:
+        return f"input {key!r} declares {math.prod(dims)} elements, more than {MAX_ELEMENTS_PER_INPUT}"
+    return None
 
 
 def _decode_inputs(request, in_infos, context, max_batch_size: int = 0) -> dict[str, np.ndarray]:
@@ -53,10 +69,17 @@ def _decode_inputs(request, in_infos, context, max_batch_size: int = 0) -> dict[
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"unknown input {key!r}; the signature takes {sorted(in_infos)}")
         expected = in_infos[key].dtype
-        got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
+        try:
+            got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
+        except TypeError:  # an enum value TensorFlow does not know
+            got = None
         if got != expected:
+            name = got.name if got else (f"enum {proto.dtype}" if proto.dtype else "unset")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input {key!r} has dtype {got.name if got else 'unset'}, expected {expected.name}")
+                          f"input {key!r} has dtype {name}, expected {expected.name}")
+        problem = _declared_shape_error(key, proto, max_batch_size)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             arrays[key] = tf.make_ndarray(proto)
         except Exception as err:  # malformed TensorProto

@@ -91,8 +91,27 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+# Values that have the right type but cannot mean anything: (section, key, check, expected).
+_RANGES = [
+    *[(s, k, lambda v: v >= 1, "an integer >= 1") for s in ("retrieval", "ranking") for k in ("epochs", "batch_size")],
+    *[(s, "learning_rate", lambda v: v > 0, "a number > 0") for s in ("retrieval", "ranking")],
+    ("retrieval", "temperature", lambda v: v > 0, "a number > 0"),
+    ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
+    ("training", "test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ("training", "validation_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("training", "steps_per_execution", lambda v: v >= 1, "an integer >= 1"),
+    ("training", "backup_every_steps", lambda v: v >= 0, "an integer >= 0"),
+    *[("export", k, lambda v: v >= 1, "an integer >= 1") for k in ("top_k", "retrieve_n", "recommend_k")],
+]
+
+
 def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
-    return coerce(JobConfig, raw or {}, where, ConfigError)
+    cfg = coerce(JobConfig, raw or {}, where, ConfigError)
+    for section, key, ok, expected in _RANGES:
+        value = getattr(getattr(cfg, section), key)
+        if not ok(value):
+            raise ConfigError(f"{where}.{section}.{key}: expected {expected}, got {value!r}")
+    return cfg
 
 
 def load_config(path: str | Path) -> JobConfig:

@@ -1,0 +1,311 @@
+"""The bad-input catalog (tests/BAD_INPUTS.md lists the same case ids): every bad data file, config
+and request gets a clear, named error or a defined handling, and no request takes the server down.
+
+Cases already covered elsewhere are referenced, not repeated: the exact message and skip count of
+each validation problem (tests/test_data_validation.py), config unknown keys / wrong types
+(tests/test_training.py::test_config_errors_are_named_and_precise), bad requests and the message
+size limit (tests/test_serving.py::test_bad_requests_get_the_right_status).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from features.loader import load_dataset
+from features.readers import DataReadError
+from features.spec import DataSpecError, load_spec
+from features.validate import DataValidationError
+from serving.client import RecommendationClient, RequestError
+from serving.server import EmbeddedModelServer, discover_models
+from tests.test_data_validation import CATALOG, LOGS, _spec
+from trainer.config import ConfigError, load_config
+
+USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
+CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+AD = {"ad_id": "a1", "advertiser_id": "x", "campaign_id": "c", "category": "k", "title": "t", "description": "d"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data files: (id, logs text or bytes, catalog text or bytes, expected)
+# expected: an exception type and a message regex, or the rows kept and skipped (by reason)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataCase:
+    id: str
+    logs: str | bytes = LOGS
+    catalog: str | bytes = CATALOG
+    error: tuple[type, str] | None = None
+    kept: int | None = None  # log rows kept
+    skipped: dict | None = None  # log rows skipped, by reason
+    catalog_skipped: dict | None = None
+    users: tuple[str, ...] | None = None  # the user ids the loaded logs must hold, verbatim
+    title_len: int | None = None  # the length of the first catalog title once loaded
+
+
+_EXTRA_FIRST = LOGS.replace("u1,a1,1700000000,1,1", "u1,a1,1700000000,1,1,zz,yy")
+_EXTRA_LATER = LOGS.replace("u3,a3,1700000200,1,1", "u3,a3,1700000200,1,1,zz,yy")
+
+DATA_CASES = [
+    DataCase("data-empty-file", logs="", error=(DataReadError, r"logs.csv: the file is empty")),
+    DataCase("data-header-only", logs="user,ad,ts,clicked,slot\n",
+             error=(DataValidationError, r"logs: the file\(s\) .* hold no data rows")),
+    DataCase("data-wrong-delimiter", logs=LOGS.replace(",", ";"),
+             error=(DataValidationError, r"logs.csv:1: missing column\(s\) 'user' \(user_id\).*"
+                                         r"found columns \['user;ad;ts;clicked;slot'\] \[missing_column\]")),
+    DataCase("data-binary-garbage", logs=random.Random(9).randbytes(4096),
+             error=(DataReadError, r"logs.csv: cannot parse as ','-separated text \(utf-8\)")),
+    DataCase("data-nul-bytes", logs=b"user,ad,ts,clicked,slot\n\x00\x00\xff\x00,\x00\n",
+             error=(DataReadError, r"logs.csv: cannot parse as ','-separated text \(utf-8\)")),
+    DataCase("data-non-utf8-text", catalog=CATALOG.replace("Red shoes", "Caf\xe9 shoes").encode("latin-1"),
+             error=(DataReadError, r"catalog.csv: cannot parse .*utf-8.* can't decode byte 0xe9")),
+    DataCase("data-unbalanced-quote", logs=LOGS.replace("u2,", '"u2,'),
+             error=(DataReadError, r"logs.csv: cannot parse .*EOF inside string")),
+    DataCase("data-first-row-extra-fields", logs=_EXTRA_FIRST,
+             error=(DataReadError, r"logs.csv: the first data row has 7 fields, the header 5")),
+    DataCase("data-later-row-extra-fields", logs=_EXTRA_LATER,
+             error=(DataReadError, r"logs.csv: cannot parse .*Expected 5 fields in line 4, saw 7")),
+    DataCase("data-huge-text-field", catalog=CATALOG.replace("Red shoes", "shoe " * 400_000),
+             kept=4, skipped={}, catalog_skipped={}, title_len=2_000_000),
+    DataCase("data-nan-numeric", catalog=CATALOG.replace("0.5", "nan"),
+             kept=2, skipped={"unknown_ad": 2}, catalog_skipped={"bad_type": 1}),
+    DataCase("data-inf-numeric", catalog=CATALOG.replace("0.5", "inf"),
+             kept=2, skipped={"unknown_ad": 2}, catalog_skipped={"bad_type": 1}),
+    DataCase("data-inf-label", logs=LOGS.replace("1700000000,1", "1700000000,inf"),
+             kept=3, skipped={"bad_type": 1}, catalog_skipped={}),
+    DataCase("data-negative-timestamp", logs=LOGS.replace("1700000000", "-1700000000"),
+             kept=3, skipped={"bad_timestamp": 1}, catalog_skipped={}),
+    DataCase("data-ids-with-separators", logs=LOGS.replace("u1,", '"u,1",').replace("u2,", '"u\t2;|",'),
+             kept=4, skipped={}, catalog_skipped={}, users=("u,1", "u\t2;|", "u3", "u4")),
+    DataCase("data-ids-with-emoji", logs=LOGS.replace("u1,", "u😀1,").replace(",a2,", ",a🎯2,"),
+             catalog=CATALOG.replace("a2,", "a🎯2,"),
+             kept=4, skipped={}, catalog_skipped={}, users=("u😀1", "u2", "u3", "u4")),
+    DataCase("data-crlf-and-bom", logs=("\ufeff" + LOGS.replace("\n", "\r\n")).encode("utf-8"),
+             kept=4, skipped={}, catalog_skipped={}),
+]
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=lambda c: c.id)
+def test_bad_data_file(tmp_path, case: DataCase):
+    spec = _spec(tmp_path)
+    _write(tmp_path / "logs.csv", case.logs)
+    _write(tmp_path / "catalog.csv", case.catalog)
+    if case.error:
+        kind, pattern = case.error
+        with pytest.raises(kind) as err:
+            load_dataset(spec)
+        assert re.search(pattern, str(err.value)), str(err.value)
+        assert "\n" not in str(err.value)[:200]  # a one-line message, not a dump
+        return
+    data = load_dataset(spec)
+    assert data.report.logs.read == 4 and data.report.logs.kept == case.kept == len(data.logs)
+    assert dict(data.report.logs.skipped) == case.skipped  # nothing dropped without a count
+    assert dict(data.report.catalog.skipped) == case.catalog_skipped
+    if case.users is not None:
+        assert tuple(data.logs["user_id"]) == case.users
+    if case.title_len is not None:
+        assert len(data.catalog["title"].iloc[0]) == case.title_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and data specs: (id, loader, file content, expected message regex)
+# ----------------------------------------------------------------------------------------------
+
+_EVIL = "!!python/object/apply:os.system ['touch {marker}']"
+
+CONFIG_CASES = [
+    ("config-unknown-key", load_config, "retrieval: {epochz: 3}\n", ConfigError,
+     r"retrieval: unknown key\(s\) \['epochz'\]"),
+    ("config-wrong-type", load_config, "ranking: {epochs: three}\n", ConfigError,
+     r"ranking.epochs: expected int, got 'three'"),
+    ("config-nan-for-int", load_config, "retrieval: {epochs: .nan}\n", ConfigError,
+     r"retrieval.epochs: expected int, got nan"),
+    ("config-bool-for-int", load_config, "retrieval: {batch_size: true}\n", ConfigError,
+     r"retrieval.batch_size: expected int, got True"),
+    ("config-negative-epochs", load_config, "retrieval: {epochs: -3}\n", ConfigError,
+     r"retrieval.epochs: expected an integer >= 1, got -3"),
+    ("config-zero-batch", load_config, "ranking: {batch_size: 0}\n", ConfigError,
+     r"ranking.batch_size: expected an integer >= 1, got 0"),
+    ("config-bad-fraction", load_config, "training: {test_fraction: 1.5}\n", ConfigError,
+     r"training.test_fraction: expected a fraction in \(0, 1\), got 1.5"),
+    ("config-not-a-mapping", load_config, "- 1\n- 2\n", ConfigError, r"expected a mapping, got list"),
+    ("config-section-null", load_config, "retrieval:\n", ConfigError, r"retrieval: expected a mapping, got NoneType"),
+    ("config-invalid-yaml", load_config, "retrieval: [unclosed\n", ConfigError, r"not valid YAML"),
+    ("config-not-utf8", load_config, b"\xff\xfe\x00retrieval: {}\n", ConfigError, r"not UTF-8 text"),
+    ("config-python-tag", load_config, f"retrieval: {_EVIL}\n", ConfigError,
+     r"not valid YAML: could not determine a constructor for the tag .*python/object/apply:os.system"),
+    ("config-missing-file", load_config, None, ConfigError, r"config file not found"),
+    ("spec-python-tag", load_spec, f"name: {_EVIL}\n", DataSpecError,
+     r"not valid YAML: could not determine a constructor for the tag .*python/object/apply"),
+    ("spec-not-utf8", load_spec, b"name: \xff\xfe\n", DataSpecError, r"not UTF-8 text"),
+    ("spec-unknown-key", load_spec, "name: x\nlogz: {}\n", DataSpecError, r"unknown key\(s\) \['logz'\]"),
+    ("spec-missing-file", load_spec, None, DataSpecError, r"data spec not found"),
+]
+
+
+@pytest.mark.parametrize("case_id, loader, content, kind, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_or_spec(tmp_path, case_id, loader, content, kind, pattern):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "job.yaml"
+    if content is not None:
+        _write(path, content.replace("{marker}", str(marker)) if isinstance(content, str) else content)
+    with pytest.raises(kind) as err:
+        loader(path)
+    assert re.search(pattern, str(err.value)), str(err.value)
+    assert not marker.exists()  # no YAML tag ever runs code
+
+
+def test_cli_prints_a_bad_config_in_one_line(tmp_path, capsys):
+    """`adrec train` on a binary config: one line on stderr, exit 1, no traceback."""
+    from trainer.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adrec train: error: ") and "not UTF-8 text" in err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests: (id, model, how to break the inputs, expected code or "OK", message)
+# ----------------------------------------------------------------------------------------------
+
+MAX_BATCH, MAX_MESSAGE = 16, 4 * 1024 * 1024
+
+
+def _tensor(values, dtype=None):
+    return tf.make_tensor_proto(values, dtype=dtype)
+
+
+def _inputs(features: dict, n: int = 1) -> dict:
+    return {k: _tensor([v] * n, tf.int64 if isinstance(v, int) else tf.string) for k, v in features.items()}
+
+
+def _raw(dtype: int, dims: list[int], content: bytes = b"", int64_val=()) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content)
+    proto.int64_val.extend(int64_val)
+    for d in dims:
+        proto.tensor_shape.dim.add(size=d)
+    return proto
+
+
+OK = "OK"
+NF, IA, RE = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+QUERY = {**USER, **CONTEXT}
+REQUEST_CASES = [
+    ("req-empty-batch", "recommender", lambda: _inputs(QUERY, 0), OK, "0 rows"),
+    ("req-batch-over-limit", "recommender", lambda: _inputs(QUERY, MAX_BATCH + 1), IA,
+     "batch size 17 exceeds the server's max batch size 16"),
+    ("req-declared-huge-batch", "recommender",  # 30 bytes declaring 10**9 rows: refused before decoding
+     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [10**9], int64_val=[7])}, IA,
+     "batch size 1000000000 exceeds the server's max batch size 16"),
+    ("req-declared-huge-tensor", "recommender",
+     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [1, 10**12], int64_val=[7])}, IA,
+     "input 'hour' declares 1000000000000 elements"),
+    ("req-negative-dimension", "recommender", lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [-1])},
+     IA, "input 'hour' declares a negative dimension"),
+    ("req-wrong-dtype", "recommender", lambda: {**_inputs(QUERY), "hour": _tensor([20.0], tf.float32)}, IA,
+     "input 'hour' has dtype float32, expected int64"),
+    ("req-unknown-dtype-enum", "recommender", lambda: {**_inputs(QUERY), "hour": _raw(999, [1])}, IA,
+     "input 'hour' has dtype enum 999, expected int64"),
+    ("req-dtype-unset", "recommender", lambda: {**_inputs(QUERY), "region": _raw(types_pb2.DT_INVALID, [1])}, IA,
+     "input 'region' has dtype unset, expected string"),
+    ("req-malformed-tensor", "recommender",
+     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [1], content=b"\x01\x02\x03")}, IA,
+     "input 'hour' is not a valid tensor"),
+    ("req-scalar-input", "recommender", lambda: {**_inputs(QUERY), "region": _tensor("r1")}, IA,
+     "input 'region' has shape [], expected ['?']"),
+    ("req-missing-input", "recommender", lambda: {k: v for k, v in _inputs(QUERY).items() if k != "device"}, IA,
+     "missing input(s) ['device']"),
+    ("req-unknown-model", "nope", lambda: _inputs(QUERY), NF, "model 'nope' is not served"),
+    ("req-1mb-user-id", "recommender", lambda: {**_inputs(QUERY), "user_id": _tensor(["u" * 1_000_000])}, OK,
+     "1 rows"),
+    ("req-1mb-ad-text", "ranking", lambda: {**_inputs({**QUERY, **AD}), "title": _tensor(["word " * 200_000])},
+     OK, "1 rows"),
+    ("req-over-message-limit", "recommender",
+     lambda: {**_inputs(QUERY), "user_id": _tensor(["u" * (MAX_MESSAGE + 1)])}, RE, "larger than max"),
+    ("req-non-utf8-strings", "ranking",
+     lambda: {**_inputs({**QUERY, **AD}), "user_id": _tensor([b"\xff\xfe\xc3"]),
+              "title": _tensor([b"caf\xe9 \xff"])}, OK, "1 rows"),
+    ("req-emoji-and-separators", "ranking",
+     lambda: {**_inputs({**QUERY, **AD}), "ad_id": _tensor(["a,1\t😀"]), "title": _tensor(["😀🎯 | ads"])},
+     OK, "1 rows"),
+    ("req-unknown-user", "recommender",
+     lambda: _inputs({**QUERY, "user_id": "never-seen-user", "region": "atlantis"}), OK, "1 rows"),
+    ("req-out-of-range-ints", "recommender",
+     lambda: {**_inputs(QUERY, 2), "hour": _tensor([-5, 2**63 - 1], tf.int64)}, OK, "2 rows"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(exported_tiny):
+    base = exported_tiny.paths["recommender"].parent.parent
+    with EmbeddedModelServer(discover_models(base), host="127.0.0.1", port=0, max_batch_size=MAX_BATCH,
+                             max_message_bytes=MAX_MESSAGE) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def _predict(stub, model: str, inputs: dict):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    for key, proto in inputs.items():
+        request.inputs[key].CopyFrom(proto)
+    return stub.Predict(request, timeout=30)
+
+
+@pytest.mark.parametrize("case_id, model, build, code, message", REQUEST_CASES, ids=[c[0] for c in REQUEST_CASES])
+def test_bad_request(server, stub, case_id, model, build, code, message):
+    inputs = build()
+    if code == OK:
+        response = _predict(stub, model, inputs)
+        first = next(iter(response.outputs.values()))
+        assert f"{first.tensor_shape.dim[0].size} rows" == message
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            _predict(stub, model, inputs)
+        assert err.value.code() == code, err.value.details()
+        assert message in err.value.details()
+    # the server is still up and answers a good request from the same version
+    good = _predict(stub, "recommender", _inputs(QUERY))
+    assert good.model_spec.version.value == 1 and good.outputs["ad_ids"].tensor_shape.dim[0].size == 1
+    assert {n: s.version for n, s in server.registry.all().items()} == dict.fromkeys(server.registry.all(), 1)
+
+
+def test_client_refuses_ill_typed_features_before_sending(server):
+    with RecommendationClient(server.address, timeout=10) as client:
+        client.signature_inputs()
+        calls = client.calls
+        with pytest.raises(RequestError, match=r"feature 'hour' must be int64"):
+            client.recommend(USER, {**CONTEXT, "hour": "twenty"})
+        with pytest.raises(RequestError, match=r"feature 'device' is missing"):
+            client.recommend(USER, {**CONTEXT, "device": None})
+        assert client.calls == calls  # nothing was sent
+
+
+def test_catalog_document_lists_every_case():
+    text = (Path(__file__).parent / "BAD_INPUTS.md").read_text()
+    ids = [c.id for c in DATA_CASES] + [c[0] for c in CONFIG_CASES] + [c[0] for c in REQUEST_CASES]
+    missing = [i for i in ids if f"`{i}`" not in text]
+    assert not missing, f"tests/BAD_INPUTS.md does not list {missing}"
