@@ -1,4 +1,4 @@
-"""`adrec`: one command for every job (data, train, serve, recommend, demo).
+"""`adrec`: one command for every job (data, train, evaluate, serve, recommend, demo).
 
 A user's mistake (bad config, missing file, unreachable server) prints one line and exits 1.
 """
@@ -25,6 +25,21 @@ def _cmd_train(args) -> int:
     trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet,
                                   warm_start=args.warm_start)
     print(json.dumps(trained.metrics, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from trainer.report import load_job, write_report
+
+    trained = load_job(args.model_dir)
+    if args.report:
+        metrics = write_report(trained, args.report, source=str(args.model_dir))
+        print(f"report written to {Path(args.report) / 'index.html'}", file=sys.stderr)
+    else:
+        from trainer.report import evaluate
+
+        metrics = evaluate(trained).metrics
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -128,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train retrieval and ranking, evaluate, export SavedModels")
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="re-evaluate a finished job on its held-out split; HTML report")
+    evaluate.add_argument("model_dir", help="a job's training.model_dir (config.json, vocabularies.json, "
+                          "checkpoints/)")
+    evaluate.add_argument("--report", metavar="OUT_DIR", help="write metrics.json, PNG plots and index.html here")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     from serving.server import add_arguments as add_server_arguments
 

@@ -1,4 +1,4 @@
-"""Offline metrics computed with numpy: Recall@K over the whole catalog, AUC, log loss."""
+"""Offline metrics computed with numpy: Recall@K over the whole catalog, AUC, log loss, calibration (ECE)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -
     p = np.clip(probabilities, eps, 1 - eps)
     y = np.asarray(labels, dtype=np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width probability bins: count, mean predicted probability and observed rate per bin."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    y = np.asarray(labels, dtype=np.float64)
+    which = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(which, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(which, weights=p, minlength=n_bins) / count
+        rate = np.bincount(which, weights=y, minlength=n_bins) / count
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count, "mean_predicted": mean_p,
+            "observed_rate": rate}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: the count-weighted mean |observed rate - mean predicted probability| over equal-width bins."""
+    if len(labels) == 0:
+        return float("nan")
+    bins = reliability_bins(labels, probabilities, n_bins)
+    used = bins["count"] > 0
+    gaps = np.abs(bins["observed_rate"][used] - bins["mean_predicted"][used])
+    return float(np.sum(bins["count"][used] * gaps) / bins["count"].sum())

@@ -97,9 +97,8 @@ class CatalogText(tf.keras.layers.Layer):
         rows = self.lookup(ad_ids)
         if self.encoder is None:
             return tf.gather(self.table, rows)
-        known = tf.cast(rows > 0, tf.float32)[:, None]
         pooled = self.encoder(tf.gather(self.token_ids, rows), tf.gather(self.padding_mask, rows))
-        return pooled * known
+        return pooled * tf.cast(rows > 0, pooled.dtype)[:, None]  # bfloat16 when BERT runs in bf16
 
 
 class XlaSwitch:
