@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -262,7 +263,9 @@ def restore_parts(checkpoint_path: str | None, retrieval: RetrievalModel | None 
 def _set_precision(policy: str) -> None:
     if policy not in ("none", "mixed_bfloat16", "mixed_float16"):
         raise DataError(f"training.mixed_precision {policy!r}: expected none, mixed_bfloat16 or mixed_float16")
-    tf.keras.mixed_precision.set_global_policy("float32" if policy == "none" else policy)
+    name = "float32" if policy == "none" else policy
+    tf.keras.mixed_precision.set_global_policy(name)  # tf_keras: towers, DCN, tasks
+    keras.mixed_precision.set_global_policy(name)  # Keras 3: the keras-hub BERT encoder
 
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
