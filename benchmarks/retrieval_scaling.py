@@ -13,13 +13,13 @@ vectors of the retrieval model's dimension (the cost does not depend on their va
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import time
 from pathlib import Path
+
+from bench_report import write_report
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -106,13 +106,7 @@ def main(argv=None) -> int:
             print(f"[bench] {n_ads:>9} ads  batch {r['batch']:>4}  p50 {r['p50_ms']:8.2f} ms  "
                   f"{r['queries_per_s']:9.0f} queries/s", flush=True)
         results.extend(rows)
-    report = {"benchmark": "retrieval_scaling", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_average_at_end": os.getloadavg(), "tensorflow": tf.__version__,
-                          "devices": [d.name for d in tf.config.list_logical_devices()]},
-              "dim": args.dim, "k": args.k, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, "retrieval_scaling", dim=args.dim, k=args.k, results=results)
     print()
     print(f"brute-force top-{args.k} over {args.dim}-d float32 ad embeddings")
     print(table(results))

@@ -17,14 +17,14 @@ at concurrency 1 and 8 (threads sharing one client). Prints a table and writes J
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_report import write_report
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -178,12 +178,8 @@ def main(argv=None) -> int:
     results = []
     for n_ads in args.ads:
         results.extend(bench_catalog(n_ads, args.requests, args.concurrency, args.k))
-    report = {"benchmark": "serving_latency", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_average_at_end": os.getloadavg(), "tensorflow": tf.__version__},
-              "requests_per_case": args.requests, "k": args.k, "retrieve_n": 100, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, "serving_latency", requests_per_case=args.requests, k=args.k, retrieve_n=100,
+                 results=results)
     print()
     print(table(results))
     target = [r for r in results if r["n_ads"] == 10_000 and r["concurrency"] == 1

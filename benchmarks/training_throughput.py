@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from bench_report import write_report
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -143,13 +143,8 @@ def main(argv=None) -> int:
             results.append(row)
             print(f"[bench] {path:10s} {precision:22s} {row['examples_per_s']:8.0f} examples/s "
                   f"({steps} steps of {args.batch_size} in {row['seconds']:.1f}s)", flush=True)
-    report = {"benchmark": "training_throughput", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_average_at_end": os.getloadavg(), "tensorflow": tf.__version__,
-                          "devices": [d.name for d in tf.config.list_logical_devices()]},
-              "encoder": args.encoder, "sequence_length": cfg.encoder.sequence_length, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, "training_throughput", encoder=args.encoder,
+                 sequence_length=cfg.encoder.sequence_length, results=results)
     print()
     print(f"retrieval training, encoder {args.encoder!r}, {args.ads} ads, batch {args.batch_size}")
     print(table(results))

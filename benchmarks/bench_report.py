@@ -1,0 +1,22 @@
+"""The JSON result every benchmark writes: what was measured, when, and on what machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def write_report(out: Path, benchmark: str, **fields) -> dict:
+    import tensorflow as tf
+
+    report = {"benchmark": benchmark, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_at_end": os.getloadavg(), "tensorflow": tf.__version__,
+                          "devices": [d.name for d in tf.config.list_logical_devices()]},
+              **fields}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
