@@ -63,7 +63,7 @@ class TrainedModels:
 
 def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if cfg.data.source != "synthetic":
-        raise DataError(f"data.source {cfg.data.source!r} is not known; use 'synthetic'")
+        raise DataError(f"data.source {cfg.data.source!r} is not known; use 'synthetic' or 'spec'")
     world = generate_world(cfg.data.synthetic)
     return world.catalog, world.logs
 
@@ -204,10 +204,14 @@ def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSpli
     return out
 
 
-def training_checkpoint(retrieval: RetrievalModel, ranking: RankingModel) -> tf.train.Checkpoint:
-    """The job's final checkpoint: the trained parts of both models (what a warm start reads)."""
-    return tf.train.Checkpoint(retrieval=tf.train.Checkpoint(**retrieval.checkpoint_parts()),
-                               ranking=tf.train.Checkpoint(**ranking.checkpoint_parts()))
+def training_checkpoint(retrieval: RetrievalModel | None, ranking: RankingModel | None) -> tf.train.Checkpoint:
+    """The job's final checkpoint layout: the trained parts of the given models (what a warm start reads)."""
+    parts = {}
+    if retrieval is not None:
+        parts["retrieval"] = tf.train.Checkpoint(**retrieval.checkpoint_parts())
+    if ranking is not None:
+        parts["ranking"] = tf.train.Checkpoint(**ranking.checkpoint_parts())
+    return tf.train.Checkpoint(**parts)
 
 
 def save_checkpoint(trained: TrainedModels, strategy, model_dir: Path) -> Path | None:
@@ -252,12 +256,23 @@ def restore_parts(checkpoint_path: str | None, retrieval: RetrievalModel | None 
     """Warm start: fill the given (built) models' trained parts from a job's final checkpoint."""
     if checkpoint_path is None:
         return
-    parts = {}
-    if retrieval is not None:
-        parts["retrieval"] = tf.train.Checkpoint(**retrieval.checkpoint_parts())
-    if ranking is not None:
-        parts["ranking"] = tf.train.Checkpoint(**ranking.checkpoint_parts())
-    tf.train.Checkpoint(**parts).read(checkpoint_path).expect_partial().assert_existing_objects_matched()
+    training_checkpoint(retrieval, ranking).read(checkpoint_path).expect_partial().assert_existing_objects_matched()
+
+
+def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
+                 vocabularies: Vocabularies | None = None):
+    """Load, window and time-split the job's data; vocabularies from training rows unless given.
+
+    Returns (catalog, schema, split with catalog ad columns joined, vocabularies).
+    """
+    catalog, logs, schema = load_job_data(cfg, schema)
+    logs = select_time_window(logs, cfg.data.time_window, schema)
+    split = time_split(logs, cfg.training.test_fraction, schema)
+    if vocabularies is None:
+        vocabularies = build_vocabularies(split.train, catalog, schema)
+    split = DataSplit(train=join_ad_features(split.train, catalog, schema),
+                      test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
+    return catalog, schema, split, vocabularies
 
 
 def _set_precision(policy: str) -> None:
@@ -275,17 +290,11 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     model_dir = Path(cfg.training.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
 
-    catalog, logs, schema = load_job_data(cfg, schema)
-    logs = select_time_window(logs, cfg.data.time_window, schema)
-    split = time_split(logs, cfg.training.test_fraction, schema)
-    warm_checkpoint = None
+    vocabularies = warm_checkpoint = None
     if warm_start:
         vocabularies, warm_checkpoint = load_warm_start(Path(warm_start))
         log(f"warm start from {warm_checkpoint}: vocabularies kept, new ids fall into OOV buckets")
-    else:
-        vocabularies = build_vocabularies(split.train, catalog, schema)
-    split = DataSplit(train=join_ad_features(split.train, catalog, schema),
-                      test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
+    catalog, schema, split, vocabularies = prepare_data(cfg, schema, vocabularies)
     fit_rows, validation_rows = split.train, None
     if cfg.training.validation_fraction > 0:
         inner = time_split(split.train, cfg.training.validation_fraction, schema)

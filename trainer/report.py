@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from features.split import DataSplit, time_split
 from trainer.config import config_from_dict
 from trainer.job import (
     DataError,
@@ -27,15 +26,13 @@ from trainer.job import (
     build_text_assets,
     evaluate_ranking,
     evaluate_retrieval,
-    join_ad_features,
-    load_job_data,
     load_warm_start,
     predict_ctr,
+    prepare_data,
     query_embeddings,
     ranking_dataset,
     restore_parts,
     retrieval_dataset,
-    select_time_window,
 )
 from trainer.metrics import (
     expected_calibration_error,
@@ -59,11 +56,7 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
 
-    catalog, logs, schema = load_job_data(cfg)
-    logs = select_time_window(logs, cfg.data.time_window, schema)
-    split = time_split(logs, cfg.training.test_fraction, schema)
-    split = DataSplit(train=join_ad_features(split.train, catalog, schema),
-                      test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
+    catalog, schema, split, _ = prepare_data(cfg, vocabularies=vocabularies)
     text = build_text_assets(cfg, catalog, schema)
     cached = encode_packed(text.adapter, text.packed_catalog) if cfg.encoder.mode == "frozen" else None
     retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached)
