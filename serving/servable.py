@@ -143,9 +143,3 @@ def latest_version(base_path: Path) -> tuple[int, Path] | None:
     versions = [(int(p.name), p) for p in Path(base_path).glob("*") if p.is_dir() and p.name.isdigit()]
     return max(versions) if versions else None
 
-
-def load_latest(name: str, base_path: Path) -> Servable:
-    found = latest_version(base_path)
-    if found is None:
-        raise ServableError(f"no numeric version directory under {base_path} for model {name!r}")
-    return Servable(name, found[0], found[1])
