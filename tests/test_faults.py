@@ -82,8 +82,15 @@ def test_export_killed_mid_write_never_becomes_a_version(exported_tiny, trained_
                 assert job.poll() is None, f"the job ended before exporting {victim}:\n{job.stdout.read()[-3000:]}"
                 assert time.monotonic() < deadline, "the export did not start within 240 s"
                 time.sleep(0.01)
-            time.sleep(delay)
+            # Freeze the job after `delay`, or as soon as the SavedModel write completes
+            # (saved_model.pb is written last), whichever is first: a fixed sleep could outlast
+            # a fast stage and kill after the publish.
+            stop_at = time.monotonic() + delay
+            while time.monotonic() < stop_at and not list((models / victim).glob(".tmp-2-*/saved_model.pb")):
+                time.sleep(0.001)
+            os.kill(job.pid, signal.SIGSTOP)
             assert job.poll() is None, "the export finished before it could be killed"
+            assert _versions(models) == dict.fromkeys(MODELS, ["1"]), "frozen only after the publish"
             os.kill(job.pid, signal.SIGKILL)
             job.wait(30)
         finally:
