@@ -14,11 +14,31 @@ class ConfigError(ValueError):
     """A config file has an unknown key, a wrong type, or a missing path."""
 
 
+ENCODER_MODES = ("frozen", "top_layers", "full")
+
+
+@dataclass
+class MaskedLMConfig:
+    """Continued masked-LM pre-training of the encoder on the ad text corpus, before two-tower training."""
+
+    epochs: int = 0  # 0 = off
+    mask_rate: float = 0.15  # share of word pieces selected for masking
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    holdout_fraction: float = 0.1  # ads whose text only measures masked-token accuracy before/after
+
+
 @dataclass
 class EncoderConfig:
-    preset: str = "minilm"  # "minilm" (bundled), "tiny" (random, small), a keras-hub preset or a directory
-    mode: str = "frozen"  # "frozen": embeddings cached per ad; "full": fine-tuned in the towers
+    # "minilm" (bundled), "tiny" (random, small), a keras-hub preset name, or a directory in
+    # keras-hub (config.json with registered_name) or Hugging Face (config.json + vocab.txt) format
+    preset: str = "minilm"
+    # "frozen": embeddings computed once per ad and cached; "top_layers": the last
+    # `trainable_layers` transformer layers train with the towers; "full": all of BERT trains
+    mode: str = "frozen"
+    trainable_layers: int = 2
     sequence_length: int = 32
+    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     tiny_layers: int = 2
     tiny_hidden: int = 64
     tiny_heads: int = 2
@@ -97,6 +117,8 @@ _RANGES = [
     *[(s, "learning_rate", lambda v: v > 0, "a number > 0") for s in ("retrieval", "ranking")],
     ("retrieval", "temperature", lambda v: v > 0, "a number > 0"),
     ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
+    ("encoder", "mode", lambda v: v in ENCODER_MODES, "one of " + ", ".join(ENCODER_MODES)),
+    ("encoder", "trainable_layers", lambda v: v >= 1, "an integer >= 1"),
     ("training", "test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     ("training", "validation_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("training", "steps_per_execution", lambda v: v >= 1, "an integer >= 1"),
@@ -105,12 +127,23 @@ _RANGES = [
 ]
 
 
+_MASKED_LM_RANGES = [
+    ("epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("mask_rate", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ("learning_rate", lambda v: v > 0, "a number > 0"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("holdout_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+]
+
+
 def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
     cfg = coerce(JobConfig, raw or {}, where, ConfigError)
-    for section, key, ok, expected in _RANGES:
-        value = getattr(getattr(cfg, section), key)
+    checks = [(f"{s}.{k}", getattr(getattr(cfg, s), k), ok, expected) for s, k, ok, expected in _RANGES]
+    checks += [(f"encoder.masked_lm.{k}", getattr(cfg.encoder.masked_lm, k), ok, expected)
+               for k, ok, expected in _MASKED_LM_RANGES]
+    for name, value, ok, expected in checks:
         if not ok(value):
-            raise ConfigError(f"{where}.{section}.{key}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
     return cfg
 
 

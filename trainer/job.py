@@ -6,7 +6,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -22,12 +22,13 @@ from features.text import TINY, TextPacker, build_word_vocabulary, make_tokenize
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig, config_to_dict
 from trainer.fit import build_model, clear_stages, fit_stage
+from trainer.masked_lm import MaskedLMReport, continue_pretraining, load_saved_report, save_encoder
 from trainer.metrics import auc, log_loss, popularity_ranks, ranks_of_targets, recall_at_k
 from trainer.progress import log
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
-from trainer.text_encoder import BertEncoderAdapter, encode_packed, load_backbone
+from trainer.text_encoder import BertEncoderAdapter, encode_packed, load_backbone, train_top_layers
 from trainer.towers import CatalogText
 
 
@@ -42,6 +43,7 @@ class TextAssets:
     packed_catalog: dict[str, np.ndarray]
     adapter: BertEncoderAdapter
     vocabulary: list[str] | None
+    masked_lm: MaskedLMReport | None = None
 
 
 @dataclass
@@ -100,7 +102,18 @@ def join_ad_features(logs: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureS
         catalog[[schema.ad_id, *cols]], on=schema.ad_id, how="left", validate="many_to_one")
 
 
-def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSchema) -> TextAssets:
+MASKED_LM_DIR = "encoder_masked_lm"  # under training.model_dir: the adapted encoder, a keras-hub preset
+
+
+def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSchema,
+                      corpus_ad_ids: set | None = None, model_dir: Path | None = None,
+                      progress: bool = False) -> TextAssets:
+    """Tokenizer, packed catalog texts and the encoder, adapted by masked-LM first when configured.
+
+    Masked-LM reads the texts of `corpus_ad_ids` (the ads of the training rows: ads that launch
+    later are not known at training time), or the whole catalog when None. A finished masked-LM
+    run saved under `model_dir` is reused instead of run again (restarts, `adrec evaluate`).
+    """
     texts = schema.ad_text_of(catalog)
     vocabulary = None
     if cfg.encoder.preset == TINY:
@@ -109,8 +122,30 @@ def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSche
     packer = TextPacker(tokenizer, cfg.encoder.sequence_length)
     packed = packer.pack_numpy(texts)
     backbone = load_backbone(cfg.encoder, tokenizer.vocabulary_size(), seed=cfg.training.seed)
-    adapter = BertEncoderAdapter(backbone, fine_tune=cfg.encoder.mode == "full", name="text_encoder")
-    return TextAssets(tokenizer, packer, packed, adapter, vocabulary)
+    report = None
+    if cfg.encoder.masked_lm.epochs > 0:
+        corpus = texts if corpus_ad_ids is None else \
+            schema.ad_text_of(catalog[catalog[schema.ad_id].isin(corpus_ad_ids)])
+        report = _adapt_encoder(cfg, backbone, tokenizer, corpus, model_dir, progress)
+    if cfg.encoder.mode == "top_layers":
+        train_top_layers(backbone, cfg.encoder.trainable_layers)
+    adapter = BertEncoderAdapter(backbone, fine_tune=cfg.encoder.mode != "frozen", name="text_encoder")
+    return TextAssets(tokenizer, packer, packed, adapter, vocabulary, report)
+
+
+def _adapt_encoder(cfg: JobConfig, backbone, tokenizer, corpus: list[str], model_dir: Path | None,
+                   progress: bool) -> MaskedLMReport:
+    saved = Path(model_dir) / MASKED_LM_DIR if model_dir is not None else None
+    report = load_saved_report(saved) if saved is not None else None
+    if report is not None:
+        backbone.load_weights(str(saved / "model.weights.h5"))
+        log(f"text encoder: reusing the masked-LM adapted weights in {saved}")
+        return report
+    report = continue_pretraining(backbone, tokenizer, corpus, cfg.encoder.sequence_length,
+                                  cfg.encoder.masked_lm, seed=cfg.training.seed, progress=progress)
+    if saved is not None and is_chief(tf.distribute.get_strategy()):
+        save_encoder(backbone, tokenizer, report, saved)
+    return report
 
 
 def _compile(model, learning_rate: float, cfg: JobConfig) -> None:
@@ -122,7 +157,7 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
                     cached: np.ndarray | None) -> RetrievalModel:
     catalog_ids = catalog[schema.ad_id].tolist()
     with strategy.scope():
-        if cfg.encoder.mode == "full":
+        if cfg.encoder.mode != "frozen":  # the encoder trains: it runs on every batch
             catalog_text = CatalogText(catalog_ids, packed_tokens=text.packed_catalog, encoder=text.adapter)
         else:
             catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
@@ -294,6 +329,10 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     if warm_start:
         vocabularies, warm_checkpoint = load_warm_start(Path(warm_start))
         log(f"warm start from {warm_checkpoint}: vocabularies kept, new ids fall into OOV buckets")
+        adapted = Path(warm_start) / MASKED_LM_DIR
+        if cfg.encoder.masked_lm.epochs > 0 and adapted.is_dir() and not (model_dir / MASKED_LM_DIR).exists():
+            # The warm-started towers learned on this encoder's embeddings: keep it, do not re-adapt.
+            shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
     catalog, schema, split, vocabularies = prepare_data(cfg, schema, vocabularies)
     fit_rows, validation_rows = split.train, None
     if cfg.training.validation_fraction > 0:
@@ -307,7 +346,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     _set_precision(cfg.training.mixed_precision)
     try:
         with strategy.scope():
-            text = build_text_assets(cfg, catalog, schema)
+            text = build_text_assets(cfg, catalog, schema, corpus_ad_ids=set(fit_rows[schema.ad_id]),
+                                     model_dir=model_dir, progress=progress)
         cached = None
         if cfg.encoder.mode == "frozen":
             cached = encode_packed(text.adapter, text.packed_catalog, progress=progress)
@@ -349,6 +389,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}
+    if text.masked_lm is not None:
+        trained.metrics["encoder_masked_lm"] = asdict(text.masked_lm)
     save_checkpoint(trained, strategy, model_dir)
     clear_stages(model_dir, strategy)
     return trained

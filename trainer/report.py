@@ -57,7 +57,8 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     tf.keras.utils.set_random_seed(cfg.training.seed)
 
     catalog, schema, split, _ = prepare_data(cfg, vocabularies=vocabularies)
-    text = build_text_assets(cfg, catalog, schema)
+    text = build_text_assets(cfg, catalog, schema, corpus_ad_ids=set(split.train[schema.ad_id]),
+                             model_dir=model_dir)
     cached = encode_packed(text.adapter, text.packed_catalog) if cfg.encoder.mode == "frozen" else None
     retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached)
     build_model(retrieval, next(iter(retrieval_dataset(split.train, cfg, schema, False)[0])), strategy)

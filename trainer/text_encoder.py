@@ -36,6 +36,19 @@ def load_backbone(cfg: EncoderConfig, vocabulary_size: int | None = None, seed: 
     return backbone
 
 
+def train_top_layers(backbone, n: int) -> None:
+    """Freeze the embeddings and all but the last `n` transformer layers (encoder.mode top_layers)."""
+    if not 1 <= n <= backbone.num_layers:
+        raise ValueError(f"encoder.trainable_layers is {n}, but the encoder has {backbone.num_layers} "
+                         "transformer layers")
+    first_trained = backbone.num_layers - n
+    for layer in backbone.layers:
+        if layer.name.startswith("transformer_layer_"):
+            layer.trainable = int(layer.name.rsplit("_", 1)[1]) >= first_trained
+        elif layer.name != "pooled_dense" and layer.weights:
+            layer.trainable = False  # token/position/segment embeddings and their layer norm
+
+
 class BertEncoderAdapter(tf.keras.layers.Layer):
     """tf_keras layer: (token_ids, padding_mask) -> mean-pooled sequence output."""
 

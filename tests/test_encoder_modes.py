@@ -1,0 +1,102 @@
+"""Encoder modes beyond frozen/full: top-N trainable layers, masked-LM adaptation, keras-hub preset dirs."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import tiny_config
+from trainer.config import ConfigError, MaskedLMConfig, config_from_dict
+
+
+def _world_and_text(cfg, **kwargs):
+    from features import generate_world
+    from trainer.job import build_text_assets
+
+    world = generate_world(cfg.data.synthetic)
+    return world, build_text_assets(cfg, world.catalog, world.schema, **kwargs)
+
+
+@pytest.mark.parametrize("encoder, message", [
+    ({"mode": "partial"}, "encoder.mode: expected one of frozen, top_layers, full"),
+    ({"trainable_layers": 0}, "encoder.trainable_layers: expected an integer >= 1"),
+    ({"masked_lm": {"mask_rate": 1.5}}, "encoder.masked_lm.mask_rate: expected a fraction in (0, 1)"),
+    ({"masked_lm": {"epochs": -1}}, "encoder.masked_lm.epochs: expected an integer >= 0"),
+])
+def test_bad_encoder_settings_are_refused(encoder, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict({"encoder": encoder}, "job.yaml")
+
+
+def test_top_layers_mode_trains_only_the_last_layers(tmp_path):
+    from features.split import time_split
+    from features.vocab import build_vocabularies
+    from trainer.job import build_retrieval, join_ad_features, retrieval_dataset
+    from trainer.text_encoder import load_backbone
+
+    cfg = tiny_config(tmp_path, encoder={"mode": "top_layers", "trainable_layers": 1}, retrieval={"epochs": 1})
+    world, text = _world_and_text(cfg)
+    backbone = text.adapter.backbone
+    trained_names = {v.path for v in backbone.trainable_variables}
+    assert trained_names and all(p.startswith("transformer_layer_1/") for p in trained_names), trained_names
+    assert len(text.adapter.trainable_weights) == len(trained_names)
+
+    split = time_split(world.logs, 0.2)
+    model = build_retrieval(cfg, tf.distribute.get_strategy(), world.schema,
+                            build_vocabularies(split.train, world.catalog), world.catalog, text, None)
+    rows = join_ad_features(split.train, world.catalog, world.schema)
+    model.fit(retrieval_dataset(rows, cfg, world.schema)[0], epochs=1, verbose=0)
+
+    initial = load_backbone(cfg.encoder, text.tokenizer.vocabulary_size(), seed=cfg.training.seed)
+    before = {v.path: v.numpy() for v in initial.variables}
+    moved = {v.path for v in backbone.variables if not np.allclose(before[v.path], v.numpy())}
+    assert moved and all(p.startswith("transformer_layer_1/") for p in moved), sorted(moved)
+    assert not any(p.startswith(("transformer_layer_0/", "token_embedding/")) for p in moved)
+
+
+def test_top_layers_beyond_the_encoder_depth_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path, encoder={"mode": "top_layers", "trainable_layers": 5})
+    with pytest.raises(ValueError, match="trainable_layers is 5, but the encoder has 2 transformer layers"):
+        _world_and_text(cfg)
+
+
+def test_masked_lm_adapts_the_encoder_and_saves_a_reusable_preset(tmp_path):
+    from trainer.job import MASKED_LM_DIR, build_text_assets
+    from trainer.text_encoder import encode_packed
+
+    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=6, learning_rate=2e-3)})
+    world, text = _world_and_text(cfg, model_dir=tmp_path / "run")
+    report = text.masked_lm
+    assert report.train_texts + report.holdout_texts == len(set(world.schema.ad_text_of(world.catalog)))
+    # Held-out ads' texts, the same masked positions before and after: the encoder learned the ad language.
+    assert report.holdout_accuracy_after > report.holdout_accuracy_before + 0.05, report
+    assert report.holdout_loss_after < report.holdout_loss_before
+    assert report.train_loss[-1] < report.train_loss[0]
+
+    saved = tmp_path / "run" / MASKED_LM_DIR
+    assert (saved / "config.json").is_file() and (saved / "assets" / "tokenizer" / "vocabulary.txt").is_file()
+    sample = {k: v[:32] for k, v in text.packed_catalog.items()}
+    adapted = encode_packed(text.adapter, sample)
+
+    # A second build (restart, `adrec evaluate`) reuses the saved weights instead of training again.
+    again = build_text_assets(cfg, world.catalog, world.schema, model_dir=tmp_path / "run")
+    np.testing.assert_allclose(encode_packed(again.adapter, sample), adapted, rtol=1e-5, atol=1e-5)
+
+    # The directory is a keras-hub preset: `encoder.preset: <dir>` loads the same tokenizer and encoder.
+    from_dir = tiny_config(tmp_path, encoder={"preset": str(saved)})
+    _, text_from_dir = _world_and_text(from_dir)
+    assert text_from_dir.tokenizer.get_vocabulary() == text.tokenizer.get_vocabulary()
+    np.testing.assert_array_equal(text_from_dir.packed_catalog["token_ids"], text.packed_catalog["token_ids"])
+    np.testing.assert_allclose(encode_packed(text_from_dir.adapter, sample), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_lm_reads_only_the_training_ads(tmp_path):
+    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=1)})
+    from features import generate_world
+
+    world = generate_world(cfg.data.synthetic)
+    seen = set(world.catalog[world.schema.ad_id][:50])
+    from trainer.job import build_text_assets
+
+    text = build_text_assets(cfg, world.catalog, world.schema, corpus_ad_ids=seen)
+    distinct = len(set(world.schema.ad_text_of(world.catalog[world.catalog[world.schema.ad_id].isin(seen)])))
+    assert text.masked_lm.train_texts + text.masked_lm.holdout_texts == distinct
