@@ -63,13 +63,14 @@ def test_masked_lm_adapts_the_encoder_and_saves_a_reusable_preset(tmp_path):
     from trainer.job import MASKED_LM_DIR, build_text_assets
     from trainer.text_encoder import encode_packed
 
-    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=6, learning_rate=2e-3)})
+    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=4, learning_rate=2e-3)})
     world, text = _world_and_text(cfg, model_dir=tmp_path / "run")
     report = text.masked_lm
     assert report.train_texts + report.holdout_texts == len(set(world.schema.ad_text_of(world.catalog)))
-    # Held-out ads' texts, the same masked positions before and after: the encoder learned the ad language.
-    assert report.holdout_accuracy_after > report.holdout_accuracy_before + 0.05, report
-    assert report.holdout_loss_after < report.holdout_loss_before
+    # Held-out ads' texts, the same masked positions before and after (the head fitted first on
+    # the fixed encoder): the encoder itself learned the ad language.
+    assert report.holdout_loss_after < 0.92 * report.holdout_loss_before, report
+    assert report.holdout_accuracy_after >= report.holdout_accuracy_before, report
     assert report.train_loss[-1] < report.train_loss[0]
 
     saved = tmp_path / "run" / MASKED_LM_DIR
@@ -90,7 +91,7 @@ def test_masked_lm_adapts_the_encoder_and_saves_a_reusable_preset(tmp_path):
 
 
 def test_masked_lm_reads_only_the_training_ads(tmp_path):
-    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=1)})
+    cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=1, head_epochs=0)})
     from features import generate_world
 
     world = generate_world(cfg.data.synthetic)

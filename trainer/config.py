@@ -22,6 +22,7 @@ class MaskedLMConfig:
     """Continued masked-LM pre-training of the encoder on the ad text corpus, before two-tower training."""
 
     epochs: int = 0  # 0 = off
+    head_epochs: int = 1  # first fit only the new masked-LM head, the encoder held fixed
     mask_rate: float = 0.15  # share of word pieces selected for masking
     learning_rate: float = 5e-5
     batch_size: int = 32
@@ -129,6 +130,7 @@ _RANGES = [
 
 _MASKED_LM_RANGES = [
     ("epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("head_epochs", lambda v: v >= 0, "an integer >= 0"),
     ("mask_rate", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     ("learning_rate", lambda v: v > 0, "a number > 0"),
     ("batch_size", lambda v: v >= 1, "an integer >= 1"),

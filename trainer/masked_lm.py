@@ -4,6 +4,11 @@ A general-purpose encoder has not seen ad copy ("free shipping", brand names, pr
 A few epochs of masked-LM on the catalog's own texts adapt it before the two-tower training,
 which matters most when the encoder stays frozen. The run is measured: masked-token accuracy on
 the texts of held-out ads (the same masked batches) before and after.
+
+Sentence-embedding checkpoints such as all-MiniLM-L6-v2 ship no masked-LM head, so the head
+starts random. It is fitted first with the encoder held fixed (`head_epochs`): the "before"
+accuracy is then the stock encoder's, and the encoder is not pushed around by a random head's
+gradients when its own training starts.
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ def continue_pretraining(backbone, tokenizer, texts: list[str], sequence_length:
                 .prefetch(tf.data.AUTOTUNE))
 
     masked_lm = keras_hub.models.BertMaskedLM(backbone=backbone, preprocessor=None)
-    masked_lm.compile(optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=0.01),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+    def compile_with(learning_rate: float) -> None:
+        masked_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
     def score() -> tuple[float, float]:
         total = {"loss": 0.0, "accuracy": 0.0, "weight": 0.0}
@@ -82,10 +89,20 @@ def continue_pretraining(backbone, tokenizer, texts: list[str], sequence_length:
             total["weight"] += weight
         return total["loss"] / total["weight"], total["accuracy"] / total["weight"]
 
+    t0 = time.time()
+    trainable = {layer.name: layer.trainable for layer in backbone.layers}
+    if cfg.head_epochs > 0:
+        backbone.trainable = False
+        # The head's own 1e-3 rate: it starts from scratch, unlike the encoder.
+        compile_with(max(cfg.learning_rate, 1e-3))
+        masked_lm.fit(train_ds, epochs=cfg.head_epochs, shuffle=False, verbose=1 if progress else 0)
+        backbone.trainable = True
+        for layer in backbone.layers:  # back to the caller's choice (e.g. pooled_dense stays frozen)
+            layer.trainable = trainable[layer.name]
+    compile_with(cfg.learning_rate)
     loss_before, accuracy_before = score()
     log(f"masked-LM pre-training on {len(train)} ad texts ({len(holdout)} held out), {cfg.epochs} epochs; "
         f"held-out masked-token accuracy before: {accuracy_before:.3f}")
-    t0 = time.time()
     history = masked_lm.fit(train_ds, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)
     seconds = time.time() - t0
     loss_after, accuracy_after = score()
