@@ -64,7 +64,7 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     restore_parts(checkpoint, retrieval=retrieval)
     if cached is None:  # fine-tuned encoder: its restored weights give the ranking model's text embeddings
         cached = encode_packed(text.adapter, text.packed_catalog)
-    ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+    ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, split.train)
     build_model(ranking, next(iter(ranking_dataset(split.train, cfg, schema, False))), strategy)
     restore_parts(checkpoint, ranking=ranking)
     return TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split, vocabularies=vocabularies,
