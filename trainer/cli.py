@@ -39,6 +39,9 @@ def _cmd_evaluate(args) -> int:
         from trainer.report import evaluate
 
         metrics = evaluate(trained).metrics
+    from trainer.demo import format_ranking_metrics
+
+    print("\n".join(format_ranking_metrics(metrics["ranking"])), file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 

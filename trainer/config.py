@@ -42,6 +42,7 @@ class RetrievalConfig:
 class RankingConfig:
     embedding_dim: int = 16
     embedding_l2: float = 0.0  # L2 penalty on embedding tables (ids are many, clicks are few)
+    ad_categorical_dim: int = 0  # > 0: embedding width of every ad categorical (0: ~1.6 * cardinality ** 0.56)
     cross_layers: int = 2
     cross_projection_dim: int = 0  # > 0: low-rank DCN-v2 cross weights (W = U V^T of this rank)
     architecture: str = "stacked"  # "stacked": cross -> deep; "parallel": cross || deep, concatenated
@@ -110,7 +111,7 @@ _RANGES = [
     ("ranking", "calibration_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("ranking", "calibration_knots", lambda v: v >= 4, "an integer >= 4"),
     *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("ctr_loss_weight", "ctcvr_loss_weight",
-                                                                  "cross_projection_dim")],
+                                                                  "cross_projection_dim", "ad_categorical_dim")],
     ("export", "objective", lambda v: v in ("pctr", "ecpm", "cpa"), "'pctr', 'ecpm' or 'cpa'"),
     ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
     ("training", "test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),

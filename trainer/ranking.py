@@ -66,6 +66,8 @@ class RankingModel(tfrs.Model):
         names = (*schema.query_features, *schema.ad_string_features)
         dims = embedding_dims(names, vocabularies, (schema.user_id, schema.ad_id),
                               cfg.embedding_dim, cfg.embedding_dim)
+        if cfg.ad_categorical_dim:  # e.g. the ad topic: wide enough for a full-rank user x topic cross
+            dims.update({n: cfg.ad_categorical_dim for n in schema.ad_categoricals})
         self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features,
                                             l2=cfg.embedding_l2)
         self.catalog_text = catalog_text
@@ -141,7 +143,9 @@ class RankingModel(tfrs.Model):
     def compute_loss(self, features, training=False):
         out = self.logits(features, with_position=True)
         click = tf.cast(features[self.schema.click], tf.float32)
-        ctr_loss = self.task(labels=click, predictions=out["ctr_train"], training=training)
+        # [batch, 1]: Keras' BinaryCrossentropy averages over the last axis before its SUM reduction,
+        # so 1-D [batch] tensors would give the batch MEAN (then divided by the batch again below).
+        ctr_loss = self.task(labels=click[:, None], predictions=out["ctr_train"][:, None], training=training)
         total = self.cfg.ctr_loss_weight * ctr_loss
         if self.use_conversion:
             ctcvr_label = click * tf.cast(features[self.schema.conversion], tf.float32)
