@@ -85,7 +85,7 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
                 about = ", ".join(str(user[n]) for n in schema.user_categoricals)
                 print(f"\nuser {user['user_id']}" + (f" ({about})" if about else "") + f" on {context}")
                 with pd.option_context("display.width", 160, "display.max_colwidth", 48):
-                    print(ads[["rank", "ad_id", *label, "pctr", "retrieval_scores", *text]]
+                    print(ads[["rank", "ad_id", *label, "score", "pctr", "pcvr", "retrieval_scores", *text]]
                           .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     log(f"server stopped (pid {server.pid})")
     print()
