@@ -138,9 +138,9 @@ class RecommenderServable(tf.Module):
 
     Inputs: the query features and `excluded_ad_ids` [batch, M] (ads already shown, frequency-capped
     or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the largest
-    number of ids any request of the batch lists (at most the whole catalog), so after dropping
-    the excluded ones at least `retrieve_n` remain whenever the catalog has that many others;
-    excluded ads never come back. If fewer than k ads remain, the
+    number of ids any request of the batch lists (at most the whole catalog), drops the excluded
+    ones and ranks each request's best `retrieve_n` remaining (by retrieval score), so a request's
+    answer does not depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
     tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
     (the client drops them).
     Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
@@ -189,7 +189,9 @@ class RecommenderServable(tf.Module):
             score = objective_score(objective, pctr, pcvr, tf.gather(self.bids, rows))
             ids = tf.gather(self.ad_columns[schema.ad_id], rows)
             is_excluded = tf.reduce_any(tf.equal(ids[:, :, None], excluded[:, None, :]), axis=-1)
-            valid = tf.logical_not(is_excluded)
+            # Each request ranks its own best `n` non-excluded candidates, whatever else is in the batch.
+            allowed = tf.logical_not(is_excluded)
+            valid = tf.logical_and(allowed, tf.cumsum(tf.cast(allowed, tf.int32), axis=1) <= n)
             # Excluded candidates sort after every valid one (scores are >= 0) and are masked below.
             top = tf.math.top_k(tf.where(valid, score, -1.0), k=k)
 
