@@ -161,7 +161,9 @@ class RecommendationClient:
     def predict(self, inputs: Mapping[str, object], model_name: str | None = None) -> dict[str, np.ndarray]:
         """Call Predict with batched inputs (lists/arrays, one entry per example).
 
-        Values are converted to the dtypes the signature declares (Python ints to int64).
+        Values are converted to the dtypes the signature declares (Python ints to int64). For a
+        recommender, `excluded_ad_ids` may be a list of per-example id lists (padded here) or left
+        out (nothing excluded).
         """
         return self.predict_versioned(inputs, model_name)[0]
 
@@ -173,6 +175,14 @@ class RecommendationClient:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = self.signature_name
+        inputs = dict(inputs)
+        if EXCLUDED_AD_IDS in specs and inputs:
+            given = inputs.get(EXCLUDED_AD_IDS)
+            if given is None:
+                batch = len(next(iter(inputs.values())))
+                inputs[EXCLUDED_AD_IDS] = _excluded_matrix([None] * batch)
+            elif not isinstance(given, np.ndarray):
+                inputs[EXCLUDED_AD_IDS] = _excluded_matrix(list(given))
         for name, values in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype=specs.get(name)))
         response = self._call(self._stub.Predict, request)
