@@ -226,8 +226,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def predict_ranking(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
     """What the servables return (calibrated, position dropped) plus the raw probabilities."""
     logits = ranking_logits(model, rows, schema)
-    return {"pctr": model.ctr_calibrator.numpy_call(logits["ctr"]),
-            "pcvr": model.cvr_calibrator.numpy_call(logits["cvr"]),
+    pcvr = (model.cvr_calibrator.numpy_call(logits["cvr"]) if model.use_conversion
+            else np.ones(len(logits["cvr"]), np.float32))  # no conversion labels: pCVR is 1 (as served)
+    return {"pctr": model.ctr_calibrator.numpy_call(logits["ctr"]), "pcvr": pcvr,
             "pctr_raw": _sigmoid(logits["ctr"]), "pcvr_raw": _sigmoid(logits["cvr"]),
             "pctr_with_position": _sigmoid(logits["ctr_train"])}
 

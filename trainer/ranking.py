@@ -125,7 +125,10 @@ class RankingModel(tfrs.Model):
     def serve_probabilities(self, features) -> dict[str, tf.Tensor]:
         """Calibrated pCTR and pCVR with the position tower dropped: what the servables return."""
         logits = self.logits(features)
-        return {"pctr": self.ctr_calibrator(logits["ctr"]), "pcvr": self.cvr_calibrator(logits["cvr"])}
+        pctr = self.ctr_calibrator(logits["ctr"])
+        # Without conversion labels the CVR head is untrained: pCVR is a constant 1 (cpa = ecpm).
+        pcvr = self.cvr_calibrator(logits["cvr"]) if self.use_conversion else tf.ones_like(pctr)
+        return {"pctr": pctr, "pcvr": pcvr}
 
     def _interact(self, x0):
         if self.cfg.architecture == "stacked":
