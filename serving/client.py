@@ -21,6 +21,7 @@ import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from serving.config import EXCLUDED_AD_IDS
 from serving.server import MAX_MESSAGE_BYTES
 
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -59,7 +60,12 @@ def _read_pem(value: str | Path | bytes | None) -> bytes | None:
 
 
 class RecommendationClient:
-    """`recommend(user, context, k)` against a recommender model served over gRPC.
+    """`recommend(user, context, k, exclude=[...])` against a recommender model served over gRPC.
+
+    The recommender orders by its exported objective and returns `score` (that objective's value),
+    `pctr`, `pcvr` and `retrieval_scores` per ad; `exclude` lists ad ids it must not return
+    (already shown, frequency-capped), sent as the `excluded_ad_ids` input. Padded slots (fewer
+    than k ads left after exclusions, ad id "") are dropped, so a result can be shorter than k.
 
     `root_certificates` (PEM path or bytes) switches to TLS; `server_name` overrides the name
     checked against the server certificate. `timeout` is each call's deadline, retries included.
@@ -155,7 +161,9 @@ class RecommendationClient:
     def predict(self, inputs: Mapping[str, object], model_name: str | None = None) -> dict[str, np.ndarray]:
         """Call Predict with batched inputs (lists/arrays, one entry per example).
 
-        Values are converted to the dtypes the signature declares (Python ints to int64).
+        Values are converted to the dtypes the signature declares (Python ints to int64). For a
+        recommender, `excluded_ad_ids` may be a list of per-example id lists (padded here) or left
+        out (nothing excluded).
         """
         return self.predict_versioned(inputs, model_name)[0]
 
@@ -167,6 +175,14 @@ class RecommendationClient:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = self.signature_name
+        inputs = dict(inputs)
+        if EXCLUDED_AD_IDS in specs and inputs:
+            given = inputs.get(EXCLUDED_AD_IDS)
+            if given is None:
+                batch = len(next(iter(inputs.values())))
+                inputs[EXCLUDED_AD_IDS] = _excluded_matrix([None] * batch)
+            elif not isinstance(given, np.ndarray):
+                inputs[EXCLUDED_AD_IDS] = _excluded_matrix(list(given))
         for name, values in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype=specs.get(name)))
         response = self._call(self._stub.Predict, request)
@@ -176,6 +192,9 @@ class RecommendationClient:
         specs = self.signature_inputs(model_name)
         batch = {}
         for name, dtype in specs.items():
+            if name == EXCLUDED_AD_IDS:
+                batch[name] = _excluded_matrix([r.get(name) for r in rows])
+                continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
             if missing:
                 raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
@@ -191,13 +210,18 @@ class RecommendationClient:
         return batch
 
     def recommend_batch(self, requests: Sequence[tuple[Mapping, Mapping]] | pd.DataFrame,
-                        k: int = 10) -> list[list[RecommendedAd]]:
+                        k: int = 10, exclude: Sequence[Sequence[str]] | None = None) -> list[list[RecommendedAd]]:
         """Ranked ads for many users: (user, context) pairs or a DataFrame with one row per
-        request (columns = feature names), sent in Predict calls of at most `max_batch_size` rows."""
+        request (columns = feature names), sent in Predict calls of at most `max_batch_size` rows.
+        `exclude`: one list of ad ids per request (or an `excluded_ad_ids` column / key per row)."""
         if isinstance(requests, pd.DataFrame):
             rows = requests.to_dict("records")
         else:
             rows = [{**_as_dict(user), **_as_dict(context)} for user, context in requests]
+        if exclude is not None:
+            if len(exclude) != len(rows):
+                raise RequestError(f"exclude has {len(exclude)} lists for {len(rows)} requests")
+            rows = [{**r, EXCLUDED_AD_IDS: list(e or [])} for r, e in zip(rows, exclude, strict=True)]
         batches = [self._request_batch(rows[i:i + self.max_batch_size], None)  # validate all before sending
                    for i in range(0, len(rows), self.max_batch_size)]
         results = []
@@ -208,28 +232,47 @@ class RecommendationClient:
     def _ranked(self, out: dict[str, np.ndarray], k: int) -> list[list[RecommendedAd]]:
         if "ad_ids" not in out:
             raise RequestError(f"model {self.model_name!r} returns {sorted(out)}, not ad_ids")
-        score_key = "pctr" if "pctr" in out else "scores"
+        score_key = next(key for key in ("score", "pctr", "scores") if key in out)
         results = []
         for b in range(len(out["ad_ids"])):
             ads = []
             for r, ad in enumerate(out["ad_ids"][b][:k]):
+                if not ad:  # the recommender's padding: fewer than k ads remained after exclusions
+                    continue
                 scores = {key: float(v[b][r]) for key, v in out.items()
                           if key != "ad_ids" and v.ndim == 2}
-                ads.append(RecommendedAd(rank=r + 1, ad_id=ad.decode("utf-8"),
+                ads.append(RecommendedAd(rank=len(ads) + 1, ad_id=ad.decode("utf-8"),
                                          score=scores[score_key], scores=scores))
             results.append(ads)
         return results
 
     def recommend(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                  k: int = 10) -> list[RecommendedAd]:
-        """Ranked ads for one user in one context (dicts of plain Python/numpy values or pandas Series)."""
-        return self.recommend_batch([(user, {} if context is None else context)], k)[0]
+                  k: int = 10, exclude: Sequence[str] = ()) -> list[RecommendedAd]:
+        """Ranked ads for one user in one context (dicts of plain Python/numpy values or pandas Series),
+        never one of the ad ids in `exclude`."""
+        return self.recommend_batch([(user, {} if context is None else context)], k, [list(exclude)])[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                     k: int = 10) -> pd.DataFrame:
-        ads = self.recommend(user, context, k)
+                     k: int = 10, exclude: Sequence[str] = ()) -> pd.DataFrame:
+        ads = self.recommend(user, context, k, exclude)
         return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
                              for a in ads])
+
+
+def _excluded_matrix(lists: list) -> np.ndarray:
+    """Per-request ad id lists -> a [batch, M] string array padded with "" (M >= 1)."""
+    clean = []
+    for value in lists:
+        if value is None or isinstance(value, float) and np.isnan(value):
+            value = []
+        if isinstance(value, (str, bytes)):
+            raise RequestError(f"{EXCLUDED_AD_IDS} must be a list of ad ids, got the string {value!r}")
+        clean.append([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value])
+    width = max([1, *(len(v) for v in clean)])
+    out = np.full((len(clean), width), b"", dtype=object)
+    for i, values in enumerate(clean):
+        out[i, :len(values)] = [v.encode("utf-8") for v in values]
+    return out
 
 
 def _as_dict(values) -> dict:

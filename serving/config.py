@@ -21,6 +21,8 @@ BATCHING_FILE = "batching_parameters.txt"
 MONITORING_FILE = "monitoring.config"
 CONTAINER_MODELS_ROOT = PurePosixPath("/models")
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+# The recommender's exclusion input: [batch, M] ad ids it must not return, padded with "".
+EXCLUDED_AD_IDS = "excluded_ad_ids"
 
 
 class ModelConfigError(ValueError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
@@ -197,6 +198,12 @@ def _inputs(features: dict, n: int = 1) -> dict:
     return {k: _tensor([v] * n, tf.int64 if isinstance(v, int) else tf.string) for k, v in features.items()}
 
 
+def _rec(features: dict = None, n: int = 1) -> dict:
+    """A recommender request: the query features and an `excluded_ad_ids` [n, 1] of "" (nothing excluded)."""
+    return {**_inputs(QUERY if features is None else features, n),
+            "excluded_ad_ids": _tensor(np.full((n, 1), b"", dtype=object), tf.string)}
+
+
 def _raw(dtype: int, dims: list[int], content: bytes = b"", int64_val=()) -> tensor_pb2.TensorProto:
     proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content)
     proto.int64_val.extend(int64_val)
@@ -209,37 +216,40 @@ OK = "OK"
 NF, IA, RE = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 QUERY = {**USER, **CONTEXT}
 REQUEST_CASES = [
-    ("req-empty-batch", "recommender", lambda: _inputs(QUERY, 0), OK, "0 rows"),
-    ("req-batch-over-limit", "recommender", lambda: _inputs(QUERY, MAX_BATCH + 1), IA,
+    ("req-empty-batch", "recommender", lambda: _rec(n=0), OK, "0 rows"),
+    ("req-batch-over-limit", "recommender", lambda: _rec(n=MAX_BATCH + 1), IA,
      "batch size 17 exceeds the server's max batch size 16"),
     ("req-declared-huge-batch", "recommender",  # 30 bytes declaring 10**9 rows: refused before decoding
-     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [10**9], int64_val=[7])}, IA,
+     lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [10**9], int64_val=[7])}, IA,
      "batch size 1000000000 exceeds the server's max batch size 16"),
     ("req-declared-huge-tensor", "recommender",
-     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [1, 10**12], int64_val=[7])}, IA,
+     lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [1, 10**12], int64_val=[7])}, IA,
      "input 'hour' declares 1000000000000 elements"),
-    ("req-negative-dimension", "recommender", lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [-1])},
+    ("req-negative-dimension", "recommender", lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [-1])},
      IA, "input 'hour' declares a negative dimension"),
-    ("req-wrong-dtype", "recommender", lambda: {**_inputs(QUERY), "hour": _tensor([20.0], tf.float32)}, IA,
+    ("req-wrong-dtype", "recommender", lambda: {**_rec(), "hour": _tensor([20.0], tf.float32)}, IA,
      "input 'hour' has dtype float32, expected int64"),
-    ("req-unknown-dtype-enum", "recommender", lambda: {**_inputs(QUERY), "hour": _raw(999, [1])}, IA,
+    ("req-unknown-dtype-enum", "recommender", lambda: {**_rec(), "hour": _raw(999, [1])}, IA,
      "input 'hour' has dtype enum 999, expected int64"),
-    ("req-dtype-unset", "recommender", lambda: {**_inputs(QUERY), "region": _raw(types_pb2.DT_INVALID, [1])}, IA,
+    ("req-dtype-unset", "recommender", lambda: {**_rec(), "region": _raw(types_pb2.DT_INVALID, [1])}, IA,
      "input 'region' has dtype unset, expected string"),
     ("req-malformed-tensor", "recommender",
-     lambda: {**_inputs(QUERY), "hour": _raw(types_pb2.DT_INT64, [1], content=b"\x01\x02\x03")}, IA,
+     lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [1], content=b"\x01\x02\x03")}, IA,
      "input 'hour' is not a valid tensor"),
-    ("req-scalar-input", "recommender", lambda: {**_inputs(QUERY), "region": _tensor("r1")}, IA,
+    ("req-scalar-input", "recommender", lambda: {**_rec(), "region": _tensor("r1")}, IA,
      "input 'region' has shape [], expected ['?']"),
-    ("req-missing-input", "recommender", lambda: {k: v for k, v in _inputs(QUERY).items() if k != "device"}, IA,
+    ("req-missing-input", "recommender", lambda: {k: v for k, v in _rec().items() if k != "device"}, IA,
      "missing input(s) ['device']"),
+    ("req-excluded-not-a-matrix", "recommender", lambda: {**_rec(), "excluded_ad_ids": _tensor(["ad00001"])}, IA,
+     "input 'excluded_ad_ids' has shape [1], expected ['?', '?']"),
+    ("req-excluded-missing", "recommender", lambda: _inputs(QUERY), IA, "missing input(s) ['excluded_ad_ids']"),
     ("req-unknown-model", "nope", lambda: _inputs(QUERY), NF, "model 'nope' is not served"),
-    ("req-1mb-user-id", "recommender", lambda: {**_inputs(QUERY), "user_id": _tensor(["u" * 1_000_000])}, OK,
+    ("req-1mb-user-id", "recommender", lambda: {**_rec(), "user_id": _tensor(["u" * 1_000_000])}, OK,
      "1 rows"),
     ("req-1mb-ad-text", "ranking", lambda: {**_inputs({**QUERY, **AD}), "title": _tensor(["word " * 200_000])},
      OK, "1 rows"),
     ("req-over-message-limit", "recommender",
-     lambda: {**_inputs(QUERY), "user_id": _tensor(["u" * (MAX_MESSAGE + 1)])}, RE, "larger than max"),
+     lambda: {**_rec(), "user_id": _tensor(["u" * (MAX_MESSAGE + 1)])}, RE, "larger than max"),
     ("req-non-utf8-strings", "ranking",
      lambda: {**_inputs({**QUERY, **AD}), "user_id": _tensor([b"\xff\xfe\xc3"]),
               "title": _tensor([b"caf\xe9 \xff"])}, OK, "1 rows"),
@@ -247,9 +257,9 @@ REQUEST_CASES = [
      lambda: {**_inputs({**QUERY, **AD}), "ad_id": _tensor(["a,1\t😀"]), "title": _tensor(["😀🎯 | ads"])},
      OK, "1 rows"),
     ("req-unknown-user", "recommender",
-     lambda: _inputs({**QUERY, "user_id": "never-seen-user", "region": "atlantis"}), OK, "1 rows"),
+     lambda: _rec({**QUERY, "user_id": "never-seen-user", "region": "atlantis"}), OK, "1 rows"),
     ("req-out-of-range-ints", "recommender",
-     lambda: {**_inputs(QUERY, 2), "hour": _tensor([-5, 2**63 - 1], tf.int64)}, OK, "2 rows"),
+     lambda: {**_rec(n=2), "hour": _tensor([-5, 2**63 - 1], tf.int64)}, OK, "2 rows"),
 ]
 
 
@@ -288,7 +298,7 @@ def test_bad_request(server, stub, case_id, model, build, code, message):
         assert err.value.code() == code, err.value.details()
         assert message in err.value.details()
     # the server is still up and answers a good request from the same version
-    good = _predict(stub, "recommender", _inputs(QUERY))
+    good = _predict(stub, "recommender", _rec())
     assert good.model_spec.version.value == 1 and good.outputs["ad_ids"].tensor_shape.dim[0].size == 1
     assert {n: s.version for n, s in server.registry.all().items()} == dict.fromkeys(server.registry.all(), 1)
 

@@ -45,9 +45,11 @@ def test_mind_export_serves_unseen_user_and_cold_ads(trained_mind):
 
     result = export_all(trained_mind, trained_mind.config.export.export_dir)
     meta = json.loads((result.paths["recommender"] / "assets.extra" / "adrec.json").read_text())
-    assert meta["inputs"] == {"user_id": "string", "hour": "int64", "weekday": "int64"}
+    assert meta["inputs"] == {"user_id": "string", "hour": "int64", "weekday": "int64",
+                              "excluded_ad_ids": "string [batch, M], padded with ''"}
     request = {"user_id": np.array(["U_never_seen", "U1"], dtype=object),
-               "hour": np.array([3, 30], dtype=np.int64), "weekday": np.array([6, 9], dtype=np.int64)}
+               "hour": np.array([3, 30], dtype=np.int64), "weekday": np.array([6, 9], dtype=np.int64),
+               "excluded_ad_ids": np.array([[""], [""]], dtype=object)}
     assert "U_never_seen" not in trained_mind.vocabularies["user_id"]
     out = Servable("recommender", result.version, result.paths["recommender"]).run(request)
     ids = out["ad_ids"].astype(str)
@@ -60,8 +62,11 @@ def test_mind_export_serves_unseen_user_and_cold_ads(trained_mind):
                 "weekday": np.array([6]), "ad_id": np.array([cold], dtype=object)}
     for col in ("category", "subcategory", "title", "abstract"):
         rank_req[col] = np.array([ad[col]], dtype=object)
-    pctr = Servable("ranking", result.version, result.paths["ranking"]).run(rank_req)["pctr"]
+    served = Servable("ranking", result.version, result.paths["ranking"]).run(rank_req)
+    pctr = served["pctr"]
     assert pctr.shape == (1,) and 0.0 < float(pctr[0]) < 1.0
+    assert trained_mind.ranking.position_tower is not None  # MIND logs carry the shown position
+    assert list(served["pcvr"]) == [1.0]  # no conversion labels: pCVR is a constant 1
 
 
 @pytest.mark.skipif(not (ML_LATEST_SMALL / "ratings.csv").exists(),

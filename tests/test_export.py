@@ -13,12 +13,17 @@ from trainer.export import (
     export_all,
     graph_ops,
 )
-from trainer.job import ad_embeddings, predict_ctr, query_embeddings
+from trainer.job import ad_embeddings, predict_ctr, predict_ranking, query_embeddings
 
 
 def _requests(trained, n=12):
     rows = trained.split.test.iloc[:: max(1, len(trained.split.test) // n)].head(n).reset_index(drop=True)
     return rows, as_numpy_features(rows, trained.schema.query_features, trained.schema)
+
+
+def _recommender_request(trained, n):
+    rows, feats = _requests(trained, n)
+    return rows, {**feats, "excluded_ad_ids": np.full((len(rows), 1), "", dtype=object)}
 
 
 def test_layout_versions_and_metadata(exported_tiny):
@@ -51,6 +56,31 @@ def test_tf1_loader_with_raw_signature_tensor_names(exported_tiny, trained_tiny)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
 
 
+@pytest.mark.parametrize("name", ["ranking", "recommender"])
+def test_ranking_and_recommender_load_the_tf1_way(exported_tiny, trained_tiny, name):
+    import tensorflow_text  # noqa: F401
+
+    schema = trained_tiny.schema
+    rows, feats = _recommender_request(trained_tiny, 4)
+    if name == "ranking":
+        rows = rows.merge(trained_tiny.catalog[[schema.ad_id, *schema.ad_text]], on=schema.ad_id)
+        feats = as_numpy_features(rows, (*schema.query_features, *schema.ad_string_features, *schema.ad_text),
+                                  schema)
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(exported_tiny.paths[name]))
+        sig = meta.signature_def["serving_default"]
+        assert set(sig.inputs) == set(feats) and "position" not in sig.inputs
+        out = sess.run({k: v.name for k, v in sig.outputs.items()}, {sig.inputs[k].name: v for k, v in feats.items()})
+    if name == "ranking":
+        assert set(out) == {"pctr", "pcvr"}
+        np.testing.assert_allclose(out["pctr"], predict_ctr(trained_tiny.ranking, rows, schema), rtol=1e-3, atol=1e-4)
+    else:
+        assert set(out) == {"ad_ids", "pctr", "pcvr", "score", "retrieval_scores"}
+        assert out["ad_ids"].shape == (4, trained_tiny.config.export.recommend_k)
+    assert ((out["pcvr"] > 0) & (out["pcvr"] < 1)).all()
+
+
 def test_retrieval_matches_in_process_model(exported_tiny, trained_tiny):
     rows, feats = _requests(trained_tiny)
     out = Servable("retrieval", 1, exported_tiny.paths["retrieval"]).run(feats)
@@ -72,16 +102,21 @@ def test_ranking_tokenizes_in_graph_like_the_training_cache(exported_tiny, train
     rows, _ = _requests(trained_tiny)
     rows = rows.merge(trained_tiny.catalog[[schema.ad_id, *schema.ad_text]], on=schema.ad_id)
     names = (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
-    out = Servable("ranking", 1, exported_tiny.paths["ranking"]).run(as_numpy_features(rows, names, schema))
-    # In-process: the cached text embeddings of catalog ads (computed once at training time).
-    expected = predict_ctr(trained_tiny.ranking, rows, schema)
-    np.testing.assert_allclose(out["pctr"], expected, rtol=1e-3, atol=1e-4)
+    servable = Servable("ranking", 1, exported_tiny.paths["ranking"])
+    assert schema.position not in servable.signature()[0]  # served without a position
+    out = servable.run(as_numpy_features(rows, names, schema))
+    # In-process: the cached text embeddings of catalog ads (computed once at training time);
+    # calibrated, position tower dropped.
+    expected = predict_ranking(trained_tiny.ranking, rows, schema)
+    np.testing.assert_allclose(out["pctr"], expected["pctr"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out["pcvr"], expected["pcvr"], rtol=1e-3, atol=1e-4)
+    assert not np.allclose(out["pctr"], expected["pctr_with_position"], atol=1e-3)  # the tower is dropped
 
 
 def test_recommender_chains_retrieval_and_ranking(exported_tiny, trained_tiny):
     schema = trained_tiny.schema
     cfg = trained_tiny.config.export
-    rows, feats = _requests(trained_tiny, 3)
+    rows, feats = _recommender_request(trained_tiny, 3)
     out = Servable("recommender", 1, exported_tiny.paths["recommender"]).run(feats)
     assert out["ad_ids"].shape == (3, cfg.recommend_k)
     scores = query_embeddings(trained_tiny.retrieval, rows, schema) @ ad_embeddings(
@@ -95,6 +130,7 @@ def test_recommender_chains_retrieval_and_ranking(exported_tiny, trained_tiny):
         np.testing.assert_allclose(out["pctr"][b], pctr[order], rtol=1e-3, atol=1e-5)
         assert [i.decode() for i in out["ad_ids"][b][:3]] == candidates[schema.ad_id].to_numpy()[order][:3].tolist()
         assert (np.diff(out["pctr"][b]) <= 1e-7).all()
+        np.testing.assert_allclose(out["score"][b], out["pctr"][b])  # the tiny job's objective: pctr
 
 
 def test_next_export_is_a_new_version_and_failures_publish_nothing(trained_tiny, exported_tiny,

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,7 @@ USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
 AD = {"ad_id": "a1", "advertiser_id": "x", "campaign_id": "c", "category": "k", "title": "t", "description": "d"}
 GOOD = {"recommender": {**USER, **CONTEXT}, "retrieval": {**USER, **CONTEXT}, "ranking": {**USER, **CONTEXT, **AD}}
+EXCLUDED = "excluded_ad_ids"  # the recommender's [batch, M] input, added to its well-formed requests
 
 
 LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
@@ -106,7 +108,7 @@ DTYPES = [types_pb2.DT_STRING, types_pb2.DT_INT64, types_pb2.DT_INT32, types_pb2
           types_pb2.DT_BOOL, types_pb2.DT_UINT8, types_pb2.DT_HALF, types_pb2.DT_INVALID]
 FUZZ_EXAMPLES = int(os.environ.get("ADREC_FUZZ_EXAMPLES", "200"))  # a fixed seed, unless:
 FUZZ_RANDOM = bool(os.environ.get("ADREC_FUZZ_RANDOM"))  # set it for a longer, random hunt
-NAMES = sorted({k for features in GOOD.values() for k in features})
+NAMES = sorted({k for features in GOOD.values() for k in features} | {EXCLUDED})
 
 
 @st.composite
@@ -145,6 +147,8 @@ def requests(draw) -> predict_pb2.PredictRequest:
     for key, value in GOOD.get(model, GOOD["recommender"]).items():  # start from a well-formed request
         dtype = tf.int64 if isinstance(value, int) else tf.string
         request.inputs[key].CopyFrom(tf.make_tensor_proto([value] * rows, dtype=dtype))
+    if model == "recommender":
+        request.inputs[EXCLUDED].CopyFrom(tf.make_tensor_proto(np.full((rows, 1), b"", dtype=object), tf.string))
     for _ in range(draw(st.integers(1, 3))):  # then break it
         what = draw(st.sampled_from(["replace", "drop", "add"]))
         name = draw(st.sampled_from(NAMES) | st.text(min_size=1, max_size=12))
@@ -187,4 +191,5 @@ def test_fuzzed_predict_requests_get_only_defined_codes(fuzz_target):
     good.model_spec.name = "recommender"
     for key, value in GOOD["recommender"].items():
         good.inputs[key].CopyFrom(tf.make_tensor_proto([value], dtype=tf.int64 if isinstance(value, int) else None))
+    good.inputs[EXCLUDED].CopyFrom(tf.make_tensor_proto([[""]], dtype=tf.string))
     assert stub.Predict(good, timeout=30).outputs["ad_ids"].tensor_shape.dim[0].size == 1  # still serving

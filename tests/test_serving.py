@@ -52,12 +52,28 @@ def test_recommend_round_trip_matches_tf1_servable(client, server, trained_tiny)
     assert all(a.ad_id in set(trained_tiny.catalog["ad_id"]) for a in ads)
     assert all(ads[i].score >= ads[i + 1].score for i in range(4))
     direct = server.registry.get("recommender").run(
-        {k: np.array([v], dtype=np.int64 if isinstance(v, int) else object) for k, v in {**USER, **CONTEXT}.items()})
+        {**{k: np.array([v], dtype=np.int64 if isinstance(v, int) else object) for k, v in {**USER, **CONTEXT}.items()},
+         "excluded_ad_ids": np.array([[""]], dtype=object)})
     assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
-    np.testing.assert_allclose([a.score for a in ads], direct["pctr"][0][:5], rtol=1e-6)
+    np.testing.assert_allclose([a.score for a in ads], direct["score"][0][:5], rtol=1e-6)
+    np.testing.assert_allclose([a.scores["pctr"] for a in ads], direct["pctr"][0][:5], rtol=1e-6)
     frame = client.recommend_df(USER, CONTEXT, k=3)
     assert list(frame["ad_id"]) == [a.ad_id for a in ads[:3]]
-    assert {"rank", "ad_id", "score", "pctr", "retrieval_scores"} <= set(frame.columns)
+    assert {"rank", "ad_id", "score", "pctr", "pcvr", "retrieval_scores"} <= set(frame.columns)
+    assert ((frame["pcvr"] > 0) & (frame["pcvr"] < 1)).all()
+
+
+def test_excluded_ads_never_come_back_over_grpc(client):
+    first = [a.ad_id for a in client.recommend(USER, CONTEXT, k=6)]
+    shown = first[:3]
+    again = client.recommend(USER, CONTEXT, k=6, exclude=shown)
+    assert len(again) == 6 and not {a.ad_id for a in again} & set(shown)
+    assert [a.ad_id for a in again if a.ad_id in first] == first[3:]  # the rest move up, in order
+    batch = client.recommend_batch([(USER, CONTEXT), (USER, CONTEXT)], k=4, exclude=[shown[:1], []])
+    assert shown[0] not in [a.ad_id for a in batch[0]]
+    assert [a.ad_id for a in batch[1]] == first[:4]  # a request's answer does not depend on its batch
+    with pytest.raises(RequestError, match="exclude has 1 lists for 2 requests"):
+        client.recommend_batch([(USER, CONTEXT), (USER, CONTEXT)], k=4, exclude=[[]])
 
 
 def test_batch_and_unknown_user_still_get_ads(client):
@@ -73,8 +89,10 @@ def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
     ranking_inputs = {**{k: [v] for k, v in {**USER, **CONTEXT}.items()},
                       **{c: [str(ad[c])] for c in ("ad_id", "advertiser_id", "campaign_id", "category",
                                                    "title", "description")}}
-    pctr = client.predict(ranking_inputs, model_name="ranking")["pctr"]
-    assert pctr.shape == (1,) and 0.0 < pctr[0] < 1.0
+    out = client.predict(ranking_inputs, model_name="ranking")
+    assert set(out) == {"pctr", "pcvr"} and "position" not in client.signature_inputs("ranking")
+    for key in ("pctr", "pcvr"):
+        assert out[key].shape == (1,) and 0.0 < out[key][0] < 1.0
 
 
 def _raw_predict(address, model="recommender", signature="", inputs=None, version=None):
@@ -91,8 +109,10 @@ def _raw_predict(address, model="recommender", signature="", inputs=None, versio
 
 
 def _good_inputs():
-    return {k: tf.make_tensor_proto([v], dtype=tf.int64 if isinstance(v, int) else tf.string)
-            for k, v in {**USER, **CONTEXT}.items()}
+    inputs = {k: tf.make_tensor_proto([v], dtype=tf.int64 if isinstance(v, int) else tf.string)
+              for k, v in {**USER, **CONTEXT}.items()}
+    inputs["excluded_ad_ids"] = tf.make_tensor_proto([[""]], dtype=tf.string)
+    return inputs
 
 
 @pytest.mark.parametrize("case, code, message", [
@@ -190,7 +210,11 @@ def test_tls_server_and_client(exported_tiny, tmp_path, capsys):
                 "-k", "2", "--timeout", "10"]
         argv += [f"--feature={k}={v}" for k, v in {**USER, **CONTEXT}.items() if k != "user_id"]
         assert cli_main(argv) == 0
-        assert "pctr" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "pctr" in printed and "pcvr" in printed
+        first = printed.splitlines()[1].split()[1]  # rank, ad_id, ...
+        assert cli_main([*argv, "--exclude", first]) == 0
+        assert first not in capsys.readouterr().out
 
 
 def read_model_config_paths(base):

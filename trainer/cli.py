@@ -39,6 +39,9 @@ def _cmd_evaluate(args) -> int:
         from trainer.report import evaluate
 
         metrics = evaluate(trained).metrics
+    from trainer.demo import format_ranking_metrics
+
+    print("\n".join(format_ranking_metrics(metrics["ranking"])), file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -69,7 +72,7 @@ def _cmd_recommend(args) -> int:
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
                               retry=RetryPolicy(max_attempts=args.attempts)) as client:
-        frame = client.recommend_df(features, {}, k=args.k)
+        frame = client.recommend_df(features, {}, k=args.k, exclude=args.exclude)
     print(frame.to_string(index=False))
     return 0
 
@@ -163,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
                      help="user or context feature, e.g. device=mobile hour=20 (repeatable)")
     rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--exclude", action="append", default=[], metavar="AD_ID",
+                     help="an ad id not to return (already shown, capped; repeatable)")
     rec.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds, retries included")
     rec.add_argument("--attempts", type=int, default=4, help="attempts when the server is UNAVAILABLE")
     rec.add_argument("--root-cert", type=Path, help="CA / server certificate (PEM): connect with TLS")

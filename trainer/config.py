@@ -63,11 +63,20 @@ class RetrievalConfig:
 class RankingConfig:
     embedding_dim: int = 16
     embedding_l2: float = 0.0  # L2 penalty on embedding tables (ids are many, clicks are few)
+    ad_categorical_dim: int = 0  # > 0: embedding width of every ad categorical (0: ~1.6 * cardinality ** 0.56)
     cross_layers: int = 2
+    cross_projection_dim: int = 0  # > 0: low-rank DCN-v2 cross weights (W = U V^T of this rank)
+    architecture: str = "stacked"  # "stacked": cross -> deep; "parallel": cross || deep, concatenated
     deep_units: tuple[int, ...] = (128, 64)
     learning_rate: float = 0.002
     epochs: int = 3
     batch_size: int = 1024
+    position_tower: bool = True  # shallow position tower added in training, dropped at serving
+    ctr_loss_weight: float = 1.0  # BCE(click, pCTR) over impressions
+    ctcvr_loss_weight: float = 1.0  # BCE(click*conversion, pCTR*pCVR) over impressions (ESMM); 0: no CVR head
+    calibration: str = "isotonic"  # "isotonic" | "platt" | "none": fitted on held-out rows, exported in-graph
+    calibration_fraction: float = 0.1  # last share (by time) of training rows held out of fit to calibrate
+    calibration_knots: int = 64
 
 
 @dataclass
@@ -91,6 +100,7 @@ class ExportConfig:
     top_k: int = 100  # retrieval model output size
     retrieve_n: int = 100  # recommender: candidates retrieved before ranking
     recommend_k: int = 20  # recommender: ads returned per request
+    objective: str = "pctr"  # recommender order: "pctr" | "ecpm" (bid x pCTR) | "cpa" (bid x pCTR x pCVR)
 
 
 @dataclass
@@ -117,6 +127,13 @@ _RANGES = [
     *[(s, k, lambda v: v >= 1, "an integer >= 1") for s in ("retrieval", "ranking") for k in ("epochs", "batch_size")],
     *[(s, "learning_rate", lambda v: v > 0, "a number > 0") for s in ("retrieval", "ranking")],
     ("retrieval", "temperature", lambda v: v > 0, "a number > 0"),
+    ("ranking", "architecture", lambda v: v in ("stacked", "parallel"), "'stacked' or 'parallel'"),
+    ("ranking", "calibration", lambda v: v in ("isotonic", "platt", "none"), "'isotonic', 'platt' or 'none'"),
+    ("ranking", "calibration_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("ranking", "calibration_knots", lambda v: v >= 4, "an integer >= 4"),
+    *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("ctr_loss_weight", "ctcvr_loss_weight",
+                                                                  "cross_projection_dim", "ad_categorical_dim")],
+    ("export", "objective", lambda v: v in ("pctr", "ecpm", "cpa"), "'pctr', 'ecpm' or 'cpa'"),
     ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
     ("encoder", "mode", lambda v: v in ENCODER_MODES, "one of " + ", ".join(ENCODER_MODES)),
     ("encoder", "trainable_layers", lambda v: v >= 1, "an integer >= 1"),

@@ -39,11 +39,25 @@ def format_metrics(metrics: dict) -> str:
     ratio = r["model"]["recall@100"] / max(r["most_popular"]["recall@100"], 1e-9)
     verdict = "beats" if ratio > 1 else "DOES NOT beat"
     lines.append(f"  -> the model {verdict} most-popular at Recall@100 ({ratio:.2f}x)")
-    lines.append(f"Ranking, held-out impressions ({k['test_impressions']}): AUC {k['auc']:.4f}, "
-                 f"log loss {k['logloss']:.4f}, mean pCTR {k['mean_pctr']:.4f} vs CTR {k['ctr']:.4f}"
-                 + (f"\n  ground-truth oracle AUC {k['oracle_auc']:.4f} (knows position), "
-                    f"{k['oracle_auc_no_position']:.4f} (true relevance only)" if "oracle_auc" in k else ""))
+    lines.extend(format_ranking_metrics(k))
     return "\n".join(lines)
+
+
+def format_ranking_metrics(k: dict) -> list[str]:
+    """CTR (served: position dropped, calibrated), CVR and the oracle's AUCs, one block."""
+    lines = [f"Ranking, held-out impressions ({k['test_impressions']}): CTR AUC {k['auc']:.4f}, "
+             f"log loss {k['logloss']:.4f}, ECE {k['ece']:.4f} (uncalibrated {k['ece_uncalibrated']:.4f}), "
+             f"mean pCTR {k['mean_pctr']:.4f} vs CTR {k['ctr']:.4f}"]
+    if "auc_with_position" in k:
+        lines.append(f"  with the position tower at the logged position: AUC {k['auc_with_position']:.4f}")
+    if "oracle_auc" in k:
+        lines.append(f"  ground-truth oracle AUC {k['oracle_auc']:.4f} (knows position), "
+                     f"{k['oracle_auc_no_position']:.4f} (true relevance only)")
+    if "cvr_auc" in k:
+        lines.append(f"  CVR on {k['clicked_impressions']} clicked impressions: AUC {k['cvr_auc']:.4f}, "
+                     f"log loss {k['cvr_logloss']:.4f}, ECE {k['cvr_ece']:.4f}; pCTCVR over all impressions: "
+                     f"AUC {k['ctcvr_auc']:.4f}, ECE {k['ctcvr_ece']:.4f}")
+    return lines
 
 
 def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True) -> dict:
@@ -71,7 +85,7 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
                 about = ", ".join(str(user[n]) for n in schema.user_categoricals)
                 print(f"\nuser {user['user_id']}" + (f" ({about})" if about else "") + f" on {context}")
                 with pd.option_context("display.width", 160, "display.max_colwidth", 48):
-                    print(ads[["rank", "ad_id", *label, "pctr", "retrieval_scores", *text]]
+                    print(ads[["rank", "ad_id", *label, "score", "pctr", "pcvr", "retrieval_scores", *text]]
                           .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     log(f"server stopped (pid {server.pid})")
     print()

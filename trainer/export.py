@@ -2,9 +2,11 @@
 
 Three servables, each taking raw values (strings, ints), never vocabulary indices:
 - `retrieval`: user + context -> top-K ad ids and scores (brute-force index in the graph);
-- `ranking`: user + context + ad (ids, categoricals, title, description) -> pCTR, with
-  the ad text tokenized and encoded by BERT inside the graph (TF Text ops);
-- `recommender`: one graph that retrieves N candidates, ranks them and returns the top k.
+- `ranking`: user + context + ad (ids, categoricals, title, description) -> calibrated pCTR
+  and pCVR (position tower dropped), with the ad text tokenized and encoded by BERT inside the
+  graph (TF Text ops);
+- `recommender`: one graph that retrieves candidates, drops the request's excluded ads, ranks
+  the rest and returns the top k by the configured objective (pCTR, eCPM or CPA).
 
 Each version is written to a hidden temporary directory and renamed into place only when
 complete, so TF Serving never sees half a model. Every graph's ops are checked against
@@ -28,10 +30,14 @@ import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking gra
 from tensorflow.core.protobuf import saved_model_pb2
 
 from features.schema import FeatureSchema
+from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
 from trainer.job import TrainedModels, ad_embeddings
 
 MODEL_NAMES = ("retrieval", "ranking", "recommender")
+EXCLUDED_INPUT = EXCLUDED_AD_IDS  # recommender input: [batch, M] ad ids not to return, padded with ""
+PAD_AD_ID = ""  # recommender output sentinel: fewer than k ads remained after exclusions
+OBJECTIVES = ("pctr", "ecpm", "cpa")
 METADATA_FILE = "adrec.json"
 
 # TF Text ops linked into tensorflow/serving 2.20+ that keras-hub tokenizers/packers emit.
@@ -104,46 +110,97 @@ class RankingServable(tf.Module):
             token_ids, mask = self.packer(self.tokenizer(text))
             inputs = {n: features[n] for n in (*schema.query_features, *schema.ad_string_features)}
             inputs["text_embedding"] = self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool))
-            return {"pctr": tf.sigmoid(self.ranking(inputs))}
+            return self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
 
         self.serve = serve
 
 
-class RecommenderServable(tf.Module):
-    """retrieve N -> rank N by pCTR -> return the best k, in one graph."""
+def catalog_bids(catalog, schema: FeatureSchema) -> np.ndarray:
+    """Each catalog ad's bid (1.0 where the catalog has no bid column or a missing bid)."""
+    if schema.bid and schema.bid in catalog.columns:
+        return catalog[schema.bid].astype("float64").fillna(1.0).to_numpy(np.float32)
+    return np.ones(len(catalog), np.float32)
 
-    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int):
+
+def objective_score(objective: str, pctr, pcvr, bid):
+    """The ordering score: pCTR, eCPM = bid x pCTR (CPC bids), or bid x pCTR x pCVR (CPA bids)."""
+    if objective == "pctr":
+        return pctr
+    if objective == "ecpm":
+        return bid * pctr
+    if objective == "cpa":
+        return bid * pctr * pcvr
+    raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
+
+
+class RecommenderServable(tf.Module):
+    """retrieve -> drop excluded ads -> rank by the objective -> return the best k, in one graph.
+
+    Inputs: the query features and `excluded_ad_ids` [batch, M] (ads already shown, frequency-capped
+    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the largest
+    number of ids any request of the batch lists (at most the whole catalog), drops the excluded
+    ones and ranks each request's best `retrieve_n` remaining (by retrieval score), so a request's
+    answer does not depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
+    tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
+    (the client drops them).
+    Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
+    objective's value, the order), `retrieval_scores`.
+    """
+
+    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int, objective: str = "pctr"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
         schema = trained.schema
         catalog = trained.catalog
-        n = min(retrieve_n, len(catalog))
+        size = len(catalog)
+        n = min(retrieve_n, size)
         k = min(k, n)
         self.query_tower = trained.retrieval.query_tower
         self.ranking = trained.ranking
         self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=n)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
-                         tf.range(len(catalog), dtype=tf.int32))
+                         tf.range(size, dtype=tf.int32))
         self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
                            for c in schema.ad_string_features}
         self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
                                       name="text_embeddings")
+        self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
         specs = _query_specs(schema)
+        specs[EXCLUDED_INPUT] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_INPUT)
 
         @tf.function(input_signature=[specs])
         def serve(features):
-            retrieval_scores, rows = self.index(features, k=n)  # [B, n]
+            excluded = features[EXCLUDED_INPUT]
+            query = {name: features[name] for name in schema.query_features}
+            # Over-fetch by the most real (non-"") exclusions any request in the batch carries.
+            listed = tf.reduce_sum(tf.cast(tf.not_equal(excluded, PAD_AD_ID), tf.int32), axis=1)
+            fetch = tf.minimum(n + tf.maximum(tf.reduce_max(listed), 0), size)
+            retrieval_scores, rows = self.index(query, k=fetch)  # [B, fetch]
             batch = tf.shape(rows)[0]
             flat_rows = tf.reshape(rows, [-1])
             inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
             for name in schema.query_features:
-                inputs[name] = tf.reshape(tf.repeat(features[name][:, None], n, axis=1), [-1])
+                inputs[name] = tf.reshape(tf.repeat(features[name][:, None], fetch, axis=1), [-1])
             inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
-            pctr = tf.reshape(tf.sigmoid(self.ranking(inputs)), [batch, n])
-            top = tf.math.top_k(pctr, k=k)
-            chosen = tf.gather(rows, top.indices, batch_dims=1)
-            return {"ad_ids": tf.gather(self.ad_columns[schema.ad_id], chosen),
-                    "pctr": top.values,
-                    "retrieval_scores": tf.gather(retrieval_scores, top.indices, batch_dims=1)}
+            probs = self.ranking.serve_probabilities(inputs)
+            pctr = tf.reshape(probs["pctr"], [batch, fetch])
+            pcvr = tf.reshape(probs["pcvr"], [batch, fetch])
+            score = objective_score(objective, pctr, pcvr, tf.gather(self.bids, rows))
+            ids = tf.gather(self.ad_columns[schema.ad_id], rows)
+            is_excluded = tf.reduce_any(tf.equal(ids[:, :, None], excluded[:, None, :]), axis=-1)
+            # Each request ranks its own best `n` non-excluded candidates, whatever else is in the batch.
+            allowed = tf.logical_not(is_excluded)
+            valid = tf.logical_and(allowed, tf.cumsum(tf.cast(allowed, tf.int32), axis=1) <= n)
+            # Excluded candidates sort after every valid one (scores are >= 0) and are masked below.
+            top = tf.math.top_k(tf.where(valid, score, -1.0), k=k)
+
+            def pick(values, fill):
+                chosen = tf.gather(values, top.indices, batch_dims=1)
+                return tf.where(tf.gather(valid, top.indices, batch_dims=1), chosen, fill)
+
+            return {"ad_ids": pick(ids, PAD_AD_ID), "pctr": pick(pctr, 0.0), "pcvr": pick(pcvr, 0.0),
+                    "score": pick(score, 0.0), "retrieval_scores": pick(retrieval_scores, float("-inf"))}
 
         self.serve = serve
 
@@ -182,9 +239,13 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
     inputs = {n: "int64" if schema.is_int_feature(n) else "string" for n in schema.query_features}
     if name == "ranking":
         inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
+    if name == "recommender":
+        inputs[EXCLUDED_INPUT] = "string [batch, M], padded with ''"
     return {"model": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signature": "serving_default", "inputs": inputs, "outputs": outputs,
             "encoder": trained.config.encoder.preset, "catalog_size": int(len(trained.catalog)),
+            **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == "recommender"
+               else {}),
             "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
 
 
@@ -217,9 +278,9 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     version = version or next_version(export_dir)
     builders = {
         "retrieval": (lambda: RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
-        "ranking": (lambda: RankingServable(trained), ["pctr"]),
-        "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k),
-                        ["ad_ids", "pctr", "retrieval_scores"]),
+        "ranking": (lambda: RankingServable(trained), ["pctr", "pcvr"]),
+        "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective),
+                        ["ad_ids", "pctr", "pcvr", "score", "retrieval_scores"]),
     }
     rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}

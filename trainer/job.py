@@ -23,7 +23,14 @@ from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig, config_to_dict
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.masked_lm import MaskedLMReport, continue_pretraining, load_saved_report, save_encoder
-from trainer.metrics import auc, log_loss, popularity_ranks, ranks_of_targets, recall_at_k
+from trainer.metrics import (
+    auc,
+    expected_calibration_error,
+    log_loss,
+    popularity_ranks,
+    ranks_of_targets,
+    recall_at_k,
+)
 from trainer.progress import log
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
@@ -168,10 +175,20 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
     return model
 
 
-def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray) -> RankingModel:
+def ranking_labels(schema: FeatureSchema, rows: pd.DataFrame | None = None) -> dict[str, bool]:
+    """Which optional ranking columns the data has: a position (position tower) and conversions (CVR)."""
+    def has(name):
+        return bool(name) and (rows is None or name in rows.columns)
+    return {"position": has(schema.position), "conversion": has(schema.conversion)}
+
+
+def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray,
+                  rows: pd.DataFrame | None = None) -> RankingModel:
+    has = ranking_labels(schema, rows)
     with strategy.scope():
         catalog_text = CatalogText(catalog[schema.ad_id].tolist(), cached_embeddings=cached)
-        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile)
+        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile,
+                             use_position=has["position"], use_conversion=has["conversion"])
         _compile(model, cfg.ranking.learning_rate, cfg)
     return model
 
@@ -184,7 +201,9 @@ def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool 
 
 
 def ranking_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
-    return make_dataset(rows, (*schema.query_features, *schema.ad_string_features, schema.click),
+    has = ranking_labels(schema, rows)
+    extra = tuple(getattr(schema, name) for name in ("position", "conversion") if has[name])
+    return make_dataset(rows, (*schema.query_features, *schema.ad_string_features, schema.click, *extra),
                         cfg.ranking.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
 
 
@@ -223,19 +242,99 @@ def evaluate_retrieval(model: RetrievalModel, schema: FeatureSchema, catalog: pd
     return out
 
 
+def ranking_logits(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Raw logits per row: 'ctr' (served, no position), 'cvr', and 'ctr_train' (with the position
+    tower at the row's logged position when the model has one and the rows carry positions)."""
+    with_position = model.position_tower is not None and schema.position in rows.columns
+    names = (*schema.query_features, *schema.ad_string_features, *((schema.position,) if with_position else ()))
+    tensors = frame_to_tensors(rows, names, schema)
+    keys = ("ctr", "cvr", "ctr_train")
+    stacked = _batched(lambda f: tf.stack([model.logits(f, with_position)[k] for k in keys], axis=-1), tensors)
+    stacked = stacked.reshape(-1, len(keys))
+    return {k: stacked[:, i].astype(np.float64) for i, k in enumerate(keys)}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def predict_ranking(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """What the servables return (calibrated, position dropped) plus the raw probabilities."""
+    logits = ranking_logits(model, rows, schema)
+    pcvr = (model.cvr_calibrator.numpy_call(logits["cvr"]) if model.use_conversion
+            else np.ones(len(logits["cvr"]), np.float32))  # no conversion labels: pCVR is 1 (as served)
+    return {"pctr": model.ctr_calibrator.numpy_call(logits["ctr"]), "pcvr": pcvr,
+            "pctr_raw": _sigmoid(logits["ctr"]), "pcvr_raw": _sigmoid(logits["cvr"]),
+            "pctr_with_position": _sigmoid(logits["ctr_train"])}
+
+
 def predict_ctr(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
-    tensors = frame_to_tensors(rows, (*schema.query_features, *schema.ad_string_features), schema)
-    return 1.0 / (1.0 + np.exp(-_batched(model, tensors)))
+    """The served pCTR: position tower dropped, calibrated (what the ranking SavedModel returns)."""
+    return predict_ranking(model, rows, schema)["pctr"]
+
+
+def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema, method: str) -> dict:
+    """Fit the CTR and CVR calibrators on held-out rows (never the test split).
+
+    pCTR is calibrated against clicks over all rows; pCVR = P(conversion | click) against
+    conversions over the clicked rows. Returns the held-out ECE before and after.
+    """
+    logits = ranking_logits(model, rows, schema)
+    click = rows[schema.click].to_numpy(np.float64)
+    model.ctr_calibrator.fit(logits["ctr"], click, method)
+    out = {"method": method, "rows": int(len(rows)),
+           "ctr_ece_before": expected_calibration_error(click, _sigmoid(logits["ctr"])),
+           "ctr_ece_after": expected_calibration_error(click, model.ctr_calibrator.numpy_call(logits["ctr"]))}
+    if ranking_labels(schema, rows)["conversion"] and model.use_conversion:
+        clicked = click > 0
+        conv = rows[schema.conversion].to_numpy(np.float64)[clicked]
+        model.cvr_calibrator.fit(logits["cvr"][clicked], conv, method)
+        out.update({"clicked_rows": int(clicked.sum()),
+                    "cvr_ece_before": expected_calibration_error(conv, _sigmoid(logits["cvr"][clicked])),
+                    "cvr_ece_after": expected_calibration_error(
+                        conv, model.cvr_calibrator.numpy_call(logits["cvr"][clicked]))})
+    return out
 
 
 def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSplit) -> dict:
-    labels = split.test[schema.click].to_numpy()
-    p = predict_ctr(model, split.test, schema)
+    """Held-out ranking metrics.
+
+    CTR: AUC, log loss and ECE of the served pCTR (position dropped, calibrated) against clicks
+    over all test impressions; `auc_with_position` scores the training-time logit (position tower
+    at the logged position), comparable with `oracle_auc` (the true p_click, which knows position),
+    while `auc` compares with `oracle_auc_no_position` (the true relevance). `ece_uncalibrated`:
+    the same pCTR before calibration.
+    CVR: `cvr_*` scores pCVR against conversions on the clicked test impressions (pCVR is
+    P(conversion | click)); `ctcvr_*` scores pCTCVR = pCTR x pCVR against click-and-convert over
+    all test impressions (how ESMM trains it).
+    """
+    test = split.test
+    labels = test[schema.click].to_numpy()
+    pred = predict_ranking(model, test, schema)
+    p = pred["pctr"]
     out = {"test_impressions": int(len(labels)), "auc": auc(labels, p), "logloss": log_loss(labels, p),
+           "ece": expected_calibration_error(labels, p),
+           "ece_uncalibrated": expected_calibration_error(labels, pred["pctr_raw"]),
            "mean_pctr": float(p.mean()), "ctr": float(labels.mean())}
-    if "true_p_click" in split.test:
-        out["oracle_auc"] = auc(labels, split.test["true_p_click"].to_numpy())
-        out["oracle_auc_no_position"] = auc(labels, split.test["true_relevance"].to_numpy())
+    if model.position_tower is not None and schema.position in test.columns:
+        out["auc_with_position"] = auc(labels, pred["pctr_with_position"])
+    if model.use_conversion and schema.conversion in test.columns:
+        conv = test[schema.conversion].to_numpy()
+        clicked = labels > 0
+        ctcvr_labels = clicked & (conv > 0)
+        pctcvr = p * pred["pcvr"]
+        out.update({"clicked_impressions": int(clicked.sum()),
+                    "cvr_auc": auc(conv[clicked], pred["pcvr"][clicked]),
+                    "cvr_logloss": log_loss(conv[clicked], pred["pcvr"][clicked]),
+                    "cvr_ece": expected_calibration_error(conv[clicked], pred["pcvr"][clicked]),
+                    "cvr_ece_uncalibrated": expected_calibration_error(conv[clicked], pred["pcvr_raw"][clicked]),
+                    "mean_pcvr": float(pred["pcvr"][clicked].mean()) if clicked.any() else float("nan"),
+                    "cvr": float(conv[clicked].mean()) if clicked.any() else float("nan"),
+                    "ctcvr_auc": auc(ctcvr_labels, pctcvr), "ctcvr_logloss": log_loss(ctcvr_labels, pctcvr),
+                    "ctcvr_ece": expected_calibration_error(ctcvr_labels, pctcvr)})
+    if "true_p_click" in test:
+        out["oracle_auc"] = auc(labels, test["true_p_click"].to_numpy())
+        out["oracle_auc_no_position"] = auc(labels, test["true_relevance"].to_numpy())
     return out
 
 
@@ -356,10 +455,14 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached)
         ds, n_pos = retrieval_dataset(fit_rows, cfg, schema)
         build_model(retrieval, next(iter(ds)), strategy)
-        ranking_ds = ranking_dataset(fit_rows, cfg, schema)
+        ranking_rows, calibration_rows = fit_rows, None
+        if cfg.ranking.calibration != "none" and cfg.ranking.calibration_fraction > 0:
+            inner = time_split(fit_rows, cfg.ranking.calibration_fraction, schema)
+            ranking_rows, calibration_rows = inner.train, inner.test
+        ranking_ds = ranking_dataset(ranking_rows, cfg, schema)
         ranking = None
         if cached is not None:
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
             build_model(ranking, next(iter(ranking_ds)), strategy)
         restore_parts(warm_checkpoint, retrieval=retrieval, ranking=ranking)
         log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
@@ -370,13 +473,19 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             f"val_factorized_top_k/top_{max(cfg.retrieval.top_k_metrics)}_categorical_accuracy")
         if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
             build_model(ranking, next(iter(ranking_ds)), strategy)
             restore_parts(warm_checkpoint, ranking=ranking)
-        log(f"ranking: {len(fit_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}")
+        log(f"ranking: {len(ranking_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}"
+            + (f"; {len(calibration_rows)} later ones held out to calibrate ({cfg.ranking.calibration})"
+               if calibration_rows is not None else ""))
         val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
         k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
                             progress, ranking.checkpoint_parts(), val, "val_auc")
+        calibration = fit_calibration(ranking, calibration_rows if calibration_rows is not None else ranking_rows,
+                                      schema, cfg.ranking.calibration if calibration_rows is not None else "none")
+        log(f"calibration ({calibration['method']}) on {calibration['rows']} held-out rows: CTR ECE "
+            f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
     finally:
         _set_precision("none")
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
@@ -385,7 +494,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
                                                        cfg.retrieval.top_k_metrics),
-                       "ranking": evaluate_ranking(ranking, schema, split),
+                       "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}

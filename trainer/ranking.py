@@ -1,4 +1,19 @@
-"""The TFRS ranking model: DCN cross layers and a deep tower over user, context and ad features -> pCTR."""
+"""The TFRS ranking model: DCN-v2 cross layers and a deep tower over user, context and ad features,
+multi-task heads (pCTR, and pCVR trained the ESMM way over all impressions), a shallow position
+tower used only in training, and in-graph calibrators for the served probabilities.
+
+Training objective (per impression):
+    ctr_logit_train = ctr_logit + position_logit(position, device, placement)
+    loss = ctr_loss_weight   * BCE(click,              sigmoid(ctr_logit_train))
+         + ctcvr_loss_weight * BCE(click * conversion, sigmoid(ctr_logit_train) * sigmoid(cvr_logit))
+pCVR is never fitted on clicked rows alone: it is supervised only through pCTCVR = pCTR x pCVR over
+the whole impression space (ESMM, Ma et al. 2018), so it has no sample-selection bias.
+
+Serving (the exported graphs, `predict_ctr`): the position tower is skipped (its logit is dropped,
+as in "Recommending what to watch next", Zhao et al. 2019), so the served pCTR ranks by relevance;
+`ctr_calibrator` / `cvr_calibrator` then map the served logits to calibrated probabilities (fitted
+on held-out training rows, see trainer/calibration.py).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +22,66 @@ import tensorflow_recommenders as tfrs
 
 from features.schema import FeatureSchema
 from features.vocab import Vocabularies
+from trainer.calibration import Calibrator
 from trainer.config import RankingConfig
-from trainer.towers import CatalogText, FeatureEmbeddings, XlaSwitch, embedding_dims, mlp
+from trainer.towers import CatalogText, CategoricalEmbedding, FeatureEmbeddings, XlaSwitch, embedding_dims, mlp
+
+MAX_POSITION = 20  # positions above this share one embedding
+
+
+class PositionTower(tf.keras.layers.Layer):
+    """Shallow tower: position (+ device, placement when the schema has them) -> one logit."""
+
+    def __init__(self, context: dict[str, list], units: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.position_embedding = tf.keras.layers.Embedding(MAX_POSITION + 1, 8, name="position_embedding")
+        self.context = {n: CategoricalEmbedding(v, 4, False, name=f"pos_{n}") for n, v in context.items()}
+        self.hidden = tf.keras.layers.Dense(units, activation="relu", name="position_hidden")
+        self.out = tf.keras.layers.Dense(1, dtype="float32", name="position_logit")
+
+    def call(self, position, features):
+        p = tf.clip_by_value(tf.cast(position, tf.int64), 0, MAX_POSITION)
+        parts = [self.position_embedding(p)] + [self.context[n](features[n]) for n in self.context]
+        return tf.squeeze(self.out(self.hidden(tf.concat(parts, axis=-1))), axis=-1)
 
 
 class RankingModel(tfrs.Model):
-    """Stacked DCN: x0 -> Cross x N -> deep MLP -> click logit.
+    """DCN-v2: x0 -> Cross x N and a deep MLP (stacked or parallel) -> CTR and CVR logits.
 
     The ad's text embedding comes from the catalog during training, or is passed in as
     `text_embedding` (the exported ranking graph computes it from raw text).
+    `use_position`: train with the position tower (needs a position column).
+    `use_conversion`: train the ESMM CVR head (needs a conversion column); otherwise pCVR is
+    untrained and reported as such.
     """
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RankingConfig,
-                 catalog_text: CatalogText, jit_compile: bool = False):
+                 catalog_text: CatalogText, jit_compile: bool = False, use_position: bool = True,
+                 use_conversion: bool = True):
         super().__init__()
+        if cfg.architecture not in ("stacked", "parallel"):
+            raise ValueError(f"ranking.architecture {cfg.architecture!r}: expected 'stacked' or 'parallel'")
         self.schema = schema
+        self.cfg = cfg
         names = (*schema.query_features, *schema.ad_string_features)
         dims = embedding_dims(names, vocabularies, (schema.user_id, schema.ad_id),
                               cfg.embedding_dim, cfg.embedding_dim)
+        if cfg.ad_categorical_dim:  # e.g. the ad topic: wide enough for a full-rank user x topic cross
+            dims.update({n: cfg.ad_categorical_dim for n in schema.ad_categoricals})
         self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features,
                                             l2=cfg.embedding_l2)
         self.catalog_text = catalog_text
         self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
-        self.cross_layers = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(cfg.cross_layers)]
-        self.deep = mlp(cfg.deep_units, 1, name="deep")
+        self.cross_layers = [tfrs.layers.dcn.Cross(projection_dim=cfg.cross_projection_dim or None,
+                                                   name=f"cross_{i}") for i in range(cfg.cross_layers)]
+        self.deep = mlp(cfg.deep_units, None, name="deep")
+        self.heads = tf.keras.layers.Dense(2, dtype="float32", name="ctr_cvr_heads")
+        self.use_position = bool(use_position and cfg.position_tower and schema.position)
+        self.use_conversion = bool(use_conversion and schema.conversion and cfg.ctcvr_loss_weight > 0)
+        context = {n: vocabularies[n] for n in ("device", "placement") if n in schema.context_categoricals}
+        self.position_tower = PositionTower(context, name="position_tower") if self.use_position else None
+        self.ctr_calibrator = Calibrator(cfg.calibration_knots, name="ctr_calibrator")
+        self.cvr_calibrator = Calibrator(cfg.calibration_knots, name="cvr_calibrator")
         self.interact = XlaSwitch(self._interact, jit_compile)
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True,
@@ -38,33 +89,78 @@ class RankingModel(tfrs.Model):
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")],
         )
         self.task._autocast = False  # labels and loss stay float32 under mixed precision
+        self.ctcvr_auc = tf.keras.metrics.AUC(name="ctcvr_auc")
 
     def build_from_batch(self, features) -> None:
         """Create every variable (no metric updates, safe in a cross-replica context)."""
-        self(features)
+        self.logits(features, with_position=True)
+        self(features)  # the served forward pass: Keras needs one __call__ to save the model
 
     def checkpoint_parts(self) -> dict:
-        """The trained layers; the catalog's text table is rebuilt from the current catalog."""
-        return {"embeddings": self.embeddings, "text_projection": self.text_projection,
-                "cross_layers": self.cross_layers, "deep": self.deep}
+        """The trained layers and fitted calibrators; the catalog's text table is rebuilt from the catalog."""
+        parts = {"embeddings": self.embeddings, "text_projection": self.text_projection,
+                 "cross_layers": self.cross_layers, "deep": self.deep, "heads": self.heads,
+                 "ctr_calibrator": self.ctr_calibrator, "cvr_calibrator": self.cvr_calibrator}
+        if self.position_tower is not None:
+            parts["position_tower"] = self.position_tower
+        return parts
 
-    def call(self, features):
+    def logits(self, features, with_position: bool = False) -> dict[str, tf.Tensor]:
+        """{'ctr': served CTR logit (no position), 'cvr': CVR logit, 'ctr_train': with the position logit}."""
         text = features.get("text_embedding")
         if text is None:
             text = self.catalog_text(features[self.schema.ad_id])
-        return self.interact(tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1))
+        both = self.interact(tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1))
+        out = {"ctr": both[:, 0], "cvr": both[:, 1]}
+        out["ctr_train"] = out["ctr"]
+        if with_position and self.position_tower is not None:
+            out["position"] = self.position_tower(features[self.schema.position], features)
+            out["ctr_train"] = out["ctr"] + out["position"]
+        return out
+
+    def call(self, features):
+        """The served (position-free, uncalibrated) CTR logit."""
+        return self.logits(features)["ctr"]
+
+    def serve_probabilities(self, features) -> dict[str, tf.Tensor]:
+        """Calibrated pCTR and pCVR with the position tower dropped: what the servables return."""
+        logits = self.logits(features)
+        pctr = self.ctr_calibrator(logits["ctr"])
+        # Without conversion labels the CVR head is untrained: pCVR is a constant 1 (cpa = ecpm).
+        pcvr = self.cvr_calibrator(logits["cvr"]) if self.use_conversion else tf.ones_like(pctr)
+        return {"pctr": pctr, "pcvr": pcvr}
 
     def _interact(self, x0):
-        x = x0
-        for cross in self.cross_layers:
-            x = cross(x0, x)
-        return tf.squeeze(tf.cast(self.deep(x), tf.float32), axis=-1)
+        if self.cfg.architecture == "stacked":
+            x = x0
+            for cross in self.cross_layers:
+                x = cross(x0, x)
+            hidden = self.deep(x)
+        else:  # parallel: cross network and deep tower side by side on x0, concatenated
+            x = x0
+            for cross in self.cross_layers:
+                x = cross(x0, x)
+            hidden = tf.concat([x, self.deep(x0)], axis=-1)
+        return tf.cast(self.heads(hidden), tf.float32)
 
     def compute_loss(self, features, training=False):
-        logits = self(features)
-        summed = self.task(labels=features[self.schema.click], predictions=logits, training=training)
+        out = self.logits(features, with_position=True)
+        click = tf.cast(features[self.schema.click], tf.float32)
+        # [batch, 1]: Keras' BinaryCrossentropy averages over the last axis before its SUM reduction,
+        # so 1-D [batch] tensors would give the batch MEAN (then divided by the batch again below).
+        ctr_loss = self.task(labels=click[:, None], predictions=out["ctr_train"][:, None], training=training)
+        total = self.cfg.ctr_loss_weight * ctr_loss
+        if self.use_conversion:
+            ctcvr_label = click * tf.cast(features[self.schema.conversion], tf.float32)
+            # log pCTCVR = log sigmoid(ctr) + log sigmoid(cvr), computed stably from logits.
+            log_p = tf.math.log_sigmoid(out["ctr_train"]) + tf.math.log_sigmoid(out["cvr"])
+            p = tf.exp(log_p)
+            log_not_p = tf.math.log(tf.maximum(-tf.math.expm1(log_p), 1e-7))
+            ctcvr_loss = -tf.reduce_sum(ctcvr_label * log_p + (1.0 - ctcvr_label) * log_not_p)
+            self.ctcvr_auc.update_state(ctcvr_label, p)
+            total = total + self.cfg.ctcvr_loss_weight * ctcvr_loss
         # Replica gradients are summed, so each replica divides by the global batch: the update
         # is the mean over the global batch whatever the number of replicas.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = tf.cast(tf.shape(logits)[0] * replicas, summed.dtype)
-        return summed / tf.maximum(global_batch, 1.0)
+        global_batch = tf.cast(tf.shape(click)[0] * replicas, total.dtype)
+        return total / tf.maximum(global_batch, 1.0)

@@ -65,7 +65,7 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     restore_parts(checkpoint, retrieval=retrieval)
     if cached is None:  # fine-tuned encoder: its restored weights give the ranking model's text embeddings
         cached = encode_packed(text.adapter, text.packed_catalog)
-    ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
+    ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, split.train)
     build_model(ranking, next(iter(ranking_dataset(split.train, cfg, schema, False))), strategy)
     restore_parts(checkpoint, ranking=ranking)
     return TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split, vocabularies=vocabularies,
@@ -253,8 +253,12 @@ def write_report(trained: TrainedModels, out_dir: str | Path, source: str = "") 
         f"{k['test_impressions']} held-out impressions, {r['test_positives']} held-out clicks "
         f"({r['cold_test_positives']} on cold-start ads).</p>",
         "<h2>Retrieval</h2>" + _table(recall_rows),
-        "<h2>Ranking (CTR)</h2>" + _table({key: k[key] for key in ("auc", "logloss", "ece", "mean_pctr", "ctr")
-                                           if key in k}),
+        "<h2>Ranking (CTR: served pCTR, position dropped, calibrated)</h2>" + _table(
+            {key: k[key] for key in ("auc", "auc_with_position", "oracle_auc", "oracle_auc_no_position", "logloss",
+                                     "ece", "ece_uncalibrated", "mean_pctr", "ctr") if key in k}),
+        "<h2>Ranking (CVR on clicked impressions; pCTCVR over all)</h2>" + _table(
+            {key: k[key] for key in ("cvr_auc", "cvr_logloss", "cvr_ece", "cvr_ece_uncalibrated", "mean_pcvr", "cvr",
+                                     "ctcvr_auc", "ctcvr_logloss", "ctcvr_ece") if key in k}),
         *(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
           for title, name in images.items()),
     ]

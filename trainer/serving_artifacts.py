@@ -21,6 +21,7 @@ import pandas as pd
 from features.schema import FeatureSchema
 from serving.config import (
     BATCHING_FILE,
+    EXCLUDED_AD_IDS,
     MODEL_CONFIG_FILE,
     MONITORING_FILE,
     BatchingConfig,
@@ -58,8 +59,14 @@ def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame
     missing = [n for n in names if n not in rows]
     if missing:
         raise ValueError(f"warmup rows for {model_name!r} lack column(s) {missing}")
-    requests = [predict_request(model_name, _arrays(rows.head(b), names, schema)) for b in WARMUP_BATCH_SIZES
-                if b <= len(rows)]
+    requests = []
+    for b in WARMUP_BATCH_SIZES:
+        if b > len(rows):
+            continue
+        arrays = _arrays(rows.head(b), names, schema)
+        if model_name == "recommender":  # exclude the ad each logged row already showed
+            arrays[EXCLUDED_AD_IDS] = rows[schema.ad_id].head(b).astype(str).to_numpy(dtype=object)[:, None]
+        requests.append(predict_request(model_name, arrays))
     return write_warmup_file(version_dir, requests)
 
 
