@@ -240,7 +240,8 @@ class RecommendationClient:
         `history`: the ad ids the user recently clicked, most recent first (default none); padded
         with "" (or cut) to the length the model was exported with.
         """
-        return self.recommend_batch([(user, {} if context is None else context, list(history or []))], k)[0]
+        return self.recommend_batch([(user, {} if context is None else context, [] if history is None else history)],
+                                    k)[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
                      k: int = 10, history: Sequence[str] | None = None) -> pd.DataFrame:
