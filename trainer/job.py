@@ -375,9 +375,6 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
                             retrieval.checkpoint_parts(), val,
                             f"val_factorized_top_k/top_{max(cfg.retrieval.top_k_metrics)}_categorical_accuracy")
-        id_only = None
-        if cfg.retrieval.id_only_baseline:
-            id_only = train_id_only(fit_rows, schema, vocabularies, cfg.retrieval, strategy, cfg.training.seed)
         if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
             ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached)
@@ -389,6 +386,10 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             progress, ranking.checkpoint_parts(), val, "val_auc")
     finally:
         _set_precision("none")
+    id_only = None
+    if cfg.retrieval.id_only_baseline:  # the tutorial's model as it is: float32, on the same positives
+        id_only = train_id_only(fit_rows, schema, vocabularies, cfg.retrieval, strategy, cfg.training.seed)
+        log(f"ID-only baseline: {cfg.retrieval.baseline_epochs} epochs, batch {cfg.retrieval.baseline_batch_size}")
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,
                             retrieval=retrieval, ranking=ranking, id_only=id_only,

@@ -4,6 +4,8 @@ optional hard-negative mining."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -13,6 +15,21 @@ from features.schema import FeatureSchema
 from features.vocab import Vocabularies
 from trainer.config import RetrievalConfig
 from trainer.towers import CatalogText, FeatureEmbeddings, HistoryPooling, XlaSwitch, embedding_dims, mlp
+
+
+@contextlib.contextmanager
+def _float32_policy():
+    """The TFRS task builds its logQ / accidental-hit / hard-negative layers inside its call, under
+    the global policy: under mixed precision they would autocast the float32 scores and labels."""
+    policy = tf.keras.mixed_precision.global_policy()
+    if policy.compute_dtype == "float32":
+        yield
+        return
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
 
 
 class QueryTower(tf.keras.Model):
@@ -144,5 +161,6 @@ class RetrievalModel(tfrs.Model):
         ads = self.ad_embedding(features, training=training)
         ad_ids = features[self.schema.ad_id]
         probability = self.sampling_probability(ad_ids) if self.sampling_lookup is not None else None
-        return self.task(queries, ads, candidate_ids=ad_ids, candidate_sampling_probability=probability,
-                         compute_metrics=not training)
+        with _float32_policy():
+            return self.task(queries, ads, candidate_ids=ad_ids, candidate_sampling_probability=probability,
+                             compute_metrics=not training)

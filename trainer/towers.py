@@ -143,7 +143,8 @@ class HistoryPooling(tf.keras.layers.Layer):
         parts = [self._masked_mean(tf.cast(self.id_embedding(rows), tf.float32), rows > 0)]
         if self.text_lookup is not None:
             text_rows = self.text_lookup(history)
-            parts.append(self._masked_mean(tf.gather(self.text_table, text_rows), text_rows > 0))
+            text = tf.cast(tf.gather(self.text_table, text_rows), tf.float32)  # bf16 under mixed precision
+            parts.append(self._masked_mean(text, text_rows > 0))
         length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
         parts.append(tf.math.log1p(length))
         return tf.concat(parts, axis=-1)
