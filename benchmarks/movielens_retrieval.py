@@ -53,6 +53,8 @@ def format_table(r: dict, ks=(10, 50, 100)) -> str:
              + "".join(f"{'NDCG@' + str(k):>10s}" for k in ks)]
     for subset, suffix in (("all", ""), ("warm ads", "_warm"), ("cold-start ads", "_cold"),
                            ("users seen in training", "_seen_users"), ("unseen users", "_unseen_users")):
+        if r.get("model" + suffix, {}).get("recall@10") != r.get("model" + suffix, {}).get("recall@10"):
+            continue  # NaN: no held-out positive in this subset
         lines.append(f"  {subset}:")
         for label, key in MODELS:
             m = r.get(key + suffix)
