@@ -310,9 +310,9 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     Returns (catalog, schema, split with catalog ad columns joined, vocabularies).
     """
     catalog, logs, schema = load_job_data(cfg, schema)
+    if cfg.retrieval.history_length:  # per event, from earlier events only: before the window and the split,
+        logs = add_history(logs, cfg.retrieval.history_length, schema)  # as a serving system would know them
     logs = select_time_window(logs, cfg.data.time_window, schema)
-    if cfg.retrieval.history_length:  # per event, from earlier events only: computed before the split
-        logs = add_history(logs, cfg.retrieval.history_length, schema)
     split = time_split(logs, cfg.training.test_fraction, schema)
     if vocabularies is None:
         vocabularies = build_vocabularies(split.train, catalog, schema)
