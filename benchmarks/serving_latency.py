@@ -131,6 +131,9 @@ def bench_catalog(n_ads: int, n_requests: int, concurrencies: list[int], k: int)
         servable = Servable("recommender", export.version, export.paths["recommender"])
         graph_items = [{k2: np.array([v], dtype=np.int64 if isinstance(v, int) else object)
                         for k2, v in {**u, **c}.items()} for u, c in requests]
+        history_shape = servable.signature()[0].get("history")  # the user's recent ads: none here
+        for item in graph_items if history_shape is not None else []:
+            item["history"] = np.full((1, history_shape.shape[1]), "", dtype=object)
         for item in graph_items[:20]:
             servable.run(item)
 

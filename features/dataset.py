@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from features.history import HISTORY, history_matrix
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 
 
@@ -17,7 +18,9 @@ def frame_to_tensors(frame: pd.DataFrame, columns: tuple[str, ...],
     for name in columns:
         dtype = schema.model_dtype(name)
         col = frame[name]
-        if dtype == np.dtype("object"):
+        if name == HISTORY:  # a sequence per row -> [n, N] strings
+            out[name] = history_matrix(col, len(col.iloc[0]) if len(col) else 0)
+        elif dtype == np.dtype("object"):
             out[name] = col.astype(str).to_numpy(dtype=object)
         else:
             out[name] = col.to_numpy(dtype=dtype)

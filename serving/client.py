@@ -25,6 +25,7 @@ from serving.config import EXCLUDED_AD_IDS
 from serving.server import MAX_MESSAGE_BYTES
 
 RECONNECT_BACKOFF_MAX_MS = 1000
+HISTORY = "history"  # the retrieval/recommender input with the user's recent positive ad ids
 
 
 class RequestError(ValueError):
@@ -102,6 +103,7 @@ class RecommendationClient:
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._inputs: dict[str, dict[str, tf.DType]] = {}
+        self._shapes: dict[str, dict[str, list[int]]] = {}
         self._stats_lock = threading.Lock()
         self.calls = 0
         self.retries = 0
@@ -156,6 +158,7 @@ class RecommendationClient:
                                    f"it has {sorted(sig_map.signature_def)}")
             sig = sig_map.signature_def[self.signature_name]
             self._inputs[model_name] = {k: tf.dtypes.as_dtype(v.dtype) for k, v in sig.inputs.items()}
+            self._shapes[model_name] = {k: [d.size for d in v.tensor_shape.dim] for k, v in sig.inputs.items()}
         return self._inputs[model_name]
 
     def predict(self, inputs: Mapping[str, object], model_name: str | None = None) -> dict[str, np.ndarray]:
@@ -190,10 +193,17 @@ class RecommendationClient:
 
     def _request_batch(self, rows: list[Mapping[str, object]], model_name: str | None) -> dict:
         specs = self.signature_inputs(model_name)
+        shapes = self._shapes.get(model_name or self.model_name, {})
         batch = {}
+        if HISTORY not in specs and any(len(_history_of(r)) for r in rows):
+            raise RequestError(f"model {model_name or self.model_name!r} takes no {HISTORY!r} "
+                               "(it was exported with retrieval.history_length 0)")
         for name, dtype in specs.items():
             if name == EXCLUDED_AD_IDS:
                 batch[name] = _excluded_matrix([r.get(name) for r in rows])
+                continue
+            if name == HISTORY:
+                batch[name] = _pad_histories([_history_of(r) for r in rows], shapes.get(name, [-1, -1])[-1])
                 continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
             if missing:
@@ -209,15 +219,18 @@ class RecommendationClient:
                 raise RequestError(f"feature {name!r} must be {dtype.name}: {err}") from err
         return batch
 
-    def recommend_batch(self, requests: Sequence[tuple[Mapping, Mapping]] | pd.DataFrame,
-                        k: int = 10, exclude: Sequence[Sequence[str]] | None = None) -> list[list[RecommendedAd]]:
-        """Ranked ads for many users: (user, context) pairs or a DataFrame with one row per
-        request (columns = feature names), sent in Predict calls of at most `max_batch_size` rows.
-        `exclude`: one list of ad ids per request (or an `excluded_ad_ids` column / key per row)."""
+    def recommend_batch(self, requests: Sequence[tuple] | pd.DataFrame, k: int = 10,
+                        exclude: Sequence[Sequence[str]] | None = None) -> list[list[RecommendedAd]]:
+        """Ranked ads for many users: (user, context) or (user, context, history) tuples, or a
+        DataFrame with one row per request (columns = feature names, optionally `history` and
+        `excluded_ad_ids`), sent in Predict calls of at most `max_batch_size` rows. A history is a
+        list of the user's recently clicked ad ids, most recent first; missing means empty.
+        `exclude`: one list of ad ids per request that must not come back (shown, capped)."""
         if isinstance(requests, pd.DataFrame):
             rows = requests.to_dict("records")
         else:
-            rows = [{**_as_dict(user), **_as_dict(context)} for user, context in requests]
+            rows = [{**_as_dict(r[0]), **_as_dict(r[1]), **({HISTORY: r[2]} if len(r) > 2 else {})}
+                    for r in requests]
         if exclude is not None:
             if len(exclude) != len(rows):
                 raise RequestError(f"exclude has {len(exclude)} lists for {len(rows)} requests")
@@ -247,14 +260,20 @@ class RecommendationClient:
         return results
 
     def recommend(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                  k: int = 10, exclude: Sequence[str] = ()) -> list[RecommendedAd]:
+                  k: int = 10, history: Sequence[str] | None = None,
+                  exclude: Sequence[str] = ()) -> list[RecommendedAd]:
         """Ranked ads for one user in one context (dicts of plain Python/numpy values or pandas Series),
-        never one of the ad ids in `exclude`."""
-        return self.recommend_batch([(user, {} if context is None else context)], k, [list(exclude)])[0]
+        never one of the ad ids in `exclude`.
+
+        `history`: the ad ids the user recently clicked, most recent first (default none); padded
+        with "" (or cut) to the length the model was exported with.
+        """
+        request = (user, {} if context is None else context, [] if history is None else history)
+        return self.recommend_batch([request], k, [list(exclude)])[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                     k: int = 10, exclude: Sequence[str] = ()) -> pd.DataFrame:
-        ads = self.recommend(user, context, k, exclude)
+                     k: int = 10, history: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> pd.DataFrame:
+        ads = self.recommend(user, context, k, history=history, exclude=exclude)
         return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
                              for a in ads])
 
@@ -272,6 +291,26 @@ def _excluded_matrix(lists: list) -> np.ndarray:
     out = np.full((len(clean), width), b"", dtype=object)
     for i, values in enumerate(clean):
         out[i, :len(values)] = [v.encode("utf-8") for v in values]
+    return out
+
+
+def _history_of(row: Mapping[str, object]) -> list[str]:
+    value = row.get(HISTORY)
+    if value is None or isinstance(value, float) and np.isnan(value):
+        return []
+    if isinstance(value, str | bytes):
+        raise RequestError(f"{HISTORY!r} must be a list of ad ids, got a single string {value!r}")
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value if v is not None and v != ""]
+
+
+def _pad_histories(histories: list[list[str]], width: int) -> np.ndarray:
+    """[batch, width] utf-8 ad ids, padded with b"" and cut to `width` (the most recent kept)."""
+    if width is None or width < 0:
+        width = max((len(h) for h in histories), default=0)
+    out = np.full((len(histories), width), b"", dtype=object)
+    for i, h in enumerate(histories):
+        h = h[:width]
+        out[i, :len(h)] = [v.encode("utf-8") for v in h]
     return out
 
 

@@ -28,7 +28,7 @@ from features.validate import DataValidationError
 from serving.client import RecommendationClient, RequestError
 from serving.server import EmbeddedModelServer, discover_models
 from tests.test_data_validation import CATALOG, LOGS, _spec
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, RetrievalConfig, load_config
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
@@ -195,7 +195,8 @@ def _tensor(values, dtype=None):
 
 
 def _inputs(features: dict, n: int = 1) -> dict:
-    return {k: _tensor([v] * n, tf.int64 if isinstance(v, int) else tf.string) for k, v in features.items()}
+    return {k: _tensor(np.array([v] * n, dtype=object).reshape(n, len(v)), tf.string) if isinstance(v, list)
+            else _tensor([v] * n, tf.int64 if isinstance(v, int) else tf.string) for k, v in features.items()}
 
 
 def _rec(features: dict = None, n: int = 1) -> dict:
@@ -214,7 +215,8 @@ def _raw(dtype: int, dims: list[int], content: bytes = b"", int64_val=()) -> ten
 
 OK = "OK"
 NF, IA, RE = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
-QUERY = {**USER, **CONTEXT}
+RANKING_QUERY = {**USER, **CONTEXT, **AD}
+QUERY = {**USER, **CONTEXT, "history": [""] * RetrievalConfig().history_length}  # retrieval/recommender inputs
 REQUEST_CASES = [
     ("req-empty-batch", "recommender", lambda: _rec(n=0), OK, "0 rows"),
     ("req-batch-over-limit", "recommender", lambda: _rec(n=MAX_BATCH + 1), IA,
@@ -246,15 +248,15 @@ REQUEST_CASES = [
     ("req-unknown-model", "nope", lambda: _inputs(QUERY), NF, "model 'nope' is not served"),
     ("req-1mb-user-id", "recommender", lambda: {**_rec(), "user_id": _tensor(["u" * 1_000_000])}, OK,
      "1 rows"),
-    ("req-1mb-ad-text", "ranking", lambda: {**_inputs({**QUERY, **AD}), "title": _tensor(["word " * 200_000])},
+    ("req-1mb-ad-text", "ranking", lambda: {**_inputs(RANKING_QUERY), "title": _tensor(["word " * 200_000])},
      OK, "1 rows"),
     ("req-over-message-limit", "recommender",
      lambda: {**_rec(), "user_id": _tensor(["u" * (MAX_MESSAGE + 1)])}, RE, "larger than max"),
     ("req-non-utf8-strings", "ranking",
-     lambda: {**_inputs({**QUERY, **AD}), "user_id": _tensor([b"\xff\xfe\xc3"]),
+     lambda: {**_inputs(RANKING_QUERY), "user_id": _tensor([b"\xff\xfe\xc3"]),
               "title": _tensor([b"caf\xe9 \xff"])}, OK, "1 rows"),
     ("req-emoji-and-separators", "ranking",
-     lambda: {**_inputs({**QUERY, **AD}), "ad_id": _tensor(["a,1\t😀"]), "title": _tensor(["😀🎯 | ads"])},
+     lambda: {**_inputs(RANKING_QUERY), "ad_id": _tensor(["a,1\t😀"]), "title": _tensor(["😀🎯 | ads"])},
      OK, "1 rows"),
     ("req-unknown-user", "recommender",
      lambda: _rec({**QUERY, "user_id": "never-seen-user", "region": "atlantis"}), OK, "1 rows"),

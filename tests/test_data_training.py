@@ -45,10 +45,13 @@ def test_mind_export_serves_unseen_user_and_cold_ads(trained_mind):
 
     result = export_all(trained_mind, trained_mind.config.export.export_dir)
     meta = json.loads((result.paths["recommender"] / "assets.extra" / "adrec.json").read_text())
+    n = trained_mind.config.retrieval.history_length
     assert meta["inputs"] == {"user_id": "string", "hour": "int64", "weekday": "int64",
+                              "history": f"string [batch, {n}]",
                               "excluded_ad_ids": "string [batch, M], padded with ''"}
     request = {"user_id": np.array(["U_never_seen", "U1"], dtype=object),
                "hour": np.array([3, 30], dtype=np.int64), "weekday": np.array([6, 9], dtype=np.int64),
+               "history": np.full((2, n), "", dtype=object),
                "excluded_ad_ids": np.array([[""], [""]], dtype=object)}
     assert "U_never_seen" not in trained_mind.vocabularies["user_id"]
     out = Servable("recommender", result.version, result.paths["recommender"]).run(request)

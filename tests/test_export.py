@@ -13,12 +13,13 @@ from trainer.export import (
     export_all,
     graph_ops,
 )
-from trainer.job import ad_embeddings, predict_ctr, predict_ranking, query_embeddings
+from trainer.job import ad_embeddings, predict_ctr, predict_ranking, query_embeddings, query_inputs
 
 
 def _requests(trained, n=12):
     rows = trained.split.test.iloc[:: max(1, len(trained.split.test) // n)].head(n).reset_index(drop=True)
-    return rows, as_numpy_features(rows, trained.schema.query_features, trained.schema)
+    names = query_inputs(trained.schema, trained.config.retrieval.history_length)
+    return rows, as_numpy_features(rows, names, trained.schema)
 
 
 def _recommender_request(trained, n):
@@ -79,6 +80,33 @@ def test_ranking_and_recommender_load_the_tf1_way(exported_tiny, trained_tiny, n
         assert set(out) == {"ad_ids", "pctr", "pcvr", "score", "retrieval_scores"}
         assert out["ad_ids"].shape == (4, trained_tiny.config.export.recommend_k)
     assert ((out["pcvr"] > 0) & (out["pcvr"] < 1)).all()
+
+
+def test_tf1_loader_feeds_the_history_input(exported_tiny, trained_tiny):
+    """The retrieval signature takes `history` [batch, N] (padded with ""); the TF1 session reads it:
+    the same user and context with and without a history get different top ads."""
+    import tensorflow_text  # noqa: F401
+
+    n = trained_tiny.config.retrieval.history_length
+    rows, feats = _requests(trained_tiny, 6)
+    with_history = [i for i, h in enumerate(feats["history"]) if h[0] != ""]
+    assert n > 0 and with_history, "the test rows should carry histories"
+    empty = {**feats, "history": np.full_like(feats["history"], "")}
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(exported_tiny.paths["retrieval"]))
+        sig = meta.signature_def["serving_default"]
+        assert [d.size for d in sig.inputs["history"].tensor_shape.dim] == [-1, n]
+        assert sig.inputs["history"].dtype == tf.string.as_datatype_enum
+        fetch = [sig.outputs["ad_ids"].name, sig.outputs["scores"].name]
+        ids, scores = sess.run(fetch, {sig.inputs[k].name: v for k, v in feats.items()})
+        ids0, scores0 = sess.run(fetch, {sig.inputs[k].name: v for k, v in empty.items()})
+    assert not np.allclose(scores[with_history], scores0[with_history])
+    # in-process query tower on the same history gives the same best score
+    schema = trained_tiny.schema
+    expected = (query_embeddings(trained_tiny.retrieval, rows, schema) @ ad_embeddings(
+        trained_tiny.retrieval, trained_tiny.catalog, schema).T).max(axis=1)
+    np.testing.assert_allclose(scores[:, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_retrieval_matches_in_process_model(exported_tiny, trained_tiny):

@@ -30,10 +30,11 @@ from serving.client import RecommendationClient, RetryPolicy
 from serving.process import ServerProcess
 from serving.server import EmbeddedModelServer
 from tests.conftest import ROOT, tiny_config
-from trainer.config import config_to_dict
+from trainer.config import RetrievalConfig, config_to_dict
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+NO_HISTORY = {"history": [[""] * RetrievalConfig().history_length]}  # raw Predicts: the user has no recent clicks
 MODELS = ("retrieval", "ranking", "recommender")
 SOAK_SECONDS = float(os.environ.get("ADREC_SOAK_SECONDS", "20"))
 
@@ -113,7 +114,7 @@ def test_export_killed_mid_write_never_becomes_a_version(exported_tiny, trained_
         while any(s.version != 2 for s in server.registry.all().values()):
             assert time.monotonic() < deadline, "version 2 was not served within 60 s"
             time.sleep(0.1)
-        assert client.predict_versioned({k: [v] for k, v in {**USER, **CONTEXT}.items()})[1] == 2
+        assert client.predict_versioned({**{k: [v] for k, v in {**USER, **CONTEXT}.items()}, **NO_HISTORY})[1] == 2
 
 
 def _load_loop(address: str, out: list, stop: threading.Event, timeout: float, max_requests: int,

@@ -25,11 +25,14 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.server import EmbeddedModelServer, discover_models, parse_args
 from tests.conftest import ROOT
+from trainer.config import RetrievalConfig
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
 AD = {"ad_id": "a1", "advertiser_id": "x", "campaign_id": "c", "category": "k", "title": "t", "description": "d"}
-GOOD = {"recommender": {**USER, **CONTEXT}, "retrieval": {**USER, **CONTEXT}, "ranking": {**USER, **CONTEXT, **AD}}
+HISTORY = {"history": [""] * RetrievalConfig().history_length}  # [batch, N] recent ad ids, "" = none
+GOOD = {"recommender": {**USER, **CONTEXT, **HISTORY}, "retrieval": {**USER, **CONTEXT, **HISTORY},
+        "ranking": {**USER, **CONTEXT, **AD}}
 EXCLUDED = "excluded_ad_ids"  # the recommender's [batch, M] input, added to its well-formed requests
 
 

@@ -22,9 +22,16 @@ from serving.config import read_model_config
 from serving.process import ServerProcess
 from serving.server import EmbeddedModelServer, TlsConfig, discover_models
 from tests.conftest import make_self_signed_cert
+from trainer.config import RetrievalConfig
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+HISTORY_LENGTH = RetrievalConfig().history_length  # what configs/tiny.yaml exports with
+NO_HISTORY = np.full((1, HISTORY_LENGTH), b"", dtype=object)
+
+
+def _arrays(features: dict) -> dict:
+    return {k: np.array([v], dtype=np.int64 if isinstance(v, int) else object) for k, v in features.items()}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,7 @@ def test_recommend_round_trip_matches_tf1_servable(client, server, trained_tiny)
     assert all(a.ad_id in set(trained_tiny.catalog["ad_id"]) for a in ads)
     assert all(ads[i].score >= ads[i + 1].score for i in range(4))
     direct = server.registry.get("recommender").run(
-        {**{k: np.array([v], dtype=np.int64 if isinstance(v, int) else object) for k, v in {**USER, **CONTEXT}.items()},
-         "excluded_ad_ids": np.array([[""]], dtype=object)})
+        {**_arrays({**USER, **CONTEXT}), "history": NO_HISTORY, "excluded_ad_ids": np.array([[""]], dtype=object)})
     assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
     np.testing.assert_allclose([a.score for a in ads], direct["score"][0][:5], rtol=1e-6)
     np.testing.assert_allclose([a.scores["pctr"] for a in ads], direct["pctr"][0][:5], rtol=1e-6)
@@ -76,6 +82,35 @@ def test_excluded_ads_never_come_back_over_grpc(client):
         client.recommend_batch([(USER, CONTEXT), (USER, CONTEXT)], k=4, exclude=[[]])
 
 
+def test_recommend_with_history_pads_and_matches_tf1_servable(client, server, trained_tiny):
+    """`recommend(..., history=[ad ids])`: the client pads the list with "" to the exported length
+    (and cuts a longer one, keeping the most recent); a history changes what an unknown user gets."""
+    catalog = trained_tiny.catalog
+    topic = catalog["category"].iloc[0]
+    history = catalog.loc[catalog["category"] == topic, "ad_id"].head(5).tolist()
+    unknown = {**USER, "user_id": "never-seen-user"}
+    ads = client.recommend(unknown, CONTEXT, k=5, history=history)
+    padded = np.array([[h.encode() for h in history] + [b""] * (HISTORY_LENGTH - len(history))],
+                      dtype=object)
+    direct = server.registry.get("recommender").run({**_arrays({**unknown, **CONTEXT}), "history": padded})
+    assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
+    without = client.recommend(unknown, CONTEXT, k=5)
+    assert [a.ad_id for a in without] != [a.ad_id for a in ads]
+    assert [a.ad_id for a in client.recommend(unknown, CONTEXT, k=5, history=[])] == [a.ad_id for a in without]
+    long = history * HISTORY_LENGTH  # longer than the model's history: cut to its first N
+    cut = client.recommend(unknown, CONTEXT, k=5, history=long)
+    assert [a.ad_id for a in cut] == [a.ad_id for a in client.recommend(unknown, CONTEXT, k=5,
+                                                                       history=long[:HISTORY_LENGTH])]
+    # the retrieval model takes the same history; batches mix users with and without one
+    results = client.recommend_batch([(unknown, CONTEXT, history), (USER, CONTEXT)], k=3)
+    assert [a.ad_id for a in results[0]] == [a.ad_id for a in ads[:3]]
+    with pytest.raises(RequestError, match="list of ad ids"):
+        client.recommend(unknown, CONTEXT, history="ad00001")
+    out = client.predict({**{k: [v] for k, v in {**unknown, **CONTEXT}.items()}, "history": padded},
+                         model_name="retrieval")
+    assert out["ad_ids"].shape == (1, trained_tiny.config.export.top_k)
+
+
 def test_batch_and_unknown_user_still_get_ads(client):
     unknown = {**USER, "user_id": "never-seen-user", "region": "atlantis"}
     results = client.recommend_batch([(USER, CONTEXT), (unknown, CONTEXT)], k=4)
@@ -83,7 +118,8 @@ def test_batch_and_unknown_user_still_get_ads(client):
 
 
 def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
-    out = client.predict({k: [v] for k, v in {**USER, **CONTEXT}.items()}, model_name="retrieval")
+    out = client.predict({**{k: [v] for k, v in {**USER, **CONTEXT}.items()}, "history": NO_HISTORY},
+                         model_name="retrieval")
     assert out["ad_ids"].shape == out["scores"].shape == (1, trained_tiny.config.export.top_k)
     ad = trained_tiny.catalog.iloc[0]
     ranking_inputs = {**{k: [v] for k, v in {**USER, **CONTEXT}.items()},
@@ -109,10 +145,10 @@ def _raw_predict(address, model="recommender", signature="", inputs=None, versio
 
 
 def _good_inputs():
-    inputs = {k: tf.make_tensor_proto([v], dtype=tf.int64 if isinstance(v, int) else tf.string)
-              for k, v in {**USER, **CONTEXT}.items()}
-    inputs["excluded_ad_ids"] = tf.make_tensor_proto([[""]], dtype=tf.string)
-    return inputs
+    return {**{k: tf.make_tensor_proto([v], dtype=tf.int64 if isinstance(v, int) else tf.string)
+               for k, v in {**USER, **CONTEXT}.items()},
+            "history": tf.make_tensor_proto(NO_HISTORY, dtype=tf.string),
+            "excluded_ad_ids": tf.make_tensor_proto([[""]], dtype=tf.string)}
 
 
 @pytest.mark.parametrize("case, code, message", [
@@ -121,6 +157,8 @@ def _good_inputs():
     ("wrong_dtype", grpc.StatusCode.INVALID_ARGUMENT, "input 'hour' has dtype float32, expected int64"),
     ("missing_input", grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) ['device']"),
     ("wrong_shape", grpc.StatusCode.INVALID_ARGUMENT, "input 'region' has shape [1, 1], expected ['?']"),
+    ("history_wrong_width", grpc.StatusCode.INVALID_ARGUMENT,
+     f"input 'history' has shape [1, 3], expected ['?', {HISTORY_LENGTH}]"),
     ("batch_mismatch", grpc.StatusCode.INVALID_ARGUMENT, "inputs disagree on batch size"),
     ("batch_too_large", grpc.StatusCode.INVALID_ARGUMENT, "batch size 17 exceeds the server's max batch size 16"),
     ("message_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
@@ -138,6 +176,8 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
         inputs["hour"] = tf.make_tensor_proto([20.0], dtype=tf.float32)
     elif case == "missing_input":
         del inputs["device"]
+    elif case == "history_wrong_width":
+        inputs["history"] = tf.make_tensor_proto([["ad00001", "", ""]])
     elif case == "wrong_shape":
         inputs["region"] = tf.make_tensor_proto([["r1"]])
     elif case == "batch_mismatch":
@@ -145,6 +185,7 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
     elif case == "batch_too_large":
         inputs = {k: tf.make_tensor_proto([v] * 17, dtype=tf.int64 if isinstance(v, int) else tf.string)
                   for k, v in {**USER, **CONTEXT}.items()}
+        inputs["history"] = tf.make_tensor_proto(np.repeat(NO_HISTORY, 17, axis=0), dtype=tf.string)
     elif case == "message_too_large":
         inputs["user_id"] = tf.make_tensor_proto(["u" * 300_000])
     elif case == "unknown_input":

@@ -16,9 +16,11 @@ from serving.client import RecommendationClient
 from serving.config import read_model_config
 from serving.server import EmbeddedModelServer
 from serving.warmup import predict_request, write_warmup_file
+from trainer.config import RetrievalConfig
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+NO_HISTORY = {"history": [[""] * RetrievalConfig().history_length]}  # raw Predicts: the user has no recent clicks
 MODELS = ("retrieval", "ranking", "recommender")
 
 
@@ -60,7 +62,7 @@ def test_new_version_swaps_in_under_load_without_failures(model_copy):
     threads_n, max_requests, max_seconds = 4, 20000, 75.0  # bounds; the test stops them 2 s after the swap
     results: list[list[tuple[float, int | str]]] = [[] for _ in range(threads_n)]
     stop = threading.Event()
-    inputs = {k: [v] for k, v in {**USER, **CONTEXT}.items()}
+    inputs = {**{k: [v] for k, v in {**USER, **CONTEXT}.items()}, **NO_HISTORY}
     with EmbeddedModelServer(_models(model_copy), poll_seconds=0.2) as server, \
             RecommendationClient(server.address, timeout=10) as client:
         client.signature_inputs()
@@ -128,7 +130,7 @@ def test_unloadable_version_is_refused_and_old_keeps_serving(model_copy, caplog,
         assert status[2][0] == "END" and reason in status[2][1]
         _publish(model_copy, "recommender", 3)  # a good version after the bad one is still picked up
         assert server.registry.poll_once() == ["recommender 1->3"]
-        assert client.predict_versioned({k: [v] for k, v in {**USER, **CONTEXT}.items()})[1] == 3
+        assert client.predict_versioned({**{k: [v] for k, v in {**USER, **CONTEXT}.items()}, **NO_HISTORY})[1] == 3
 
 
 @pytest.mark.parametrize("text, message", [

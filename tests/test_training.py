@@ -20,8 +20,10 @@ def test_fine_tuning_updates_bert_through_the_adapter(tmp_path):
     from trainer.job import build_retrieval, build_text_assets, join_ad_features, retrieval_dataset
 
     cfg = tiny_config(tmp_path, encoder={"mode": "full"}, retrieval={"epochs": 1})
+    from features.history import add_history
+
     world = generate_world(cfg.data.synthetic)
-    split = time_split(world.logs, 0.2)
+    split = time_split(add_history(world.logs, cfg.retrieval.history_length), 0.2)
     vocab = build_vocabularies(split.train, world.catalog)
     text = build_text_assets(cfg, world.catalog, world.schema)
     trainable = {id(w) for w in text.adapter.trainable_weights}

@@ -107,7 +107,10 @@ def _recall_of_export(path: Path, trained, k: int) -> float:
 
     schema = trained.schema
     test = trained.split.test[trained.split.test[schema.click] > 0]
-    out = Servable("retrieval", 0, path).run(as_numpy_features(test, schema.query_features, schema))
+    from trainer.job import query_inputs
+
+    names = query_inputs(schema, trained.config.retrieval.history_length)
+    out = Servable("retrieval", 0, path).run(as_numpy_features(test, names, schema))
     ids = test[schema.ad_id].to_numpy()
     return float(np.mean([ids[i].encode() in set(out["ad_ids"][i][:k]) for i in range(len(ids))]))
 

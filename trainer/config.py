@@ -57,6 +57,18 @@ class RetrievalConfig:
     epochs: int = 8
     batch_size: int = 512
     top_k_metrics: tuple[int, ...] = (10, 100)
+    history_length: int = 20  # last N positive ad ids before the event, pooled in the query tower; 0 = off
+    history_text: bool = True  # also pool the history ads' (frozen) text embeddings
+    logq_correction: bool = True  # in-batch softmax corrected by log(training frequency) of each candidate
+    remove_accidental_hits: bool = True  # in-batch negatives with the positive's ad id are not negatives
+    num_hard_negatives: int = 0  # > 0: keep only the hardest N in-batch negatives per query; 0 = all
+    user_id_dropout: float = 0.0  # training: share of user ids replaced by the unknown-user bucket
+    ad_id_dropout: float = 0.0  # training: share of ad ids replaced by the unknown-ad bucket (cold start)
+    eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@K / NDCG@K of the offline evaluation
+    id_only_baseline: bool = True  # also train the ID-only two-tower baseline (TFRS tutorial) and report it
+    baseline_epochs: int = 5
+    baseline_learning_rate: float = 0.1  # Adagrad, as in the TFRS basic retrieval tutorial
+    baseline_batch_size: int = 8192
 
 
 @dataclass
@@ -134,6 +146,12 @@ _RANGES = [
     *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("ctr_loss_weight", "ctcvr_loss_weight",
                                                                   "cross_projection_dim", "ad_categorical_dim")],
     ("export", "objective", lambda v: v in ("pctr", "ecpm", "cpa"), "'pctr', 'ecpm' or 'cpa'"),
+    ("retrieval", "history_length", lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
+    ("retrieval", "num_hard_negatives", lambda v: v >= 0, "an integer >= 0"),
+    *[("retrieval", k, lambda v: 0 <= v < 1, "a fraction in [0, 1)") for k in ("user_id_dropout", "ad_id_dropout")],
+    ("retrieval", "eval_ks", lambda v: len(v) > 0 and all(k >= 1 for k in v), "integers >= 1"),
+    *[("retrieval", k, lambda v: v >= 1, "an integer >= 1") for k in ("baseline_epochs", "baseline_batch_size")],
+    ("retrieval", "baseline_learning_rate", lambda v: v > 0, "a number > 0"),
     ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
     ("encoder", "mode", lambda v: v in ENCODER_MODES, "one of " + ", ".join(ENCODER_MODES)),
     ("encoder", "trainable_layers", lambda v: v >= 1, "an integer >= 1"),

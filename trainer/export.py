@@ -29,6 +29,7 @@ import tensorflow_recommenders as tfrs
 import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking graph uses)
 from tensorflow.core.protobuf import saved_model_pb2
 
+from features.history import HISTORY, history_matrix
 from features.schema import FeatureSchema
 from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
@@ -57,9 +58,11 @@ class ExportResult:
     paths: dict[str, Path]
 
 
-def _query_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
+def _query_specs(schema: FeatureSchema, history_length: int = 0) -> dict[str, tf.TensorSpec]:
     specs = {n: tf.TensorSpec([None], tf.string, name=n) for n in schema.query_string_features}
     specs.update({n: tf.TensorSpec([None], tf.int64, name=n) for n in schema.query_int_features})
+    if history_length:  # the user's last N positive ad ids, most recent first, padded with ""
+        specs[HISTORY] = tf.TensorSpec([None, history_length], tf.string, name=HISTORY)
     return specs
 
 
@@ -77,7 +80,7 @@ class RetrievalServable(tf.Module):
         self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=k)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
                          tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
-        specs = _query_specs(schema)
+        specs = _query_specs(schema, self.query_tower.history_length)
 
         @tf.function(input_signature=[specs])
         def serve(features):
@@ -166,13 +169,13 @@ class RecommenderServable(tf.Module):
         self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
                                       name="text_embeddings")
         self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
-        specs = _query_specs(schema)
+        specs = _query_specs(schema, self.query_tower.history_length)
         specs[EXCLUDED_INPUT] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_INPUT)
 
         @tf.function(input_signature=[specs])
         def serve(features):
             excluded = features[EXCLUDED_INPUT]
-            query = {name: features[name] for name in schema.query_features}
+            query = {name: value for name, value in features.items() if name != EXCLUDED_INPUT}  # + history
             # Over-fetch by the most real (non-"") exclusions any request in the batch carries.
             listed = tf.reduce_sum(tf.cast(tf.not_equal(excluded, PAD_AD_ID), tf.int32), axis=1)
             fetch = tf.minimum(n + tf.maximum(tf.reduce_max(listed), 0), size)
@@ -237,6 +240,9 @@ def next_version(export_dir: Path) -> int:
 def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str]) -> dict:
     schema = trained.schema
     inputs = {n: "int64" if schema.is_int_feature(n) else "string" for n in schema.query_features}
+    history_length = trained.retrieval.query_tower.history_length
+    if history_length and name != "ranking":
+        inputs[HISTORY] = f"string [batch, {history_length}]"
     if name == "ranking":
         inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
     if name == "recommender":
@@ -304,7 +310,9 @@ def as_numpy_features(frame, names, schema: FeatureSchema) -> dict[str, np.ndarr
     """Raw request values in the dtypes the signatures take."""
     out = {}
     for n in names:
-        if schema.is_int_feature(n):
+        if n == HISTORY:
+            out[n] = history_matrix(frame[n], len(frame[n].iloc[0]) if len(frame) else 0)
+        elif schema.is_int_feature(n):
             out[n] = frame[n].to_numpy(dtype=np.int64)
         else:
             out[n] = frame[n].astype(str).to_numpy(dtype=object)

@@ -15,11 +15,13 @@ import pandas as pd
 import tensorflow as tf
 
 from features.dataset import frame_to_tensors, make_dataset
+from features.history import HISTORY, add_history
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 from features.split import DataSplit, time_split
 from features.synthetic import generate_world
 from features.text import TINY, TextPacker, build_word_vocabulary, make_tokenizer
 from features.vocab import Vocabularies, build_vocabularies
+from trainer.baselines import IdOnlyRetrieval, train_id_only
 from trainer.config import JobConfig, config_to_dict
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.masked_lm import MaskedLMReport, continue_pretraining, load_saved_report, save_encoder
@@ -29,7 +31,7 @@ from trainer.metrics import (
     log_loss,
     popularity_ranks,
     ranks_of_targets,
-    recall_at_k,
+    retrieval_metrics,
 )
 from trainer.progress import log
 from trainer.ranking import RankingModel
@@ -67,6 +69,7 @@ class TrainedModels:
     retrieval: RetrievalModel
     ranking: RankingModel
     metrics: dict = field(default_factory=dict)
+    id_only: IdOnlyRetrieval | None = None  # the ID-only two-tower baseline, when trained
     history: dict = field(default_factory=dict)
 
 
@@ -160,9 +163,21 @@ def _compile(model, learning_rate: float, cfg: JobConfig) -> None:
                   steps_per_execution=cfg.training.steps_per_execution)
 
 
+def sampling_counts(rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, float]:
+    """Training positives per ad id: the in-batch sampling frequencies logQ correction uses."""
+    counts = rows.loc[rows[schema.click] > 0, schema.ad_id].astype(str).value_counts()
+    return {k: float(v) for k, v in counts.items()}
+
+
 def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, text: TextAssets,
-                    cached: np.ndarray | None) -> RetrievalModel:
+                    cached: np.ndarray | None, counts: dict[str, float] | None = None) -> RetrievalModel:
+    """`counts`: training positives per ad (`sampling_counts`) for the logQ correction; without them
+    the loss is uncorrected (evaluation-only rebuilds need none)."""
     catalog_ids = catalog[schema.ad_id].tolist()
+    history_table = None
+    if cfg.retrieval.history_length and cfg.retrieval.history_text:
+        # The query tower pools frozen text embeddings of history ads (fine-tuning: the initial encoder's).
+        history_table = cached if cached is not None else encode_packed(text.adapter, text.packed_catalog)
     with strategy.scope():
         if cfg.encoder.mode != "frozen":  # the encoder trains: it runs on every batch
             catalog_text = CatalogText(catalog_ids, packed_tokens=text.packed_catalog, encoder=text.adapter)
@@ -170,7 +185,8 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
             catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
         model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
-                               jit_compile=cfg.training.jit_compile)
+                               jit_compile=cfg.training.jit_compile, history_text_table=history_table,
+                               sampling_counts=counts)
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
 
@@ -193,9 +209,14 @@ def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cache
     return model
 
 
+def query_inputs(schema: FeatureSchema, history_length: int) -> tuple[str, ...]:
+    """The retrieval query tower's inputs (and the retrieval/recommender signatures' inputs)."""
+    return (*schema.query_features, HISTORY) if history_length else tuple(schema.query_features)
+
+
 def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
     positives = rows[rows[schema.click] > 0]
-    ds = make_dataset(positives, (*schema.query_features, *schema.ad_string_features),
+    ds = make_dataset(positives, (*query_inputs(schema, cfg.retrieval.history_length), *schema.ad_string_features),
                       cfg.retrieval.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
     return ds, len(positives)
 
@@ -219,26 +240,49 @@ def ad_embeddings(model: RetrievalModel, catalog: pd.DataFrame, schema: FeatureS
 
 
 def query_embeddings(model: RetrievalModel, rows: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
-    return _batched(model.query_tower, frame_to_tensors(rows, schema.query_features, schema))
+    names = query_inputs(schema, model.query_tower.history_length)
+    return _batched(model.query_tower, frame_to_tensors(rows, names, schema))
+
+
+def retrieval_ranks(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,
+                    rows: pd.DataFrame, targets: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """0-based rank of each row's target (a catalog row) among all catalog ads, ties pessimistic."""
+    ads = ad_embeddings(model, catalog, schema)
+    queries = query_embeddings(model, rows, schema)
+    return np.concatenate([ranks_of_targets(queries[i:i + batch_size] @ ads.T, targets[i:i + batch_size])
+                           for i in range(0, len(rows), batch_size)] or [np.zeros(0, np.int64)])
 
 
 def evaluate_retrieval(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,
-                       split: DataSplit, ks: tuple[int, ...] = (10, 100)) -> dict:
-    """Recall@K of held-out clicks over the whole catalog, next to most-popular, warm and cold."""
+                       split: DataSplit, ks: tuple[int, ...] = (10, 50, 100),
+                       id_only: IdOnlyRetrieval | None = None) -> dict:
+    """Recall@K and NDCG@K of held-out positives over the whole catalog, on warm and cold-start ads,
+    next to most-popular and (when given) the ID-only two-tower baseline.
+
+    Each held-out positive is one query (its user, context and history at that time) with one
+    relevant ad, so NDCG@K = 1 / log2(rank + 2) inside the top K. Ties count against the target.
+    """
     test_pos = split.test[split.test[schema.click] > 0].reset_index(drop=True)
     row_of = {a: i for i, a in enumerate(catalog[schema.ad_id])}
     targets = test_pos[schema.ad_id].map(row_of).to_numpy()
-    scores = query_embeddings(model, test_pos, schema) @ ad_embeddings(model, catalog, schema).T
-    model_ranks = ranks_of_targets(scores, targets)
+    ranks = {"model": retrieval_ranks(model, schema, catalog, test_pos, targets)}
     train_clicks = split.train[split.train[schema.click] > 0][schema.ad_id].map(row_of)
     counts = np.bincount(train_clicks.to_numpy(), minlength=len(catalog)).astype(np.float64)
-    pop_ranks = popularity_ranks(counts, targets)
+    ranks["most_popular"] = popularity_ranks(counts, targets)
+    if id_only is not None:
+        ranks["id_only"] = id_only.ranks(test_pos[schema.user_id], catalog[schema.ad_id], targets)
     cold = test_pos[schema.ad_id].isin(split.cold_ad_ids(schema)).to_numpy()
+    unseen_user = ~test_pos[schema.user_id].isin(set(split.train[schema.user_id])).to_numpy()
     out = {"test_positives": int(len(test_pos)), "cold_test_positives": int(cold.sum()),
-           "catalog_size": int(len(catalog)),
-           "model": recall_at_k(model_ranks, ks), "most_popular": recall_at_k(pop_ranks, ks),
-           "model_warm": recall_at_k(model_ranks[~cold], ks),
-           "model_cold": recall_at_k(model_ranks[cold], ks)}
+           "unseen_user_test_positives": int(unseen_user.sum()), "catalog_size": int(len(catalog))}
+    if HISTORY in test_pos:
+        out["test_positives_with_history"] = int(sum(bool(h and h[0]) for h in test_pos[HISTORY]))
+    for name, r in ranks.items():
+        out[name] = retrieval_metrics(r, ks)
+        out[f"{name}_warm"] = retrieval_metrics(r[~cold], ks)
+        out[f"{name}_cold"] = retrieval_metrics(r[cold], ks)
+        out[f"{name}_unseen_users"] = retrieval_metrics(r[unseen_user], ks)
+        out[f"{name}_seen_users"] = retrieval_metrics(r[~unseen_user], ks)
     return out
 
 
@@ -400,6 +444,8 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     Returns (catalog, schema, split with catalog ad columns joined, vocabularies).
     """
     catalog, logs, schema = load_job_data(cfg, schema)
+    if cfg.retrieval.history_length:  # per event, from earlier events only: before the window and the split,
+        logs = add_history(logs, cfg.retrieval.history_length, schema)  # as a serving system would know them
     logs = select_time_window(logs, cfg.data.time_window, schema)
     split = time_split(logs, cfg.training.test_fraction, schema)
     if vocabularies is None:
@@ -452,7 +498,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             cached = encode_packed(text.adapter, text.packed_catalog, progress=progress)
             log(f"text encoder {cfg.encoder.preset!r} frozen: cached {len(cached)} ad embeddings "
                 f"in {time.time() - t0:.1f}s")
-        retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached)
+        retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached,
+                                    sampling_counts(fit_rows, schema))
         ds, n_pos = retrieval_dataset(fit_rows, cfg, schema)
         build_model(retrieval, next(iter(ds)), strategy)
         ranking_rows, calibration_rows = fit_rows, None
@@ -488,12 +535,16 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
     finally:
         _set_precision("none")
+    id_only = None
+    if cfg.retrieval.id_only_baseline:  # the tutorial's model as it is: float32, on the same positives
+        id_only = train_id_only(fit_rows, schema, vocabularies, cfg.retrieval, strategy, cfg.training.seed)
+        log(f"ID-only baseline: {cfg.retrieval.baseline_epochs} epochs, batch {cfg.retrieval.baseline_batch_size}")
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,
-                            retrieval=retrieval, ranking=ranking,
+                            retrieval=retrieval, ranking=ranking, id_only=id_only,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
-                                                       cfg.retrieval.top_k_metrics),
+                                                       cfg.retrieval.eval_ks, id_only),
                        "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),

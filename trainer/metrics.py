@@ -1,21 +1,44 @@
-"""Offline metrics computed with numpy: Recall@K over the whole catalog, AUC, log loss, calibration (ECE)."""
+"""Offline metrics computed with numpy: Recall@K and NDCG@K over the whole catalog, AUC, log loss, calibration (ECE)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+TIE_TOLERANCE = 1e-6  # relative: scores this close to the target's count as ties
 
-def ranks_of_targets(scores: np.ndarray, target_columns: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's target among all columns (ties counted pessimistically)."""
-    target_scores = scores[np.arange(len(scores)), target_columns]
-    return (scores > target_scores[:, None]).sum(axis=1) + (
-        (scores == target_scores[:, None]).sum(axis=1) - 1)
+
+def ranks_of_targets(scores: np.ndarray, target_columns: np.ndarray, tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+    """0-based rank of each row's target among all columns, ties counted pessimistically.
+
+    The target goes below every column that scores at least as high, within a relative
+    `tolerance`: ads sharing one embedding (e.g. every cold ad in an ID-only model's OOV bucket)
+    can score a few ulps apart after a matrix product, and must not pass as ranked ahead of one
+    another. A non-finite target score ranks last.
+    """
+    scores = np.asarray(scores)
+    target_scores = scores[np.arange(len(scores)), target_columns][:, None]
+    slack = tolerance * np.maximum(np.abs(target_scores), 1.0)
+    at_least = (scores >= target_scores - slack).sum(axis=1) - 1  # every other column, ties included
+    return np.where(np.isfinite(target_scores[:, 0]), at_least, scores.shape[1] - 1)
 
 
 def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
     if len(ranks) == 0:
         return {f"recall@{k}": float("nan") for k in ks}
     return {f"recall@{k}": float(np.mean(ranks < k)) for k in ks}
+
+
+def ndcg_at_k(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """NDCG@K with one relevant item per query: 1 / log2(rank + 2) when rank < K, else 0 (ideal DCG is 1)."""
+    if len(ranks) == 0:
+        return {f"ndcg@{k}": float("nan") for k in ks}
+    gain = 1.0 / np.log2(np.asarray(ranks, dtype=np.float64) + 2.0)
+    return {f"ndcg@{k}": float(np.mean(np.where(ranks < k, gain, 0.0))) for k in ks}
+
+
+def retrieval_metrics(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Recall@K and NDCG@K of one relevant item per query, from its 0-based ranks."""
+    return {**recall_at_k(ranks, ks), **ndcg_at_k(ranks, ks)}
 
 
 def popularity_ranks(train_counts: np.ndarray, target_columns: np.ndarray) -> np.ndarray:

@@ -117,10 +117,11 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
     labels = split.test[schema.click].to_numpy()
     pctr = predict_ctr(trained.ranking, split.test, schema)
 
-    ks = tuple(trained.config.retrieval.top_k_metrics)
+    ks = tuple(trained.config.retrieval.eval_ks)
     ranking = evaluate_ranking(trained.ranking, schema, split)
     ranking["ece"] = expected_calibration_error(labels, pctr, n_bins)
-    metrics = {"retrieval": evaluate_retrieval(trained.retrieval, schema, catalog, split, ks), "ranking": ranking}
+    metrics = {"retrieval": evaluate_retrieval(trained.retrieval, schema, catalog, split, ks, trained.id_only),
+               "ranking": ranking}
     rng = np.random.default_rng(0)
     sample = rng.integers(0, len(catalog), size=(len(scores), min(20, len(catalog))))
     return Evaluation(metrics=metrics, model_ranks=ranks_of_targets(scores, targets),
@@ -246,13 +247,13 @@ def write_report(trained: TrainedModels, out_dir: str | Path, source: str = "") 
         images["Training curves"] = _save(fig, out / "training_curves.png")
 
     r, k = ev.metrics["retrieval"], ev.metrics["ranking"]
-    recall_rows = {f"{name} {key}": value for name in ("model", "model_warm", "model_cold", "most_popular")
-                   for key, value in r[name].items()}
+    names = [f"{m}{s}" for m in ("model", "id_only", "most_popular") for s in ("", "_warm", "_cold")]
+    recall_rows = {f"{name} {key}": value for name in names if name in r for key, value in r[name].items()}
     sections = [
         f"<h1>adrec evaluation</h1><p>{html.escape(source)}: {r['catalog_size']} ads, "
         f"{k['test_impressions']} held-out impressions, {r['test_positives']} held-out clicks "
         f"({r['cold_test_positives']} on cold-start ads).</p>",
-        "<h2>Retrieval</h2>" + _table(recall_rows),
+        "<h2>Retrieval (Recall@K, NDCG@K)</h2>" + _table(recall_rows),
         "<h2>Ranking (CTR: served pCTR, position dropped, calibrated)</h2>" + _table(
             {key: k[key] for key in ("auc", "auc_with_position", "oracle_auc", "oracle_auc_no_position", "logloss",
                                      "ece", "ece_uncalibrated", "mean_pctr", "ctr") if key in k}),

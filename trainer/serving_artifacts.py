@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from features.history import HISTORY, history_matrix
 from features.schema import FeatureSchema
 from serving.config import (
     BATCHING_FILE,
@@ -34,10 +35,11 @@ from serving.warmup import predict_request, write_warmup_file
 WARMUP_BATCH_SIZES = (1, 8)
 
 
-def signature_inputs(schema: FeatureSchema, model_name: str) -> tuple[str, ...]:
+def signature_inputs(schema: FeatureSchema, model_name: str, history: bool = False) -> tuple[str, ...]:
+    """A model's signature inputs; `history`: retrieval and recommender also take the user's history."""
     if model_name == "ranking":
         return (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
-    return tuple(schema.query_features)
+    return (*schema.query_features, HISTORY) if history else tuple(schema.query_features)
 
 
 def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema,
@@ -50,12 +52,22 @@ def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchem
 
 
 def _arrays(rows: pd.DataFrame, names: tuple[str, ...], schema: FeatureSchema) -> dict[str, np.ndarray]:
-    return {n: rows[n].to_numpy(dtype=np.int64) if schema.is_int_feature(n)
-            else rows[n].fillna("").astype(str).to_numpy(dtype=object) for n in names}
+    out = {}
+    for n in names:
+        if n == HISTORY:  # [batch, N] ad ids, padded with ""
+            out[n] = history_matrix(rows[n], len(rows[n].iloc[0]))
+        elif schema.is_int_feature(n):
+            out[n] = rows[n].to_numpy(dtype=np.int64)
+        else:
+            out[n] = rows[n].fillna("").astype(str).to_numpy(dtype=object)
+    return out
 
 
 def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame, schema: FeatureSchema) -> Path:
-    names = signature_inputs(schema, model_name)
+    """Warmup requests from `rows`; a `history` column (the job's per-event histories, as the
+    training rows carry them when the retrieval model reads history) is sent to retrieval and
+    recommender."""
+    names = signature_inputs(schema, model_name, history=HISTORY in rows)
     missing = [n for n in names if n not in rows]
     if missing:
         raise ValueError(f"warmup rows for {model_name!r} lack column(s) {missing}")

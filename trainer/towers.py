@@ -15,8 +15,10 @@ from trainer.text_encoder import BertEncoderAdapter
 class CategoricalEmbedding(tf.keras.layers.Layer):
     """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
 
-    def __init__(self, vocabulary: list, dim: int, is_int: bool, l2: float = 0.0, **kwargs):
+    def __init__(self, vocabulary: list, dim: int, is_int: bool, l2: float = 0.0, oov_rate: float = 0.0,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.oov_rate = oov_rate  # training only: this share of values is looked up as unknown (OOV)
         if is_int:
             self.lookup = tf.keras.layers.IntegerLookup(
                 vocabulary=np.asarray(vocabulary, dtype=np.int64), mask_token=None, num_oov_indices=1)
@@ -26,24 +28,31 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
         self.embedding = tf.keras.layers.Embedding(
             len(vocabulary) + 1, dim, embeddings_regularizer=tf.keras.regularizers.l2(l2) if l2 else None)
 
-    def call(self, values):
-        return self.embedding(self.lookup(values))
+    def call(self, values, training=None):
+        rows = self.lookup(values)
+        if training and self.oov_rate > 0:
+            # Teaches the OOV row what an unknown value means (e.g. users who arrive after training).
+            rows = tf.where(tf.random.uniform(tf.shape(rows)) < self.oov_rate, tf.zeros_like(rows), rows)
+        return self.embedding(rows)
 
 
 class FeatureEmbeddings(tf.keras.layers.Layer):
     """Concatenated embeddings of a fixed list of categorical features."""
 
     def __init__(self, names: tuple[str, ...], vocabularies, dims: dict[str, int],
-                 int_features: tuple[str, ...] = (), l2: float = 0.0, **kwargs):
+                 int_features: tuple[str, ...] = (), l2: float = 0.0, oov_rates: dict[str, float] | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.names = tuple(names)
+        oov_rates = oov_rates or {}
         self.tables = {
-            n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, l2, name=f"emb_{n}")
+            n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, l2, oov_rates.get(n, 0.0),
+                                    name=f"emb_{n}")
             for n in self.names
         }
 
-    def call(self, features):
-        return tf.concat([self.tables[n](features[n]) for n in self.names], axis=-1)
+    def call(self, features, training=None):
+        return tf.concat([self.tables[n](features[n], training=training) for n in self.names], axis=-1)
 
 
 def embedding_dims(names, vocabularies, id_names: tuple[str, ...], id_dim: int, small_dim: int):
@@ -99,6 +108,46 @@ class CatalogText(tf.keras.layers.Layer):
             return tf.gather(self.table, rows)
         pooled = self.encoder(tf.gather(self.token_ids, rows), tf.gather(self.padding_mask, rows))
         return pooled * tf.cast(rows > 0, pooled.dtype)[:, None]  # bfloat16 when BERT runs in bf16
+
+
+class HistoryPooling(tf.keras.layers.Layer):
+    """A [batch, N] history of ad ids ("" = padding) -> masked means of the ads' id and text embeddings.
+
+    Output: [id mean (id_dim), text mean (text_dim, when a text table is given), log(1 + length)].
+    Ids outside the training vocabulary (e.g. ads launched after training) add nothing to the id
+    mean but still add their text; an empty history gives zeros. The text table is a constant of
+    the catalog (the frozen encoder's embeddings), not trained.
+    """
+
+    def __init__(self, ad_vocabulary: list, id_dim: int, catalog_ids: list[str] | None = None,
+                 text_table: np.ndarray | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.id_lookup = tf.keras.layers.StringLookup(
+            vocabulary=[str(v) for v in ad_vocabulary], mask_token=None, num_oov_indices=1)
+        self.id_embedding = tf.keras.layers.Embedding(len(ad_vocabulary) + 1, id_dim, name="history_ad_id")
+        self.text_lookup = None
+        if text_table is not None:
+            self.text_lookup = tf.keras.layers.StringLookup(
+                vocabulary=list(catalog_ids), mask_token=None, num_oov_indices=1)
+            table = np.concatenate([np.zeros((1, text_table.shape[1]), np.float32), text_table.astype(np.float32)])
+            self.text_table = self.add_weight(name="history_text_embeddings", shape=table.shape, trainable=False,
+                                              initializer=tf.keras.initializers.Constant(table))
+
+    @staticmethod
+    def _masked_mean(values, mask):
+        mask = tf.cast(mask, values.dtype)[:, :, None]
+        return tf.reduce_sum(values * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+    def call(self, history):
+        rows = self.id_lookup(history)
+        parts = [self._masked_mean(tf.cast(self.id_embedding(rows), tf.float32), rows > 0)]
+        if self.text_lookup is not None:
+            text_rows = self.text_lookup(history)
+            text = tf.cast(tf.gather(self.text_table, text_rows), tf.float32)  # bf16 under mixed precision
+            parts.append(self._masked_mean(text, text_rows > 0))
+        length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
+        parts.append(tf.math.log1p(length))
+        return tf.concat(parts, axis=-1)
 
 
 class XlaSwitch:
