@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40, help="timed steps for the cached cases")
     parser.add_argument("--uncached-steps", type=int, default=6, help="timed steps when BERT runs per batch")
-    parser.add_argument("--fine-tune", action="store_true", help="also time encoder.mode top_layers and full (BERT trained)")
+    parser.add_argument("--fine-tune", action="store_true", help="also time encoder.mode top_layers and full")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "training_throughput.json")
     args = parser.parse_args(argv)
     cfg = job_config(args.encoder, args.ads, args.batch_size)
