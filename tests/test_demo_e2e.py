@@ -19,8 +19,11 @@ def test_demo_with_pretrained_minilm(tmp_path, capsys):
     assert cfg.encoder.preset == "minilm"
     assert len(result["recommendations"]) == 3
     assert all(len(ads) == 5 for ads in result["recommendations"].values())
+    for user_id, ads in result["recommendations"].items():  # the shown ads never come back
+        assert len(result["next_pages"][user_id]) == 5 and not set(ads["ad_id"]) & set(result["next_pages"][user_id])
     r = result["metrics"]["retrieval"]
     assert r["model"]["recall@100"] > r["most_popular"]["recall@100"]
     assert r["model_cold"]["recall@100"] > 0.1  # cold ads are reachable only through their text
     assert 0.5 < result["metrics"]["ranking"]["auc"] <= 1.0
-    assert "beats most-popular" in printed and "server stopped" in printed
+    assert r["model_cold"]["recall@100"] >= 3 * r["id_only_cold"]["recall@100"]
+    assert "beats most-popular" in printed and "server stopped" in printed and "marked as shown" in printed

@@ -28,23 +28,20 @@ def test_bad_encoder_settings_are_refused(encoder, message):
 
 
 def test_top_layers_mode_trains_only_the_last_layers(tmp_path):
-    from features.split import time_split
-    from features.vocab import build_vocabularies
-    from trainer.job import build_retrieval, join_ad_features, retrieval_dataset
+    from trainer.job import build_retrieval, build_text_assets, prepare_data, retrieval_dataset, sampling_counts
     from trainer.text_encoder import load_backbone
 
     cfg = tiny_config(tmp_path, encoder={"mode": "top_layers", "trainable_layers": 1}, retrieval={"epochs": 1})
-    world, text = _world_and_text(cfg)
+    catalog, schema, split, vocabularies = prepare_data(cfg)
+    text = build_text_assets(cfg, catalog, schema)
     backbone = text.adapter.backbone
     trained_names = {v.path for v in backbone.trainable_variables}
     assert trained_names and all(p.startswith("transformer_layer_1/") for p in trained_names), trained_names
     assert len(text.adapter.trainable_weights) == len(trained_names)
 
-    split = time_split(world.logs, 0.2)
-    model = build_retrieval(cfg, tf.distribute.get_strategy(), world.schema,
-                            build_vocabularies(split.train, world.catalog), world.catalog, text, None)
-    rows = join_ad_features(split.train, world.catalog, world.schema)
-    model.fit(retrieval_dataset(rows, cfg, world.schema)[0], epochs=1, verbose=0)
+    model = build_retrieval(cfg, tf.distribute.get_strategy(), schema, vocabularies, catalog, text, None,
+                            sampling_counts(split.train, schema))
+    model.fit(retrieval_dataset(split.train, cfg, schema)[0], epochs=1, verbose=0)
 
     initial = load_backbone(cfg.encoder, text.tokenizer.vocabulary_size(), seed=cfg.training.seed)
     before = {v.path: v.numpy() for v in initial.variables}

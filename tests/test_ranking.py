@@ -19,6 +19,7 @@ from trainer.job import (
     build_ranking,
     fit_calibration,
     predict_ranking,
+    query_inputs,
     ranking_dataset,
     restore_parts,
     training_checkpoint,
@@ -173,7 +174,8 @@ def _serve_recommender(trained, objective, tmp_path, retrieve_n=None, k=None):
 
 def _query(trained, n=3, exclude=()):
     rows = trained.split.test.iloc[:n]
-    feats = as_numpy_features(rows, trained.schema.query_features, trained.schema)
+    feats = as_numpy_features(rows, query_inputs(trained.schema, trained.config.retrieval.history_length),
+                              trained.schema)
     width = max(1, len(exclude))
     feats["excluded_ad_ids"] = np.array([list(exclude) + [""] * (width - len(exclude))] * n, dtype=object)
     return feats

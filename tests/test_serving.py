@@ -92,10 +92,13 @@ def test_recommend_with_history_pads_and_matches_tf1_servable(client, server, tr
     ads = client.recommend(unknown, CONTEXT, k=5, history=history)
     padded = np.array([[h.encode() for h in history] + [b""] * (HISTORY_LENGTH - len(history))],
                       dtype=object)
-    direct = server.registry.get("recommender").run({**_arrays({**unknown, **CONTEXT}), "history": padded})
+    direct = server.registry.get("recommender").run({**_arrays({**unknown, **CONTEXT}), "history": padded,
+                                                     "excluded_ad_ids": np.array([[""]], dtype=object)})
     assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
     without = client.recommend(unknown, CONTEXT, k=5)
-    assert [a.ad_id for a in without] != [a.ad_id for a in ads]
+    # The history moves the query (retrieval scores); the ranker may still pick the same top 5.
+    assert not np.allclose([a.scores["retrieval_scores"] for a in without],
+                           [a.scores["retrieval_scores"] for a in ads])
     assert [a.ad_id for a in client.recommend(unknown, CONTEXT, k=5, history=[])] == [a.ad_id for a in without]
     long = history * HISTORY_LENGTH  # longer than the model's history: cut to its first N
     cut = client.recommend(unknown, CONTEXT, k=5, history=long)

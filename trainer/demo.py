@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from features.history import HISTORY
 from trainer.config import JobConfig
 from trainer.job import TrainedModels
 from trainer.progress import log
 
 
-def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict]]:
-    """The most active test users, each in the context of their last test impression."""
+def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict, list[str]]]:
+    """The most active test users, each in the context of their last test impression, with the
+    history (recently clicked ads, newest first) a serving system knows at that moment."""
     schema = trained.schema
     test = trained.split.test
     top_users = test[schema.user_id].value_counts().index[:n_users]
@@ -23,22 +25,31 @@ def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict
         user = {n: row[n] for n in (schema.user_id, *schema.user_categoricals)}
         context = {n: (int(row[n]) if schema.is_int_feature(n) else row[n])
                    for n in (*schema.context_categoricals, *schema.context_integers)}
-        requests.append((user, context))
+        history = [a for a in row[HISTORY] if a] if HISTORY in test.columns else []
+        requests.append((user, context, history))
     return requests
 
 
 def format_metrics(metrics: dict) -> str:
     r, k = metrics["retrieval"], metrics["ranking"]
+    ks = [c.split("@")[1] for c in r["model"] if c.startswith("recall@")]
     lines = [f"Retrieval, held-out clicks after the time cutoff ({r['test_positives']} clicks, "
              f"catalog of {r['catalog_size']} ads):",
-             f"  {'':24s}{'Recall@10':>10s}{'Recall@100':>12s}"]
-    for label, key in (("two-tower + BERT", "model"), ("most-popular baseline", "most_popular"),
-                       ("  warm ads (model)", "model_warm"),
-                       (f"  cold-start ads ({r['cold_test_positives']})", "model_cold")):
-        lines.append(f"  {label:24s}{r[key]['recall@10']:10.3f}{r[key]['recall@100']:12.3f}")
-    ratio = r["model"]["recall@100"] / max(r["most_popular"]["recall@100"], 1e-9)
-    verdict = "beats" if ratio > 1 else "DOES NOT beat"
-    lines.append(f"  -> the model {verdict} most-popular at Recall@100 ({ratio:.2f}x)")
+             f"  {'':28s}" + "".join(f"{'Recall@' + c:>11s}" for c in ks) + f"{'NDCG@' + ks[-1]:>10s}"]
+    rows = [("two-tower + BERT + history", "model"), ("ID-only two-tower (TFRS)", "id_only"),
+            ("most-popular", "most_popular"), ("  warm ads (model)", "model_warm"),
+            (f"  cold-start ads ({r['cold_test_positives']}), model", "model_cold"),
+            ("  cold-start ads, ID-only", "id_only_cold")]
+    for label, key in rows:
+        if key in r:
+            lines.append(f"  {label:28s}" + "".join(f"{r[key]['recall@' + c]:11.3f}" for c in ks)
+                         + f"{r[key]['ndcg@' + ks[-1]]:10.3f}")
+    top = f"recall@{ks[-1]}"
+    for name, key in (("most-popular", "most_popular"), ("the ID-only two-tower", "id_only")):
+        if key in r:
+            ratio = r["model"][top] / max(r[key][top], 1e-9)
+            verdict = "beats" if ratio > 1 else "DOES NOT beat"
+            lines.append(f"  -> the model {verdict} {name} at Recall@{ks[-1]} ({ratio:.2f}x)")
     lines.extend(format_ranking_metrics(k))
     return "\n".join(lines)
 
@@ -74,12 +85,12 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
     # Any schema: show one ad categorical (the category when there is one) and the first text field.
     label = ["category"] if "category" in schema.ad_categoricals else list(schema.ad_categoricals[:1])
     text = list(schema.ad_text[:1])
-    shown = {}
+    shown, next_pages = {}, {}
     with ServerProcess(export_dir, lifetime=600) as server:
         log(f"server pid {server.pid} at {server.address}")
         with RecommendationClient(server.address, model_name="recommender") as client:
-            for user, context in demo_requests(trained, n_users):
-                ads = client.recommend_df(user, context, k=k)
+            for user, context, history in demo_requests(trained, n_users):
+                ads = client.recommend_df(user, context, k=k, history=history)
                 ads = ads.join(catalog[label + text], on="ad_id")
                 shown[user["user_id"]] = ads
                 about = ", ".join(str(user[n]) for n in schema.user_categoricals)
@@ -87,8 +98,14 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
                 with pd.option_context("display.width", 160, "display.max_colwidth", 48):
                     print(ads[["rank", "ad_id", *label, "score", "pctr", "pcvr", "retrieval_scores", *text]]
                           .to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+                # The next page of the same request: the ads just shown are excluded in the graph.
+                shown_ids = list(ads["ad_id"])
+                more = client.recommend(user, context, k=k, history=history, exclude=shown_ids)
+                next_pages[user["user_id"]] = [a.ad_id for a in more]
+                print(f"  with those {len(shown_ids)} marked as shown: {', '.join(a.ad_id for a in more)}")
     log(f"server stopped (pid {server.pid})")
     print()
     print(format_metrics(trained.metrics))
     log(f"demo finished in {time.time() - started:.0f}s; models at {export_dir} (version {export.version})")
-    return {"metrics": trained.metrics, "recommendations": shown, "version": export.version}
+    return {"metrics": trained.metrics, "recommendations": shown, "next_pages": next_pages,
+            "version": export.version}
