@@ -35,14 +35,14 @@ def format_metrics(metrics: dict) -> str:
     ks = [c.split("@")[1] for c in r["model"] if c.startswith("recall@")]
     lines = [f"Retrieval, held-out clicks after the time cutoff ({r['test_positives']} clicks, "
              f"catalog of {r['catalog_size']} ads):",
-             f"  {'':28s}" + "".join(f"{'Recall@' + c:>11s}" for c in ks) + f"{'NDCG@' + ks[-1]:>10s}"]
+             f"  {'':30s}" + "".join(f"{'Recall@' + c:>11s}" for c in ks) + f"{'NDCG@' + ks[-1]:>10s}"]
     rows = [("two-tower + BERT + history", "model"), ("ID-only two-tower (TFRS)", "id_only"),
             ("most-popular", "most_popular"), ("  warm ads (model)", "model_warm"),
             (f"  cold-start ads ({r['cold_test_positives']}), model", "model_cold"),
             ("  cold-start ads, ID-only", "id_only_cold")]
     for label, key in rows:
         if key in r:
-            lines.append(f"  {label:28s}" + "".join(f"{r[key]['recall@' + c]:11.3f}" for c in ks)
+            lines.append(f"  {label:30s}" + "".join(f"{r[key]['recall@' + c]:11.3f}" for c in ks)
                          + f"{r[key]['ndcg@' + ks[-1]]:10.3f}")
     top = f"recall@{ks[-1]}"
     for name, key in (("most-popular", "most_popular"), ("the ID-only two-tower", "id_only")):
