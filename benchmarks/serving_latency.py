@@ -134,6 +134,8 @@ def bench_catalog(n_ads: int, n_requests: int, concurrencies: list[int], k: int)
         history_shape = servable.signature()[0].get("history")  # the user's recent ads: none here
         for item in graph_items if history_shape is not None else []:
             item["history"] = np.full((1, history_shape.shape[1]), "", dtype=object)
+        for item in graph_items:  # nothing excluded, as the client sends it
+            item["excluded_ad_ids"] = np.array([[""]], dtype=object)
         for item in graph_items[:20]:
             servable.run(item)
 

@@ -63,7 +63,7 @@ def set_policies(precision: str) -> None:
 def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> dict:
     """Build the retrieval model for one case and time fit() over `steps` batches."""
     from trainer.fit import build_model
-    from trainer.job import build_retrieval, build_text_assets, retrieval_dataset
+    from trainer.job import build_retrieval, build_text_assets, retrieval_dataset, sampling_counts
     from trainer.text_encoder import encode_packed
 
     catalog, rows, schema = data
@@ -82,7 +82,8 @@ def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> d
             cache_s = time.perf_counter() - t0
         elif path == "uncached":
             cfg.encoder.mode = "full"  # CatalogText runs the encoder per batch; its weights stay untrained
-        model = build_retrieval(cfg, strategy, schema, vocabularies(rows, catalog, schema), catalog, text, cached)
+        model = build_retrieval(cfg, strategy, schema, vocabularies(rows, catalog, schema), catalog, text, cached,
+                                sampling_counts(rows, schema))
         ds = retrieval_dataset(rows, cfg, schema)[0].repeat()
         build_model(model, next(iter(ds)), strategy)
         model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)  # trace and warm up
@@ -105,10 +106,11 @@ def vocabularies(rows, catalog, schema):
 
 
 def load(cfg):
-    from trainer.job import join_ad_features, load_job_data
+    """The job's training rows (catalog columns and per-event histories joined), as `adrec train` has them."""
+    from trainer.job import prepare_data
 
-    catalog, logs, schema = load_job_data(cfg)
-    return catalog, join_ad_features(logs, catalog, schema), schema
+    catalog, schema, split, _ = prepare_data(cfg)
+    return catalog, split.train, schema
 
 
 def table(results: list[dict]) -> str:

@@ -1,0 +1,29 @@
+"""Every benchmark still runs (on tiny inputs): they are not in the suite otherwise, and a model
+change that breaks one would go unseen until the next `make bench`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+CASES = {
+    "training_throughput": ["--encoder", "tiny", "--ads", "200", "--batch-size", "64", "--steps", "2",
+                            "--uncached-steps", "1"],
+    "serving_latency": ["--ads", "300", "--requests", "20"],
+    "retrieval_scaling": ["--ads", "2000", "--min-calls", "2", "--min-seconds", "0.05"],
+    "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_writes_its_report(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *CASES[name], "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # read_logs writes its own JSON (it keeps TensorFlow out of its RSS); the others name themselves.
+    assert report.get("benchmark", name) == name and len(report) > 1, report
