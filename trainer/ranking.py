@@ -3,7 +3,7 @@ multi-task heads (pCTR, and pCVR trained the ESMM way over all impressions), a s
 tower used only in training, and in-graph calibrators for the served probabilities.
 
 Training objective (per impression):
-    ctr_logit_train = ctr_logit + position_logit(position, device, placement)
+    ctr_logit_train = ctr_logit + position_logit(position[, position_tower_context])
     loss = ctr_loss_weight   * BCE(click,              sigmoid(ctr_logit_train))
          + ctcvr_loss_weight * BCE(click * conversion, sigmoid(ctr_logit_train) * sigmoid(cvr_logit))
 pCVR is never fitted on clicked rows alone: it is supervised only through pCTCVR = pCTR x pCVR over
@@ -30,7 +30,7 @@ MAX_POSITION = 20  # positions above this share one embedding
 
 
 class PositionTower(tf.keras.layers.Layer):
-    """Shallow tower: position (+ device, placement when the schema has them) -> one logit."""
+    """Shallow tower: position (+ `ranking.position_tower_context` categoricals) -> one logit."""
 
     def __init__(self, context: dict[str, list], units: int = 16, **kwargs):
         super().__init__(**kwargs)
@@ -78,7 +78,7 @@ class RankingModel(tfrs.Model):
         self.heads = tf.keras.layers.Dense(2, dtype="float32", name="ctr_cvr_heads")
         self.use_position = bool(use_position and cfg.position_tower and schema.position)
         self.use_conversion = bool(use_conversion and schema.conversion and cfg.ctcvr_loss_weight > 0)
-        context = {n: vocabularies[n] for n in ("device", "placement") if n in schema.context_categoricals}
+        context = {n: vocabularies[n] for n in cfg.position_tower_context if n in schema.context_categoricals}
         self.position_tower = PositionTower(context, name="position_tower") if self.use_position else None
         self.ctr_calibrator = Calibrator(cfg.calibration_knots, name="ctr_calibrator")
         self.cvr_calibrator = Calibrator(cfg.calibration_knots, name="cvr_calibrator")
