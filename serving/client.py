@@ -183,9 +183,9 @@ class RecommendationClient:
             given = inputs.get(EXCLUDED_AD_IDS)
             if given is None:
                 batch = len(next(iter(inputs.values())))
-                inputs[EXCLUDED_AD_IDS] = _excluded_matrix([None] * batch)
+                inputs[EXCLUDED_AD_IDS] = _padded_ad_ids([[]] * batch)
             elif not isinstance(given, np.ndarray):
-                inputs[EXCLUDED_AD_IDS] = _excluded_matrix(list(given))
+                inputs[EXCLUDED_AD_IDS] = _padded_ad_ids([_ad_id_list(e, EXCLUDED_AD_IDS) for e in given])
         for name, values in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype=specs.get(name)))
         response = self._call(self._stub.Predict, request)
@@ -195,15 +195,16 @@ class RecommendationClient:
         specs = self.signature_inputs(model_name)
         shapes = self._shapes.get(model_name or self.model_name, {})
         batch = {}
-        if HISTORY not in specs and any(len(_history_of(r)) for r in rows):
+        if HISTORY not in specs and any(_ad_id_list(r.get(HISTORY), HISTORY) for r in rows):
             raise RequestError(f"model {model_name or self.model_name!r} takes no {HISTORY!r} "
                                "(it was exported with retrieval.history_length 0)")
         for name, dtype in specs.items():
             if name == EXCLUDED_AD_IDS:
-                batch[name] = _excluded_matrix([r.get(name) for r in rows])
+                batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows])
                 continue
             if name == HISTORY:
-                batch[name] = _pad_histories([_history_of(r) for r in rows], shapes.get(name, [-1, -1])[-1])
+                batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows],
+                                             shapes.get(name, [-1, -1])[-1])
                 continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
             if missing:
@@ -278,39 +279,25 @@ class RecommendationClient:
                              for a in ads])
 
 
-def _excluded_matrix(lists: list) -> np.ndarray:
-    """Per-request ad id lists -> a [batch, M] string array padded with "" (M >= 1)."""
-    clean = []
-    for value in lists:
-        if value is None or isinstance(value, float) and np.isnan(value):
-            value = []
-        if isinstance(value, (str, bytes)):
-            raise RequestError(f"{EXCLUDED_AD_IDS} must be a list of ad ids, got the string {value!r}")
-        clean.append([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value])
-    width = max([1, *(len(v) for v in clean)])
-    out = np.full((len(clean), width), b"", dtype=object)
-    for i, values in enumerate(clean):
-        out[i, :len(values)] = [v.encode("utf-8") for v in values]
-    return out
-
-
-def _history_of(row: Mapping[str, object]) -> list[str]:
-    value = row.get(HISTORY)
+def _ad_id_list(value, name: str) -> list[str]:
+    """One request's list of ad ids (`history`, `excluded_ad_ids`): None/NaN means none, "" entries
+    are padding; a bare string is refused (it would otherwise be read as a list of characters)."""
     if value is None or isinstance(value, float) and np.isnan(value):
         return []
     if isinstance(value, str | bytes):
-        raise RequestError(f"{HISTORY!r} must be a list of ad ids, got a single string {value!r}")
+        raise RequestError(f"{name!r} must be a list of ad ids, got a single string {value!r}")
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value if v is not None and v != ""]
 
 
-def _pad_histories(histories: list[list[str]], width: int) -> np.ndarray:
-    """[batch, width] utf-8 ad ids, padded with b"" and cut to `width` (the most recent kept)."""
+def _padded_ad_ids(lists: list[list[str]], width: int | None = None) -> np.ndarray:
+    """[batch, width] utf-8 ad ids padded with b"" and cut to `width` (the first entries kept);
+    without a width, the longest list's (at least 1)."""
     if width is None or width < 0:
-        width = max((len(h) for h in histories), default=0)
-    out = np.full((len(histories), width), b"", dtype=object)
-    for i, h in enumerate(histories):
-        h = h[:width]
-        out[i, :len(h)] = [v.encode("utf-8") for v in h]
+        width = max([1, *(len(v) for v in lists)])
+    out = np.full((len(lists), width), b"", dtype=object)
+    for i, values in enumerate(lists):
+        values = values[:width]
+        out[i, :len(values)] = [v.encode("utf-8") for v in values]
     return out
 
 
