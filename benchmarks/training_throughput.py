@@ -66,7 +66,7 @@ def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> d
     from trainer.job import build_retrieval, build_text_assets, retrieval_dataset, sampling_counts
     from trainer.text_encoder import encode_packed
 
-    catalog, rows, schema = data
+    catalog, rows, schema, vocab = data
     cfg = copy.deepcopy(cfg)
     cfg.encoder.mode = {"fine-tuned": "full", "top-2 layers": "top_layers"}.get(path, "frozen")
     cfg.encoder.trainable_layers = 2
@@ -82,7 +82,7 @@ def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> d
             cache_s = time.perf_counter() - t0
         elif path == "uncached":
             cfg.encoder.mode = "full"  # CatalogText runs the encoder per batch; its weights stay untrained
-        model = build_retrieval(cfg, strategy, schema, vocabularies(rows, catalog, schema), catalog, text, cached,
+        model = build_retrieval(cfg, strategy, schema, vocab, catalog, text, cached,
                                 sampling_counts(rows, schema))
         ds = retrieval_dataset(rows, cfg, schema)[0].repeat()
         build_model(model, next(iter(ds)), strategy)
@@ -99,18 +99,13 @@ def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> d
             "final_loss": float(history.history["loss"][-1])}
 
 
-def vocabularies(rows, catalog, schema):
-    from features.vocab import build_vocabularies
-
-    return build_vocabularies(rows, catalog, schema)
-
-
 def load(cfg):
-    """The job's training rows (catalog columns and per-event histories joined), as `adrec train` has them."""
+    """The job's training rows (catalog columns and per-event histories joined) and vocabularies,
+    as `adrec train` has them."""
     from trainer.job import prepare_data
 
-    catalog, schema, split, _ = prepare_data(cfg)
-    return catalog, split.train, schema
+    catalog, schema, split, vocab = prepare_data(cfg)
+    return catalog, split.train, schema, vocab
 
 
 def table(results: list[dict]) -> str:
