@@ -208,8 +208,9 @@ class RecommendationClient:
                 continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
             if missing:
+                needed = sorted(set(specs) - {HISTORY, EXCLUDED_AD_IDS})
                 raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
-                                   f"the model needs {sorted(specs)}")
+                                   f"the model needs {needed}")
             values = [r[name] for r in rows]
             try:
                 if dtype == tf.string:

@@ -201,8 +201,10 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
 
 
 def test_client_names_missing_features(client):
-    with pytest.raises(RequestError, match="feature 'device' is missing"):
+    with pytest.raises(RequestError, match="feature 'device' is missing") as err:
         client.recommend(USER, {k: v for k, v in CONTEXT.items() if k != "device"})
+    needed = sorted({*USER, *CONTEXT})  # history and excluded_ad_ids are optional: the client pads them
+    assert str(err.value).endswith(f"the model needs {needed}")
 
 
 def test_model_status_and_metadata(server, client):
@@ -259,6 +261,8 @@ def test_tls_server_and_client(exported_tiny, tmp_path, capsys):
         first = printed.splitlines()[1].split()[1]  # rank, ad_id, ...
         assert cli_main([*argv, "--exclude", first]) == 0
         assert first not in capsys.readouterr().out
+        assert cli_main([*argv, "--history", first, "--history", printed.splitlines()[2].split()[1]]) == 0
+        assert capsys.readouterr().out != printed  # the history moves the query embedding
 
 
 def read_model_config_paths(base):

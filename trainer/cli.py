@@ -72,7 +72,7 @@ def _cmd_recommend(args) -> int:
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
                               retry=RetryPolicy(max_attempts=args.attempts)) as client:
-        frame = client.recommend_df(features, {}, k=args.k, exclude=args.exclude)
+        frame = client.recommend_df(features, {}, k=args.k, history=args.history, exclude=args.exclude)
     print(frame.to_string(index=False))
     return 0
 
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
                      help="user or context feature, e.g. device=mobile hour=20 (repeatable)")
     rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--history", action="append", default=[], metavar="AD_ID",
+                     help="an ad the user recently clicked, most recent first (repeatable)")
     rec.add_argument("--exclude", action="append", default=[], metavar="AD_ID",
                      help="an ad id not to return (already shown, capped; repeatable)")
     rec.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds, retries included")
