@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,15 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("adrec train: error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_tensorboard_logs_losses_metrics_and_learning_rate(trained_tiny):
+    from trainer.report import read_history
+
+    cfg = trained_tiny.config
+    history = read_history(Path(cfg.training.model_dir))
+    for stage, section, metric in (("retrieval", cfg.retrieval, "factorized_top_k/top_100_categorical_accuracy"),
+                                   ("ranking", cfg.ranking, "auc")):
+        tags = history[stage]
+        assert len(tags["loss"]) == section.epochs and metric in tags
+        np.testing.assert_allclose(tags["learning_rate"], [section.learning_rate] * section.epochs, rtol=1e-6)

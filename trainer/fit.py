@@ -41,6 +41,20 @@ def build_model(model, sample_batch, strategy) -> None:
     model.built = True
 
 
+class LearningRateLogger(tf.keras.callbacks.Callback):
+    """Puts the optimizer's learning rate into each epoch's logs, so TensorBoard (which adds it
+    only for schedules), the progress bar and the stage history carry it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        optimizer = self.model.optimizer
+        rate = optimizer.learning_rate
+        if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(optimizer.iterations)
+        logs["learning_rate"] = float(tf.keras.backend.get_value(rate))
+
+
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
               monitor: str | None = None) -> dict:
@@ -59,6 +73,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
+        LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
     ]
     if validation is not None and monitor:
