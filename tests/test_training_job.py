@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_config
@@ -161,3 +163,18 @@ def test_mixed_bfloat16_xla_with_validation_and_early_stopping(tmp_path):
     names = (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
     served = Servable("ranking", 1, export.paths["ranking"]).run(as_numpy_features(rows, names, schema))
     np.testing.assert_allclose(served["pctr"], predict_ctr(trained.ranking, rows, schema), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("cluster, task, chief", [
+    ({"worker": ["a:1", "b:1"]}, ("worker", 0), True),
+    ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
+    ({"chief": ["a:1"], "worker": ["b:1"]}, ("chief", 0), True),  # Vertex AI: workerpool0 is "chief"
+    ({"chief": ["a:1"], "worker": ["b:1"]}, ("worker", 0), False),
+])
+def test_one_chief_per_cluster_as_tf_config_names_it(monkeypatch, cluster, task, chief):
+    from trainer.strategy import is_chief
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": task[0], "index": task[1]}}))
+    strategy = SimpleNamespace(cluster_resolver=SimpleNamespace(task_type=task[0], task_id=task[1]),
+                               extended=SimpleNamespace(_in_multi_worker_mode=lambda: True))
+    assert is_chief(strategy) is chief
