@@ -65,6 +65,8 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     for name in ("retrieval", "ranking", "recommender"):
         assert sorted(p.name for p in (export_dir / name).iterdir()) == ["1"]  # the chief exported once
     assert "exported version 1" in outputs[0] and "exported version" not in outputs[1]
+    for stage in ("retrieval", "ranking"):  # TensorBoard events: the chief's only (tf_keras gives others a temp dir)
+        assert len(list((model_dir / "logs" / stage / "train").glob("events.out.tfevents.*"))) == 1
     assert "2 replica(s)" in outputs[0]
 
 
