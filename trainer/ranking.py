@@ -131,15 +131,12 @@ class RankingModel(tfrs.Model):
         return {"pctr": pctr, "pcvr": pcvr}
 
     def _interact(self, x0):
+        x = x0
+        for cross in self.cross_layers:
+            x = cross(x0, x)
         if self.cfg.architecture == "stacked":
-            x = x0
-            for cross in self.cross_layers:
-                x = cross(x0, x)
             hidden = self.deep(x)
         else:  # parallel: cross network and deep tower side by side on x0, concatenated
-            x = x0
-            for cross in self.cross_layers:
-                x = cross(x0, x)
             hidden = tf.concat([x, self.deep(x0)], axis=-1)
         return tf.cast(self.heads(hidden), tf.float32)
 
