@@ -25,7 +25,8 @@ ROWS_PER_KNOT = 250  # isotonic: held-out rows per knot (64 knots from 16,000 ro
 MIN_STEP = 1e-5  # smallest rise between consecutive isotonic knots (keeps the map strictly monotone)
 
 
-def _sigmoid(x):
+def sigmoid(x):
+    """The logistic function on numpy values."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -53,7 +54,7 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 50) -> t
     y = np.asarray(labels, np.float64)
     a, b = 1.0, 0.0
     for _ in range(iterations):
-        p = _sigmoid(a * x + b)
+        p = sigmoid(a * x + b)
         g = np.array([np.sum((p - y) * x) + 1e-6 * a, np.sum(p - y) + 1e-6 * b])
         s = p * (1 - p)
         h = np.array([[np.sum(s * x * x) + 1e-6, np.sum(s * x)], [np.sum(s * x), np.sum(s) + 1e-6]])
@@ -73,12 +74,12 @@ def fit_knots(logits: np.ndarray, labels: np.ndarray, method: str, knots: int
     y = np.asarray(labels, np.float64)
     if len(x) == 0 or method == "none":
         grid = np.linspace(-12.0, 12.0, knots)
-        return grid.astype(np.float32), _sigmoid(grid).astype(np.float32)
+        return grid.astype(np.float32), sigmoid(grid).astype(np.float32)
     lo, hi = float(x.min()), float(x.max())
     if method == "platt":
         a, b = fit_platt(x, y)
         grid = np.linspace(lo - 1.0, hi + 1.0, knots)
-        return grid.astype(np.float32), _sigmoid(a * grid + b).astype(np.float32)
+        return grid.astype(np.float32), sigmoid(a * grid + b).astype(np.float32)
     order = np.argsort(x, kind="mergesort")
     xs, fitted = x[order], pool_adjacent_violators(y[order])
     uniq, start = np.unique(xs, return_index=True)  # tied scores share one level
@@ -106,7 +107,7 @@ class Calibrator(tf.keras.layers.Layer):
         self.knot_logits = self.add_weight(name="knot_logits", shape=(knots,), trainable=False,
                                            initializer=tf.keras.initializers.Constant(grid))
         self.knot_probs = self.add_weight(name="knot_probs", shape=(knots,), trainable=False,
-                                          initializer=tf.keras.initializers.Constant(_sigmoid(grid)))
+                                          initializer=tf.keras.initializers.Constant(sigmoid(grid)))
         self.method = "none"
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, method: str) -> None:

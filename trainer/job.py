@@ -22,6 +22,7 @@ from features.synthetic import generate_world
 from features.text import TINY, TextPacker, build_word_vocabulary, make_tokenizer
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.baselines import IdOnlyRetrieval, train_id_only
+from trainer.calibration import sigmoid
 from trainer.config import JobConfig, config_to_dict
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.masked_lm import MaskedLMReport, continue_pretraining, load_saved_report, save_encoder
@@ -298,18 +299,14 @@ def ranking_logits(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchem
     return {k: stacked[:, i].astype(np.float64) for i, k in enumerate(keys)}
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def predict_ranking(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
     """What the servables return (calibrated, position dropped) plus the raw probabilities."""
     logits = ranking_logits(model, rows, schema)
     pcvr = (model.cvr_calibrator.numpy_call(logits["cvr"]) if model.use_conversion
             else np.ones(len(logits["cvr"]), np.float32))  # no conversion labels: pCVR is 1 (as served)
     return {"pctr": model.ctr_calibrator.numpy_call(logits["ctr"]), "pcvr": pcvr,
-            "pctr_raw": _sigmoid(logits["ctr"]), "pcvr_raw": _sigmoid(logits["cvr"]),
-            "pctr_with_position": _sigmoid(logits["ctr_train"])}
+            "pctr_raw": sigmoid(logits["ctr"]), "pcvr_raw": sigmoid(logits["cvr"]),
+            "pctr_with_position": sigmoid(logits["ctr_train"])}
 
 
 def predict_ctr(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
@@ -327,14 +324,14 @@ def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSche
     click = rows[schema.click].to_numpy(np.float64)
     model.ctr_calibrator.fit(logits["ctr"], click, method)
     out = {"method": method, "rows": int(len(rows)),
-           "ctr_ece_before": expected_calibration_error(click, _sigmoid(logits["ctr"])),
+           "ctr_ece_before": expected_calibration_error(click, sigmoid(logits["ctr"])),
            "ctr_ece_after": expected_calibration_error(click, model.ctr_calibrator.numpy_call(logits["ctr"]))}
     if ranking_labels(schema, rows)["conversion"] and model.use_conversion:
         clicked = click > 0
         conv = rows[schema.conversion].to_numpy(np.float64)[clicked]
         model.cvr_calibrator.fit(logits["cvr"][clicked], conv, method)
         out.update({"clicked_rows": int(clicked.sum()),
-                    "cvr_ece_before": expected_calibration_error(conv, _sigmoid(logits["cvr"][clicked])),
+                    "cvr_ece_before": expected_calibration_error(conv, sigmoid(logits["cvr"][clicked])),
                     "cvr_ece_after": expected_calibration_error(
                         conv, model.cvr_calibrator.numpy_call(logits["cvr"][clicked]))})
     return out
