@@ -18,7 +18,7 @@ from features.dataset import make_dataset
 from features.schema import FeatureSchema
 from features.vocab import Vocabularies
 from trainer.config import RetrievalConfig
-from trainer.metrics import ranks_of_targets
+from trainer.metrics import ranks_in_batches
 
 ID_ONLY_DIM = 32
 
@@ -51,10 +51,8 @@ class IdOnlyRetrieval(tfrs.Model):
 
     def ranks(self, user_ids, catalog_ad_ids, targets: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """0-based rank of each target (a catalog row) for each user, ties pessimistic."""
-        users = self.embed(self.user_model, user_ids)
-        ads = self.embed(self.ad_model, catalog_ad_ids)
-        return np.concatenate([ranks_of_targets(users[i:i + batch_size] @ ads.T, targets[i:i + batch_size])
-                               for i in range(0, len(users), batch_size)] or [np.zeros(0, np.int64)])
+        return ranks_in_batches(self.embed(self.user_model, user_ids), self.embed(self.ad_model, catalog_ad_ids),
+                                targets, batch_size)
 
 
 def train_id_only(rows: pd.DataFrame, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,

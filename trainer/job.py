@@ -31,7 +31,7 @@ from trainer.metrics import (
     expected_calibration_error,
     log_loss,
     popularity_ranks,
-    ranks_of_targets,
+    ranks_in_batches,
     retrieval_metrics,
 )
 from trainer.progress import log
@@ -248,10 +248,8 @@ def query_embeddings(model: RetrievalModel, rows: pd.DataFrame, schema: FeatureS
 def retrieval_ranks(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,
                     rows: pd.DataFrame, targets: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """0-based rank of each row's target (a catalog row) among all catalog ads, ties pessimistic."""
-    ads = ad_embeddings(model, catalog, schema)
-    queries = query_embeddings(model, rows, schema)
-    return np.concatenate([ranks_of_targets(queries[i:i + batch_size] @ ads.T, targets[i:i + batch_size])
-                           for i in range(0, len(rows), batch_size)] or [np.zeros(0, np.int64)])
+    return ranks_in_batches(query_embeddings(model, rows, schema), ad_embeddings(model, catalog, schema),
+                            targets, batch_size)
 
 
 def evaluate_retrieval(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,

@@ -22,6 +22,14 @@ def ranks_of_targets(scores: np.ndarray, target_columns: np.ndarray, tolerance: 
     return np.where(np.isfinite(target_scores[:, 0]), at_least, scores.shape[1] - 1)
 
 
+def ranks_in_batches(queries: np.ndarray, items: np.ndarray, target_columns: np.ndarray,
+                     batch_size: int = 4096) -> np.ndarray:
+    """`ranks_of_targets` of dot-product scores (queries @ items^T), a batch of queries at a time so
+    the score matrix stays [batch_size, n_items]."""
+    return np.concatenate([ranks_of_targets(queries[i:i + batch_size] @ items.T, target_columns[i:i + batch_size])
+                           for i in range(0, len(queries), batch_size)] or [np.zeros(0, np.int64)])
+
+
 def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
     if len(ranks) == 0:
         return {f"recall@{k}": float("nan") for k in ks}
