@@ -9,11 +9,11 @@ from serving.servable import Servable
 from trainer.export import (
     TF_TEXT_OPS,
     ExportError,
-    as_numpy_features,
     export_all,
     graph_ops,
 )
 from trainer.job import ad_embeddings, predict_ctr, predict_ranking, query_embeddings, query_inputs
+from trainer.serving_artifacts import as_numpy_features
 
 
 def _requests(trained, n=12):

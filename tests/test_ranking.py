@@ -13,7 +13,7 @@ from features.vocab import build_vocabularies
 from serving.servable import Servable
 from trainer.calibration import Calibrator, fit_knots, pool_adjacent_violators
 from trainer.config import config_from_dict
-from trainer.export import PAD_AD_ID, RecommenderServable, as_numpy_features
+from trainer.export import PAD_AD_ID, RecommenderServable
 from trainer.fit import build_model
 from trainer.job import (
     build_ranking,
@@ -25,6 +25,7 @@ from trainer.job import (
     training_checkpoint,
 )
 from trainer.metrics import expected_calibration_error
+from trainer.serving_artifacts import as_numpy_features
 
 
 # ---------------------------------------------------------------------------- calibration

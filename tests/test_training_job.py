@@ -107,7 +107,7 @@ def test_killed_job_resumes_without_lost_or_repeated_steps(tmp_path):
 
 def _recall_of_export(path: Path, trained, k: int) -> float:
     from serving.servable import Servable
-    from trainer.export import as_numpy_features
+    from trainer.serving_artifacts import as_numpy_features
 
     schema = trained.schema
     test = trained.split.test[trained.split.test[schema.click] > 0]
@@ -143,8 +143,9 @@ def test_warm_start_exports_next_version_that_does_better_on_new_logs(tmp_path):
 
 def test_mixed_bfloat16_xla_with_validation_and_early_stopping(tmp_path):
     from serving.servable import Servable
-    from trainer.export import as_numpy_features, export_all, graph_ops
+    from trainer.export import export_all, graph_ops
     from trainer.job import predict_ctr, run_training
+    from trainer.serving_artifacts import as_numpy_features
 
     cfg = tiny_config(tmp_path, retrieval={"epochs": 2}, ranking={"epochs": 2},
                       training={"mixed_precision": "mixed_bfloat16", "validation_fraction": 0.15,

@@ -29,14 +29,13 @@ import tensorflow_recommenders as tfrs
 import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking graph uses)
 from tensorflow.core.protobuf import saved_model_pb2
 
-from features.history import HISTORY, history_matrix
+from features.history import HISTORY
 from features.schema import FeatureSchema
 from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
 from trainer.job import TrainedModels, ad_embeddings
 
 MODEL_NAMES = ("retrieval", "ranking", "recommender")
-EXCLUDED_INPUT = EXCLUDED_AD_IDS  # recommender input: [batch, M] ad ids not to return, padded with ""
 PAD_AD_ID = ""  # recommender output sentinel: fewer than k ads remained after exclusions
 OBJECTIVES = ("pctr", "ecpm", "cpa")
 METADATA_FILE = "adrec.json"
@@ -170,12 +169,12 @@ class RecommenderServable(tf.Module):
                                       name="text_embeddings")
         self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
         specs = _query_specs(schema, self.query_tower.history_length)
-        specs[EXCLUDED_INPUT] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_INPUT)
+        specs[EXCLUDED_AD_IDS] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_AD_IDS)
 
         @tf.function(input_signature=[specs])
         def serve(features):
-            excluded = features[EXCLUDED_INPUT]
-            query = {name: value for name, value in features.items() if name != EXCLUDED_INPUT}  # + history
+            excluded = features[EXCLUDED_AD_IDS]
+            query = {name: value for name, value in features.items() if name != EXCLUDED_AD_IDS}  # + history
             # Over-fetch by the most real (non-"") exclusions any request in the batch carries.
             listed = tf.reduce_sum(tf.cast(tf.not_equal(excluded, PAD_AD_ID), tf.int32), axis=1)
             fetch = tf.minimum(n + tf.maximum(tf.reduce_max(listed), 0), size)
@@ -246,7 +245,7 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
     if name == "ranking":
         inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
     if name == "recommender":
-        inputs[EXCLUDED_INPUT] = "string [batch, M], padded with ''"
+        inputs[EXCLUDED_AD_IDS] = "string [batch, M], padded with ''"
     return {"model": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signature": "serving_default", "inputs": inputs, "outputs": outputs,
             "encoder": trained.config.encoder.preset, "catalog_size": int(len(trained.catalog)),
@@ -304,16 +303,3 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(version=version, paths={n: target for n, (_, target) in staged.items()})
-
-
-def as_numpy_features(frame, names, schema: FeatureSchema) -> dict[str, np.ndarray]:
-    """Raw request values in the dtypes the signatures take."""
-    out = {}
-    for n in names:
-        if n == HISTORY:
-            out[n] = history_matrix(frame[n], len(frame[n].iloc[0]) if len(frame) else 0)
-        elif schema.is_int_feature(n):
-            out[n] = frame[n].to_numpy(dtype=np.int64)
-        else:
-            out[n] = frame[n].astype(str).to_numpy(dtype=object)
-    return out

@@ -51,11 +51,12 @@ def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchem
     return rows.drop(columns=[c for c in schema.ad_text if c in rows]).merge(text, on=schema.ad_id, how="left")
 
 
-def _arrays(rows: pd.DataFrame, names: tuple[str, ...], schema: FeatureSchema) -> dict[str, np.ndarray]:
+def as_numpy_features(rows: pd.DataFrame, names, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Raw request values in the dtypes the signatures take (warmup requests, tests, benchmarks)."""
     out = {}
     for n in names:
         if n == HISTORY:  # [batch, N] ad ids, padded with ""
-            out[n] = history_matrix(rows[n], len(rows[n].iloc[0]))
+            out[n] = history_matrix(rows[n], len(rows[n].iloc[0]) if len(rows) else 0)
         elif schema.is_int_feature(n):
             out[n] = rows[n].to_numpy(dtype=np.int64)
         else:
@@ -75,7 +76,7 @@ def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame
     for b in WARMUP_BATCH_SIZES:
         if b > len(rows):
             continue
-        arrays = _arrays(rows.head(b), names, schema)
+        arrays = as_numpy_features(rows.head(b), names, schema)
         if model_name == "recommender":  # exclude the ad each logged row already showed
             arrays[EXCLUDED_AD_IDS] = rows[schema.ad_id].head(b).astype(str).to_numpy(dtype=object)[:, None]
         requests.append(predict_request(model_name, arrays))
