@@ -105,7 +105,7 @@ def bench_catalog(n_ads: int, n_requests: int, concurrencies: list[int], k: int)
     from serving.client import RecommendationClient
     from serving.process import ServerProcess
     from serving.servable import Servable
-    from trainer.job import ad_embeddings, query_embeddings
+    from trainer.evaluate import ad_embeddings, query_embeddings
 
     results = []
     with tempfile.TemporaryDirectory(prefix=f"adrec-bench-{n_ads}-") as tmp:

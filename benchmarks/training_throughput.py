@@ -63,8 +63,10 @@ def set_policies(precision: str) -> None:
 
 def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> dict:
     """Build the retrieval model for one case and time fit() over `steps` batches."""
+    from trainer.builders import build_retrieval, build_text_assets
     from trainer.fit import build_model
-    from trainer.job import build_retrieval, build_text_assets, retrieval_dataset, sampling_counts
+    from trainer.inputs import retrieval_dataset
+    from trainer.prepare import sampling_counts
     from trainer.text_encoder import encode_packed
 
     catalog, rows, schema, vocab = data
@@ -103,7 +105,7 @@ def run_case(cfg, data, path: str, precision: str, steps: int, warmup: int) -> d
 def load(cfg):
     """The job's training rows (catalog columns and per-event histories joined) and vocabularies,
     as `adrec train` has them."""
-    from trainer.job import prepare_data
+    from trainer.prepare import prepare_data
 
     catalog, schema, split, vocab = prepare_data(cfg)
     return catalog, split.train, schema, vocab

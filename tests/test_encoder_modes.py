@@ -10,7 +10,7 @@ from trainer.config import ConfigError, MaskedLMConfig, config_from_dict
 
 def _world_and_text(cfg, **kwargs):
     from features import generate_world
-    from trainer.job import build_text_assets
+    from trainer.builders import build_text_assets
 
     world = generate_world(cfg.data.synthetic)
     return world, build_text_assets(cfg, world.catalog, world.schema, **kwargs)
@@ -28,7 +28,9 @@ def test_bad_encoder_settings_are_refused(encoder, message):
 
 
 def test_top_layers_mode_trains_only_the_last_layers(tmp_path):
-    from trainer.job import build_retrieval, build_text_assets, prepare_data, retrieval_dataset, sampling_counts
+    from trainer.builders import build_retrieval, build_text_assets
+    from trainer.inputs import retrieval_dataset
+    from trainer.prepare import prepare_data, sampling_counts
     from trainer.text_encoder import load_backbone
 
     cfg = tiny_config(tmp_path, encoder={"mode": "top_layers", "trainable_layers": 1}, retrieval={"epochs": 1})
@@ -57,7 +59,7 @@ def test_top_layers_beyond_the_encoder_depth_is_a_clear_error(tmp_path):
 
 
 def test_masked_lm_adapts_the_encoder_and_saves_a_reusable_preset(tmp_path):
-    from trainer.job import MASKED_LM_DIR, build_text_assets
+    from trainer.builders import MASKED_LM_DIR, build_text_assets
     from trainer.text_encoder import encode_packed
 
     cfg = tiny_config(tmp_path, encoder={"masked_lm": MaskedLMConfig(epochs=4, learning_rate=2e-3)})
@@ -93,7 +95,7 @@ def test_masked_lm_reads_only_the_training_ads(tmp_path):
 
     world = generate_world(cfg.data.synthetic)
     seen = set(world.catalog[world.schema.ad_id][:50])
-    from trainer.job import build_text_assets
+    from trainer.builders import build_text_assets
 
     text = build_text_assets(cfg, world.catalog, world.schema, corpus_ad_ids=seen)
     distinct = len(set(world.schema.ad_text_of(world.catalog[world.catalog[world.schema.ad_id].isin(seen)])))

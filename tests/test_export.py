@@ -6,13 +6,14 @@ import pytest
 import tensorflow as tf
 
 from serving.servable import Servable
+from trainer.evaluate import ad_embeddings, predict_ctr, predict_ranking, query_embeddings
 from trainer.export import (
     TF_TEXT_OPS,
     ExportError,
     export_all,
     graph_ops,
 )
-from trainer.job import ad_embeddings, predict_ctr, predict_ranking, query_embeddings, query_inputs
+from trainer.inputs import query_inputs
 from trainer.serving_artifacts import as_numpy_features
 
 

@@ -91,7 +91,9 @@ def test_retrieval_config_switches_and_ranges():
 def _small_model(tmp_path, **retrieval):
     from features import generate_world, time_split
     from features.vocab import build_vocabularies
-    from trainer.job import build_retrieval, build_text_assets, join_ad_features, retrieval_dataset, sampling_counts
+    from trainer.builders import build_retrieval, build_text_assets
+    from trainer.inputs import retrieval_dataset
+    from trainer.prepare import join_ad_features, sampling_counts
     from trainer.text_encoder import encode_packed
 
     cfg = tiny_config(tmp_path, retrieval=retrieval)

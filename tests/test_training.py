@@ -18,7 +18,9 @@ def _backbone_values(adapter):
 def test_fine_tuning_updates_bert_through_the_adapter(tmp_path):
     from features import generate_world, time_split
     from features.vocab import build_vocabularies
-    from trainer.job import build_retrieval, build_text_assets, join_ad_features, retrieval_dataset
+    from trainer.builders import build_retrieval, build_text_assets
+    from trainer.inputs import retrieval_dataset
+    from trainer.prepare import join_ad_features
 
     cfg = tiny_config(tmp_path, encoder={"mode": "full"}, retrieval={"epochs": 1})
     from features.history import add_history

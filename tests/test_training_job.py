@@ -111,7 +111,7 @@ def _recall_of_export(path: Path, trained, k: int) -> float:
 
     schema = trained.schema
     test = trained.split.test[trained.split.test[schema.click] > 0]
-    from trainer.job import query_inputs
+    from trainer.inputs import query_inputs
 
     names = query_inputs(schema, trained.config.retrieval.history_length)
     out = Servable("retrieval", 0, path).run(as_numpy_features(test, names, schema))
@@ -143,8 +143,9 @@ def test_warm_start_exports_next_version_that_does_better_on_new_logs(tmp_path):
 
 def test_mixed_bfloat16_xla_with_validation_and_early_stopping(tmp_path):
     from serving.servable import Servable
+    from trainer.evaluate import predict_ctr
     from trainer.export import export_all, graph_ops
-    from trainer.job import predict_ctr, run_training
+    from trainer.job import run_training
     from trainer.serving_artifacts import as_numpy_features
 
     cfg = tiny_config(tmp_path, retrieval={"epochs": 2}, ranking={"epochs": 2},

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     from serving.servable import ServableError
     from trainer.config import ConfigError
     from trainer.export import ExportError
-    from trainer.job import DataError
+    from trainer.prepare import DataError
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,8 +9,8 @@ import pandas as pd
 
 from features.history import HISTORY
 from trainer.config import JobConfig
-from trainer.job import TrainedModels
 from trainer.progress import log
+from trainer.trained import TrainedModels
 
 
 def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict, list[str]]]:

@@ -33,7 +33,8 @@ from features.history import HISTORY
 from features.schema import FeatureSchema
 from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
-from trainer.job import TrainedModels, ad_embeddings
+from trainer.evaluate import ad_embeddings
+from trainer.trained import TrainedModels
 
 MODEL_NAMES = ("retrieval", "ranking", "recommender")
 PAD_AD_ID = ""  # recommender output sentinel: fewer than k ads remained after exclusions

@@ -16,31 +16,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from trainer.builders import build_ranking, build_retrieval, build_text_assets
+from trainer.checkpoints import load_warm_start, restore_parts
 from trainer.config import config_from_dict
-from trainer.job import (
-    DataError,
-    TrainedModels,
-    ad_embeddings,
-    build_ranking,
-    build_retrieval,
-    build_text_assets,
-    evaluate_ranking,
-    evaluate_retrieval,
-    load_warm_start,
-    predict_ctr,
-    prepare_data,
-    query_embeddings,
-    ranking_dataset,
-    restore_parts,
-    retrieval_dataset,
-)
+from trainer.evaluate import ad_embeddings, evaluate_ranking, evaluate_retrieval, predict_ctr, query_embeddings
+from trainer.inputs import ranking_dataset, retrieval_dataset
 from trainer.metrics import (
     expected_calibration_error,
     popularity_ranks,
     ranks_of_targets,
     reliability_bins,
 )
+from trainer.prepare import DataError, prepare_data
 from trainer.text_encoder import encode_packed
+from trainer.trained import TrainedModels
 
 
 def load_job(model_dir: str | Path) -> TrainedModels:

@@ -1,0 +1,117 @@
+"""Model builders: text assets (tokenizer, packed catalog, encoder) and the compiled retrieval and ranking models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from features.dataset import frame_to_tensors
+from features.schema import FeatureSchema
+from features.text import TINY, TextPacker, build_word_vocabulary, make_tokenizer
+from trainer.config import JobConfig
+from trainer.inputs import ranking_labels
+from trainer.masked_lm import MaskedLMReport, continue_pretraining, load_saved_report, save_encoder
+from trainer.progress import log
+from trainer.ranking import RankingModel
+from trainer.retrieval import RetrievalModel
+from trainer.strategy import is_chief
+from trainer.text_encoder import BertEncoderAdapter, encode_packed, load_backbone, train_top_layers
+from trainer.towers import CatalogText
+
+
+@dataclass
+class TextAssets:
+    tokenizer: object
+    packer: TextPacker
+    packed_catalog: dict[str, np.ndarray]
+    adapter: BertEncoderAdapter
+    vocabulary: list[str] | None
+    masked_lm: MaskedLMReport | None = None
+
+
+MASKED_LM_DIR = "encoder_masked_lm"  # under training.model_dir: the adapted encoder, a keras-hub preset
+
+
+def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSchema,
+                      corpus_ad_ids: set | None = None, model_dir: Path | None = None,
+                      progress: bool = False) -> TextAssets:
+    """Tokenizer, packed catalog texts and the encoder, adapted by masked-LM first when configured.
+
+    Masked-LM reads the texts of `corpus_ad_ids` (the ads of the training rows: ads that launch
+    later are not known at training time), or the whole catalog when None. A finished masked-LM
+    run saved under `model_dir` is reused instead of run again (restarts, `adrec evaluate`).
+    """
+    texts = schema.ad_text_of(catalog)
+    vocabulary = None
+    if cfg.encoder.preset == TINY:
+        vocabulary = build_word_vocabulary(texts, cfg.encoder.tiny_vocab_size)
+    tokenizer = make_tokenizer(cfg.encoder.preset, vocabulary)
+    packer = TextPacker(tokenizer, cfg.encoder.sequence_length)
+    packed = packer.pack_numpy(texts)
+    backbone = load_backbone(cfg.encoder, tokenizer.vocabulary_size(), seed=cfg.training.seed)
+    report = None
+    if cfg.encoder.masked_lm.epochs > 0:
+        corpus = texts if corpus_ad_ids is None else \
+            schema.ad_text_of(catalog[catalog[schema.ad_id].isin(corpus_ad_ids)])
+        report = _adapt_encoder(cfg, backbone, tokenizer, corpus, model_dir, progress)
+    if cfg.encoder.mode == "top_layers":
+        train_top_layers(backbone, cfg.encoder.trainable_layers)
+    adapter = BertEncoderAdapter(backbone, fine_tune=cfg.encoder.mode != "frozen", name="text_encoder")
+    return TextAssets(tokenizer, packer, packed, adapter, vocabulary, report)
+
+
+def _adapt_encoder(cfg: JobConfig, backbone, tokenizer, corpus: list[str], model_dir: Path | None,
+                   progress: bool) -> MaskedLMReport:
+    saved = Path(model_dir) / MASKED_LM_DIR if model_dir is not None else None
+    report = load_saved_report(saved) if saved is not None else None
+    if report is not None:
+        backbone.load_weights(str(saved / "model.weights.h5"))
+        log(f"text encoder: reusing the masked-LM adapted weights in {saved}")
+        return report
+    report = continue_pretraining(backbone, tokenizer, corpus, cfg.encoder.sequence_length,
+                                  cfg.encoder.masked_lm, seed=cfg.training.seed, progress=progress)
+    if saved is not None and is_chief(tf.distribute.get_strategy()):
+        save_encoder(backbone, tokenizer, report, saved)
+    return report
+
+
+def _compile(model, learning_rate: float, cfg: JobConfig) -> None:
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
+                  steps_per_execution=cfg.training.steps_per_execution)
+
+
+def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, text: TextAssets,
+                    cached: np.ndarray | None, counts: dict[str, float] | None = None) -> RetrievalModel:
+    """`counts`: training positives per ad (`sampling_counts`) for the logQ correction; without them
+    the loss is uncorrected (evaluation-only rebuilds need none)."""
+    catalog_ids = catalog[schema.ad_id].tolist()
+    history_table = None
+    if cfg.retrieval.history_length and cfg.retrieval.history_text:
+        # The query tower pools frozen text embeddings of history ads (fine-tuning: the initial encoder's).
+        history_table = cached if cached is not None else encode_packed(text.adapter, text.packed_catalog)
+    with strategy.scope():
+        if cfg.encoder.mode != "frozen":  # the encoder trains: it runs on every batch
+            catalog_text = CatalogText(catalog_ids, packed_tokens=text.packed_catalog, encoder=text.adapter)
+        else:
+            catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
+        model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
+                               catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
+                               jit_compile=cfg.training.jit_compile, history_text_table=history_table,
+                               sampling_counts=counts)
+        _compile(model, cfg.retrieval.learning_rate, cfg)
+    return model
+
+
+def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray,
+                  rows: pd.DataFrame | None = None) -> RankingModel:
+    has = ranking_labels(schema, rows)
+    with strategy.scope():
+        catalog_text = CatalogText(catalog[schema.ad_id].tolist(), cached_embeddings=cached)
+        model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile,
+                             use_position=has["position"], use_conversion=has["conversion"])
+        _compile(model, cfg.ranking.learning_rate, cfg)
+    return model

@@ -1,0 +1,60 @@
+"""The job's final checkpoint: what it holds, how the chief writes it, how a warm start reads it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from features.vocab import Vocabularies
+from trainer.config import config_to_dict
+from trainer.prepare import DataError
+from trainer.ranking import RankingModel
+from trainer.retrieval import RetrievalModel
+from trainer.strategy import is_chief
+from trainer.trained import TrainedModels
+
+
+def training_checkpoint(retrieval: RetrievalModel | None, ranking: RankingModel | None) -> tf.train.Checkpoint:
+    """The job's final checkpoint layout: the trained parts of the given models (what a warm start reads)."""
+    parts = {}
+    if retrieval is not None:
+        parts["retrieval"] = tf.train.Checkpoint(**retrieval.checkpoint_parts())
+    if ranking is not None:
+        parts["ranking"] = tf.train.Checkpoint(**ranking.checkpoint_parts())
+    return tf.train.Checkpoint(**parts)
+
+
+def save_checkpoint(trained: TrainedModels, strategy, model_dir: Path) -> Path | None:
+    """Checkpoint both models; only the chief writes where others can see it."""
+    ckpt = training_checkpoint(trained.retrieval, trained.ranking)
+    chief = is_chief(strategy)
+    target = model_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="adrec-worker-ckpt-"))
+    path = tf.train.CheckpointManager(ckpt, str(target), max_to_keep=3).save()
+    if not chief:
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    (model_dir / "metrics.json").write_text(json.dumps(trained.metrics, indent=2))
+    (model_dir / "config.json").write_text(json.dumps(config_to_dict(trained.config), indent=2))
+    (model_dir / "vocabularies.json").write_text(json.dumps(trained.vocabularies.to_dict()))
+    return Path(path)
+
+
+def load_warm_start(warm_dir: Path) -> tuple[Vocabularies, str]:
+    vocab_file = warm_dir / "vocabularies.json"
+    latest = tf.train.latest_checkpoint(str(warm_dir / "checkpoints"))
+    if not vocab_file.exists() or latest is None:
+        raise DataError(f"--warm-start {warm_dir}: no finished job there (need vocabularies.json and "
+                        "checkpoints/)")
+    return Vocabularies.from_dict(json.loads(vocab_file.read_text())), latest
+
+
+def restore_parts(checkpoint_path: str | None, retrieval: RetrievalModel | None = None,
+                  ranking: RankingModel | None = None) -> None:
+    """Warm start: fill the given (built) models' trained parts from a job's final checkpoint."""
+    if checkpoint_path is None:
+        return
+    training_checkpoint(retrieval, ranking).read(checkpoint_path).expect_partial().assert_existing_objects_matched()

@@ -1,0 +1,36 @@
+"""Input pipelines: which columns each model reads, and the tf.data datasets of training rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from features.dataset import make_dataset
+from features.history import HISTORY
+from features.schema import FeatureSchema
+from trainer.config import JobConfig
+
+
+def ranking_labels(schema: FeatureSchema, rows: pd.DataFrame | None = None) -> dict[str, bool]:
+    """Which optional ranking columns the data has: a position (position tower) and conversions (CVR)."""
+    def has(name):
+        return bool(name) and (rows is None or name in rows.columns)
+    return {"position": has(schema.position), "conversion": has(schema.conversion)}
+
+
+def query_inputs(schema: FeatureSchema, history_length: int) -> tuple[str, ...]:
+    """The retrieval query tower's inputs (and the retrieval/recommender signatures' inputs)."""
+    return (*schema.query_features, HISTORY) if history_length else tuple(schema.query_features)
+
+
+def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
+    positives = rows[rows[schema.click] > 0]
+    ds = make_dataset(positives, (*query_inputs(schema, cfg.retrieval.history_length), *schema.ad_string_features),
+                      cfg.retrieval.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
+    return ds, len(positives)
+
+
+def ranking_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
+    has = ranking_labels(schema, rows)
+    extra = tuple(getattr(schema, name) for name in ("position", "conversion") if has[name])
+    return make_dataset(rows, (*schema.query_features, *schema.ad_string_features, schema.click, *extra),
+                        cfg.ranking.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)
