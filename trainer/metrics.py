@@ -97,3 +97,34 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, n_
     used = bins["count"] > 0
     gaps = np.abs(bins["observed_rate"][used] - bins["mean_predicted"][used])
     return float(np.sum(bins["count"][used] * gaps) / bins["count"].sum())
+
+
+def ranks_with_exclusions(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray],
+                          popularity: np.ndarray, tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+    """0-based rank of each row's target among the columns it may be given, the same rule for every method.
+
+    `excluded[i]`: the columns row i may not return (they rank nowhere); a target among them, or with
+    a non-finite score, counts as ranked last (`scores.shape[1]`, a miss at every K). Scores within
+    `tolerance` (relative) of the target's are ties, broken by `popularity` (training positives per
+    column, higher first); what still ties counts against the target.
+    """
+    scores = np.array(scores, dtype=np.float64)
+    n, n_items = scores.shape
+    rows = np.arange(n)
+    for i, cols in enumerate(excluded):
+        if len(cols):
+            scores[i, cols] = -np.inf
+    target_scores = scores[rows, targets][:, None]
+    slack = tolerance * np.maximum(np.abs(target_scores), 1.0)
+    above = scores > target_scores + slack
+    tie = ~above & (scores >= target_scores - slack)
+    pop = np.asarray(popularity, np.float64)
+    target_pop = pop[targets][:, None]
+    ahead = above | (tie & (pop[None, :] >= target_pop))
+    ranks = ahead.sum(axis=1) - 1  # the target itself is always counted once
+    return np.where(np.isfinite(target_scores[:, 0]), ranks, n_items)
+
+
+def mrr(ranks: np.ndarray) -> float:
+    """Mean reciprocal rank of one relevant item per query (a miss, rank = n_items, adds ~0)."""
+    return float(np.mean(1.0 / (np.asarray(ranks, np.float64) + 1.0))) if len(ranks) else float("nan")
