@@ -28,6 +28,7 @@ class Interactions:
     n_users: int
     n_items: int
     user_ids: list[str] = field(default_factory=list)  # code -> raw user id
+    item_ids: list[str] = field(default_factory=list)  # catalog row -> raw ad id
 
     def __post_init__(self):
         self.users = np.asarray(self.users, np.int32)
