@@ -46,7 +46,7 @@ def train_and_export(n_ads: int, workdir: Path):
     cfg.data.synthetic = SyntheticConfig(n_users=1000, n_advertisers=max(30, n_ads // 100), n_ads=n_ads,
                                          n_impressions=20000)
     cfg.retrieval.epochs = 1
-    cfg.retrieval.id_only_baseline = False  # quality baselines are not what this measures
+    cfg.evaluation.baselines = ()  # quality baselines are not what this measures
     cfg.ranking.epochs = 1
     cfg.export.retrieve_n = 100
     cfg.export.recommend_k = 10

@@ -107,7 +107,8 @@ def load(cfg):
     as `adrec train` has them."""
     from trainer.prepare import prepare_data
 
-    catalog, schema, split, vocab = prepare_data(cfg)
+    data = prepare_data(cfg)
+    catalog, schema, split, vocab = data.catalog, data.schema, data.split, data.vocabularies
     return catalog, split.train, schema, vocab
 
 

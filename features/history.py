@@ -1,10 +1,16 @@
-"""Per-event interaction history: the user's last N positively-interacted ad ids before each event.
+"""Interaction histories: the positive ad ids a query may know about, most recent first.
 
-The history of an event is built only from the same user's positive events with a strictly
-earlier timestamp (events in the same second are not "before"), so neither the event itself
-nor anything later leaks into it. It is computed on the whole log sorted by time, before the
-time split: a held-out event may see earlier held-out events of its user, because a serving
-system knows them when the request comes. Histories are most recent first, padded with "".
+Two rules, one implementation (`build_histories`), used for training rows, evaluation queries and
+serving requests alike, so what a model trains on is what it is served:
+- `before`: the user's positives with a strictly earlier timestamp (events in the same second are
+  not "before"), so neither the event itself nor anything later leaks in. This is what a serving
+  system knows when a request comes, and what training rows see under time-ordered protocols.
+- `all`: all of the user's positives among the given sources, whatever their time, except the
+  query's own row. Under a random split the held-out queries know the user's training positives
+  at any time, so training rows see the same kind of history (all other training positives).
+
+Sources are the rows that may enter histories (e.g. training positives only, so no held-out label
+ever becomes an input). Histories are padded with "" to `length` and keep the most recent entries.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from features.schema import DEFAULT_SCHEMA, FeatureSchema
 
 HISTORY = "history"  # the column (and the exported models' input) holding the history
 PAD = ""
+RULES = ("before", "all")
 
 
 def history_matrix(values, length: int | None = None) -> np.ndarray:
@@ -33,38 +40,87 @@ def history_matrix(values, length: int | None = None) -> np.ndarray:
     return out
 
 
-def add_history(logs: pd.DataFrame, length: int, schema: FeatureSchema = DEFAULT_SCHEMA) -> pd.DataFrame:
-    """A copy of `logs` with a `history` column: per row, a tuple of `length` ad ids.
+class _UserPositives:
+    """Each user's source positives sorted by (timestamp, row order): ads, timestamps and row labels."""
 
-    Positives are rows with `schema.click > 0`. Row order is kept.
+    def __init__(self, sources: pd.DataFrame, schema: FeatureSchema):
+        positives = sources[sources[schema.click].to_numpy() > 0]
+        users = positives[schema.user_id].astype(str).to_numpy()
+        ts = positives[schema.timestamp].to_numpy()
+        order = np.lexsort((np.arange(len(positives)), ts, users))
+        self.users = users[order]
+        self.ts = ts[order]
+        self.ads = positives[schema.ad_id].astype(str).to_numpy()[order]
+        self.labels = positives.index.to_numpy()[order]
+        starts = np.flatnonzero(np.r_[True, self.users[1:] != self.users[:-1]]) if len(order) else np.zeros(0, int)
+        stops = np.r_[starts[1:], len(order)]
+        self.span = {self.users[a]: (a, b) for a, b in zip(starts, stops, strict=True)}
+
+    def of(self, user: str) -> tuple[int, int]:
+        return self.span.get(user, (0, 0))
+
+
+def build_histories(queries: pd.DataFrame, sources: pd.DataFrame, length: int, rule: str = "before",
+                    schema: FeatureSchema = DEFAULT_SCHEMA) -> np.ndarray:
+    """Per query row, its history of `length` source positives (most recent first) as [n, length] str.
+
+    `rule` is `before` or `all` (module docstring). Under `all`, a query row that is itself one of
+    the sources (same index label) is left out of its own history.
     """
+    if rule not in RULES:
+        raise ValueError(f"history rule {rule!r}: expected one of {RULES}")
     if length < 0:
         raise ValueError(f"history length must be >= 0, got {length}")
-    out = logs.copy()
-    n = len(out)
-    histories = np.full((n, length), PAD, dtype=object)
-    if n and length:
-        users = pd.factorize(out[schema.user_id].astype(str))[0]
-        ts = out[schema.timestamp].to_numpy()
-        ads = out[schema.ad_id].astype(str).to_numpy()
-        positive = out[schema.click].to_numpy() > 0
-        order = np.lexsort((ts, users))  # by user, then time
-        users_sorted = users[order]
-        bounds = np.flatnonzero(np.r_[True, users_sorted[1:] != users_sorted[:-1], True])
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            rows = order[start:stop]
-            pos_rows = rows[positive[rows]]
-            if len(pos_rows) == 0:
-                continue
-            pos_ts, pos_ads = ts[pos_rows], ads[pos_rows]
-            # positives strictly before each row's timestamp (pos_ts is sorted: rows are by time)
-            before = np.searchsorted(pos_ts, ts[rows], side="left")
-            for row, c in zip(rows, before, strict=True):
-                if c:
-                    recent = pos_ads[max(0, c - length):c][::-1]
-                    histories[row, :len(recent)] = recent
-    out[HISTORY] = list(map(tuple, histories)) if n else pd.Series([], dtype=object)
+    out = np.full((len(queries), length), PAD, dtype=object)
+    if not len(queries) or not length:
+        return out
+    known = _UserPositives(sources, schema)
+    users = queries[schema.user_id].astype(str).to_numpy()
+    ts = queries[schema.timestamp].to_numpy()
+    labels = queries.index.to_numpy()
+    for i, user in enumerate(users):
+        start, stop = known.of(user)
+        if start == stop:
+            continue
+        if rule == "before":
+            stop = start + int(np.searchsorted(known.ts[start:stop], ts[i], side="left"))
+            recent = known.ads[max(start, stop - length):stop][::-1]
+        else:
+            own = np.flatnonzero(known.labels[start:stop] == labels[i])
+            window = known.ads[start:stop] if not len(own) else np.delete(known.ads[start:stop], own)
+            recent = window[::-1][:length]
+        out[i, :len(recent)] = recent
     return out
+
+
+def known_positives(queries: pd.DataFrame, sources: pd.DataFrame, rule: str = "before",
+                    schema: FeatureSchema = DEFAULT_SCHEMA) -> list[np.ndarray]:
+    """Per query row, every source positive its history rule lets it know (no length cap): the ads a
+    recommender already knows the user has, which evaluation may exclude from the candidates."""
+    known = _UserPositives(sources, schema)
+    users = queries[schema.user_id].astype(str).to_numpy()
+    ts = queries[schema.timestamp].to_numpy()
+    out = []
+    for i, user in enumerate(users):
+        start, stop = known.of(user)
+        if rule == "before" and stop > start:
+            stop = start + int(np.searchsorted(known.ts[start:stop], ts[i], side="left"))
+        out.append(known.ads[start:stop])
+    return out
+
+
+def with_history(rows: pd.DataFrame, histories: np.ndarray) -> pd.DataFrame:
+    """A copy of `rows` with the `history` column (one tuple of ad ids per row)."""
+    out = rows.copy()
+    out[HISTORY] = list(map(tuple, histories)) if len(rows) else pd.Series([], dtype=object)
+    return out
+
+
+def add_history(logs: pd.DataFrame, length: int, schema: FeatureSchema = DEFAULT_SCHEMA) -> pd.DataFrame:
+    """A copy of `logs` with each row's `before` history over the whole log (row order kept)."""
+    if length < 0:
+        raise ValueError(f"history length must be >= 0, got {length}")
+    return with_history(logs, build_histories(logs, logs, length, "before", schema))
 
 
 def history_lengths(matrix: np.ndarray) -> np.ndarray:

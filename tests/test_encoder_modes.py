@@ -34,7 +34,8 @@ def test_top_layers_mode_trains_only_the_last_layers(tmp_path):
     from trainer.text_encoder import load_backbone
 
     cfg = tiny_config(tmp_path, encoder={"mode": "top_layers", "trainable_layers": 1}, retrieval={"epochs": 1})
-    catalog, schema, split, vocabularies = prepare_data(cfg)
+    data = prepare_data(cfg)
+    catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
     text = build_text_assets(cfg, catalog, schema)
     backbone = text.adapter.backbone
     trained_names = {v.path for v in backbone.trainable_variables}

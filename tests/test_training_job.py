@@ -149,8 +149,8 @@ def test_mixed_bfloat16_xla_with_validation_and_early_stopping(tmp_path):
     from trainer.serving_artifacts import as_numpy_features
 
     cfg = tiny_config(tmp_path, retrieval={"epochs": 2}, ranking={"epochs": 2},
-                      training={"mixed_precision": "mixed_bfloat16", "validation_fraction": 0.15,
-                                "steps_per_execution": 2, "jit_compile": True})
+                      training={"mixed_precision": "mixed_bfloat16", "steps_per_execution": 2, "jit_compile": True},
+                      evaluation={"validation_fraction": 0.15})
     trained = run_training(cfg, progress=False)
     assert trained.ranking.interact.jit and trained.retrieval.query_tower.core.jit
     assert trained.text.adapter.backbone.compute_dtype == "bfloat16"  # the Keras 3 encoder follows too

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.protocol import EvaluationProtocol
 from features.synthetic import SyntheticConfig
 from features.typed_yaml import coerce, read_yaml
 
@@ -59,13 +60,23 @@ class RetrievalConfig:
     top_k_metrics: tuple[int, ...] = (10, 100)
     history_length: int = 20  # last N positive ad ids before the event, pooled in the query tower; 0 = off
     history_text: bool = True  # also pool the history ads' (frozen) text embeddings
+    history_attention_layers: int = 0  # > 0: a transformer encoder over the recent history, next to the mean
+    history_attention_length: int = 50  # the most recent entries the attention encoder reads
+    history_attention_heads: int = 2
+    history_attention_dim: int = 64
+    history_dropout: float = 0.0  # training: share of history entries hidden (denoising; regularises ids)
+    # "in_batch": softmax over the batch's positives (TFRS Retrieval; logQ-corrected); "full_softmax": over
+    # the whole catalog each step (exact, for catalogs up to `full_softmax_max_ads`)
+    loss: str = "in_batch"
+    full_softmax_max_ads: int = 50_000
+    # full_softmax: a query's history ads are not negatives (they are the ads evaluation.exclude_seen removes)
+    exclude_history_from_loss: bool = False
     logq_correction: bool = True  # in-batch softmax corrected by log(training frequency) of each candidate
     remove_accidental_hits: bool = True  # in-batch negatives with the positive's ad id are not negatives
     num_hard_negatives: int = 0  # > 0: keep only the hardest N in-batch negatives per query; 0 = all
     user_id_dropout: float = 0.0  # training: share of user ids replaced by the unknown-user bucket
     ad_id_dropout: float = 0.0  # training: share of ad ids replaced by the unknown-ad bucket (cold start)
     eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@K / NDCG@K of the offline evaluation
-    id_only_baseline: bool = True  # also train the ID-only two-tower baseline (TFRS tutorial) and report it
     baseline_epochs: int = 5
     baseline_learning_rate: float = 0.1  # Adagrad, as in the TFRS basic retrieval tutorial
     baseline_batch_size: int = 8192
@@ -100,8 +111,6 @@ class TrainingConfig:
     strategy: str = "default"  # "default" | "mirrored" | "multi_worker" | "tpu"
     tpu: str = ""  # TPU name or address for strategy "tpu" ("" = the local TPU VM)
     seed: int = 42
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.0  # > 0: last share of training rows for early stopping / best model
     early_stopping_patience: int = 2
     mixed_precision: str = "none"  # "none" | "mixed_bfloat16" | "mixed_float16" (loss scaling)
     steps_per_execution: int = 1
@@ -128,6 +137,24 @@ class DataConfig:
     root: str = ""  # source "spec": overrides the spec's data directory when set
 
 
+BASELINES = ("most_popular", "itemknn", "ease", "id_only", "sasrec")
+
+
+@dataclass
+class EvaluationConfig(EvaluationProtocol):
+    """The evaluation protocol (features.protocol) and the retrieval baselines compared with the model.
+
+    With `validation_fraction > 0` a validation split is carved from the training rows by the same
+    protocol: the model early-stops on it and each baseline picks its hyperparameters on it; with
+    `refit` every method then trains again on all training rows, otherwise all keep the validation
+    rows out of training.
+    """
+
+    validation_fraction: float = 0.0
+    baselines: tuple[str, ...] = ("most_popular", "id_only")
+    refit: bool = False
+
+
 @dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,6 +162,7 @@ class JobConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -152,6 +180,12 @@ _RANGES = [
     ("export", "objective", lambda v: v in ("pctr", "ecpm", "cpa"), "'pctr', 'ecpm' or 'cpa'"),
     ("retrieval", "history_length", lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
     ("retrieval", "num_hard_negatives", lambda v: v >= 0, "an integer >= 0"),
+    ("retrieval", "loss", lambda v: v in ("in_batch", "full_softmax"), "'in_batch' or 'full_softmax'"),
+    ("retrieval", "full_softmax_max_ads", lambda v: v >= 1, "an integer >= 1"),
+    ("retrieval", "history_attention_layers", lambda v: 0 <= v <= 8, "an integer in [0, 8]"),
+    *[("retrieval", k, lambda v: v >= 1, "an integer >= 1")
+      for k in ("history_attention_length", "history_attention_heads", "history_attention_dim")],
+    ("retrieval", "history_dropout", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     *[("retrieval", k, lambda v: 0 <= v < 1, "a fraction in [0, 1)") for k in ("user_id_dropout", "ad_id_dropout")],
     ("retrieval", "eval_ks", lambda v: len(v) > 0 and all(k >= 1 for k in v), "integers >= 1"),
     *[("retrieval", k, lambda v: v >= 1, "an integer >= 1") for k in ("baseline_epochs", "baseline_batch_size")],
@@ -159,8 +193,6 @@ _RANGES = [
     ("encoder", "sequence_length", lambda v: v >= 2, "an integer >= 2"),
     ("encoder", "mode", lambda v: v in ENCODER_MODES, "one of " + ", ".join(ENCODER_MODES)),
     ("encoder", "trainable_layers", lambda v: v >= 1, "an integer >= 1"),
-    ("training", "test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-    ("training", "validation_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("training", "steps_per_execution", lambda v: v >= 1, "an integer >= 1"),
     ("training", "backup_every_steps", lambda v: v >= 0, "an integer >= 0"),
     *[("export", k, lambda v: v >= 1, "an integer >= 1") for k in ("top_k", "retrieve_n", "recommend_k")],
@@ -185,6 +217,16 @@ def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
     for name, value, ok, expected in checks:
         if not ok(value):
             raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
+    try:
+        cfg.evaluation.check()
+    except ValueError as err:
+        raise ConfigError(f"{where}.evaluation.{err}") from None
+    unknown = [b for b in cfg.evaluation.baselines if b not in BASELINES]
+    if unknown:
+        raise ConfigError(f"{where}.evaluation.baselines: unknown {unknown}; known: {list(BASELINES)}")
+    if cfg.retrieval.loss == "full_softmax" and cfg.encoder.mode != "frozen":
+        raise ConfigError(f"{where}.retrieval.loss: 'full_softmax' embeds the whole catalog every step, which "
+                          "needs encoder.mode 'frozen' (cached text); use 'in_batch' to fine-tune the encoder")
     return cfg
 
 

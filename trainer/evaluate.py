@@ -7,19 +7,14 @@ import pandas as pd
 import tensorflow as tf
 
 from features.dataset import frame_to_tensors
-from features.history import HISTORY
 from features.schema import FeatureSchema
 from features.split import DataSplit
-from trainer.baselines import IdOnlyRetrieval
 from trainer.calibration import sigmoid
 from trainer.inputs import query_inputs, ranking_labels
 from trainer.metrics import (
     auc,
     expected_calibration_error,
     log_loss,
-    popularity_ranks,
-    ranks_in_batches,
-    retrieval_metrics,
 )
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
@@ -39,46 +34,6 @@ def ad_embeddings(model: RetrievalModel, catalog: pd.DataFrame, schema: FeatureS
 def query_embeddings(model: RetrievalModel, rows: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
     names = query_inputs(schema, model.query_tower.history_length)
     return _batched(model.query_tower, frame_to_tensors(rows, names, schema))
-
-
-def retrieval_ranks(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,
-                    rows: pd.DataFrame, targets: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """0-based rank of each row's target (a catalog row) among all catalog ads, ties pessimistic."""
-    return ranks_in_batches(query_embeddings(model, rows, schema), ad_embeddings(model, catalog, schema),
-                            targets, batch_size)
-
-
-def evaluate_retrieval(model: RetrievalModel, schema: FeatureSchema, catalog: pd.DataFrame,
-                       split: DataSplit, ks: tuple[int, ...] = (10, 50, 100),
-                       id_only: IdOnlyRetrieval | None = None) -> dict:
-    """Recall@K and NDCG@K of held-out positives over the whole catalog, on warm and cold-start ads,
-    next to most-popular and (when given) the ID-only two-tower baseline.
-
-    Each held-out positive is one query (its user, context and history at that time) with one
-    relevant ad, so NDCG@K = 1 / log2(rank + 2) inside the top K. Ties count against the target.
-    """
-    test_pos = split.test[split.test[schema.click] > 0].reset_index(drop=True)
-    row_of = {a: i for i, a in enumerate(catalog[schema.ad_id])}
-    targets = test_pos[schema.ad_id].map(row_of).to_numpy()
-    ranks = {"model": retrieval_ranks(model, schema, catalog, test_pos, targets)}
-    train_clicks = split.train[split.train[schema.click] > 0][schema.ad_id].map(row_of)
-    counts = np.bincount(train_clicks.to_numpy(), minlength=len(catalog)).astype(np.float64)
-    ranks["most_popular"] = popularity_ranks(counts, targets)
-    if id_only is not None:
-        ranks["id_only"] = id_only.ranks(test_pos[schema.user_id], catalog[schema.ad_id], targets)
-    cold = test_pos[schema.ad_id].isin(split.cold_ad_ids(schema)).to_numpy()
-    unseen_user = ~test_pos[schema.user_id].isin(set(split.train[schema.user_id])).to_numpy()
-    out = {"test_positives": int(len(test_pos)), "cold_test_positives": int(cold.sum()),
-           "unseen_user_test_positives": int(unseen_user.sum()), "catalog_size": int(len(catalog))}
-    if HISTORY in test_pos:
-        out["test_positives_with_history"] = int(sum(bool(h and h[0]) for h in test_pos[HISTORY]))
-    for name, r in ranks.items():
-        out[name] = retrieval_metrics(r, ks)
-        out[f"{name}_warm"] = retrieval_metrics(r[~cold], ks)
-        out[f"{name}_cold"] = retrieval_metrics(r[cold], ks)
-        out[f"{name}_unseen_users"] = retrieval_metrics(r[unseen_user], ks)
-        out[f"{name}_seen_users"] = retrieval_metrics(r[~unseen_user], ks)
-    return out
 
 
 def ranking_logits(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:

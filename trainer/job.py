@@ -8,15 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from features.schema import FeatureSchema
 from features.split import time_split
-from trainer.baselines import train_id_only
 from trainer.builders import MASKED_LM_DIR, build_ranking, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
-from trainer.config import JobConfig
-from trainer.evaluate import evaluate_ranking, evaluate_retrieval, fit_calibration
+from trainer.comparison import evaluate_retrieval, fit_baselines, interactions_of, queries_of
+from trainer.config import JobConfig, config_to_dict
+from trainer.evaluate import evaluate_ranking, fit_calibration
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.inputs import ranking_dataset, retrieval_dataset
 from trainer.prepare import DataError, prepare_data, sampling_counts
@@ -31,6 +32,26 @@ def _set_precision(policy: str) -> None:
     name = "float32" if policy == "none" else policy
     tf.keras.mixed_precision.set_global_policy(name)  # tf_keras: towers, DCN, tasks
     keras.mixed_precision.set_global_policy(name)  # Keras 3: the keras-hub BERT encoder
+
+
+def best_epoch(history: dict, monitor: str) -> int:
+    """The 1-based epoch whose validation `monitor` was highest (what early stopping restored)."""
+    values = history.get(monitor) or []
+    return int(np.argmax(values)) + 1 if values else 1
+
+
+def train_baselines(cfg: JobConfig, catalog, schema, train_rows, fit_rows, validation) -> tuple[dict, dict]:
+    """The configured retrieval baselines, fitted on the same rows as the model (most-popular is computed
+    at evaluation). With a validation split each picks its hyperparameters there."""
+    names = tuple(b for b in cfg.evaluation.baselines if b != "most_popular")
+    if not names:
+        return {}, {}
+    train = interactions_of(train_rows, catalog, schema)
+    if validation is None:
+        return fit_baselines(names, train)
+    fit_train = interactions_of(fit_rows, catalog, schema)
+    queries = queries_of(validation.split.test, validation.excluded, catalog, fit_train, schema)
+    return fit_baselines(names, train, fit_train, queries, refit=cfg.evaluation.refit)
 
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
@@ -48,11 +69,12 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         if cfg.encoder.masked_lm.epochs > 0 and adapted.is_dir() and not (model_dir / MASKED_LM_DIR).exists():
             # The warm-started towers learned on this encoder's embeddings: keep it, do not re-adapt.
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
-    catalog, schema, split, vocabularies = prepare_data(cfg, schema, vocabularies)
-    fit_rows, validation_rows = split.train, None
-    if cfg.training.validation_fraction > 0:
-        inner = time_split(split.train, cfg.training.validation_fraction, schema)
-        fit_rows, validation_rows = inner.train, inner.test
+    data = prepare_data(cfg, schema, vocabularies)
+    catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
+    fit_rows, validation_rows, validation = split.train, None, None
+    if cfg.evaluation.validation_fraction > 0:  # carved by the evaluation protocol, histories rebuilt for it
+        validation = data.validation(cfg.evaluation, cfg.retrieval.history_length)
+        fit_rows, validation_rows = validation.split.train, validation.split.test
     log(f"data: {len(catalog)} ads, {len(split.train)} train / {len(split.test)} test impressions, "
         f"{len(split.cold_ad_ids(schema))} cold-start ads in test"
         + (f"; {len(validation_rows)} training rows held for validation" if validation_rows is not None else ""))
@@ -87,8 +109,18 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             f"{strategy.num_replicas_in_sync} replica(s)")
         val = retrieval_dataset(validation_rows, cfg, schema, False)[0] if validation_rows is not None else None
         r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
-                            retrieval.checkpoint_parts(), val,
-                            f"val_factorized_top_k/top_{max(cfg.retrieval.top_k_metrics)}_categorical_accuracy")
+                            retrieval.checkpoint_parts(), val, retrieval.monitor)
+        if cfg.evaluation.refit and validation_rows is not None:
+            epochs = best_epoch(r_state["history"], retrieval.monitor)
+            log(f"retrieval: refit on all {len(split.train):,d} training rows for the {epochs} epoch(s) "
+                "validation chose")
+            retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached,
+                                        sampling_counts(split.train, schema))
+            ds, _ = retrieval_dataset(split.train, cfg, schema)
+            build_model(retrieval, next(iter(ds)), strategy)
+            restore_parts(warm_checkpoint, retrieval=retrieval)
+            r_state = {**fit_stage("retrieval_refit", retrieval, ds, epochs, cfg, strategy, model_dir, progress,
+                                   retrieval.checkpoint_parts()), "validation_history": r_state["history"]}
         if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
             ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
@@ -106,16 +138,15 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
     finally:
         _set_precision("none")
-    id_only = None
-    if cfg.retrieval.id_only_baseline:  # the tutorial's model as it is: float32, on the same positives
-        id_only = train_id_only(fit_rows, schema, vocabularies, cfg.retrieval, strategy, cfg.training.seed)
-        log(f"ID-only baseline: {cfg.retrieval.baseline_epochs} epochs, batch {cfg.retrieval.baseline_batch_size}")
+    baselines, selection = train_baselines(cfg, catalog, schema, split.train, fit_rows, validation)
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,
-                            retrieval=retrieval, ranking=ranking, id_only=id_only,
+                            retrieval=retrieval, ranking=ranking, baselines=baselines, excluded=data.excluded,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
-    trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
-                                                       cfg.retrieval.eval_ks, id_only),
+    retrieval_rows = split.train if validation is None or cfg.evaluation.refit else fit_rows
+    trained.metrics = {"retrieval": {**evaluate_retrieval(retrieval, catalog, schema, retrieval_rows, split.test,
+                                                          data.excluded, cfg.retrieval.eval_ks, baselines),
+                                     "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection},
                        "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),

@@ -1,12 +1,18 @@
-"""Data preparation for a job: load the logs and catalog, window them, split by time, join ad columns."""
+"""Data preparation for a job: load the logs and catalog, window them, split by the evaluation protocol,
+join ad columns."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
 import pandas as pd
 
-from features.history import add_history
+from features.history import HISTORY
+from features.protocol import EvaluationProtocol, ProtocolData, apply_protocol, leaking_context
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
-from features.split import DataSplit, time_split
+from features.split import DataSplit
 from features.synthetic import generate_world
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
@@ -62,32 +68,63 @@ def sampling_counts(rows: pd.DataFrame, schema: FeatureSchema) -> dict[str, floa
     return {k: float(v) for k, v in counts.items()}
 
 
-def select_time_window(logs: pd.DataFrame, window: tuple[float, ...], schema: FeatureSchema) -> pd.DataFrame:
-    """Rows whose timestamp falls in [start, end) of the log's time span, as fractions."""
+def select_time_window(logs: pd.DataFrame, window: tuple[float, ...], schema: FeatureSchema
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows whose timestamp falls in [start, end) of the log's time span (as fractions), and the rows
+    before `start` (their positives still belong in the window's histories)."""
     if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
         raise DataError(f"data.time_window must be [start, end] with 0 <= start < end <= 1, got {list(window)}")
     if tuple(window) == (0.0, 1.0):
-        return logs
+        return logs, logs.iloc[:0]
     ts = logs[schema.timestamp]
     lo, hi = ts.min(), ts.max()
     start, end = lo + window[0] * (hi - lo), lo + window[1] * (hi - lo)
     keep = (ts >= start) & ((ts < end) if window[1] < 1.0 else (ts <= end))
-    return logs[keep].reset_index(drop=True)
+    return logs[keep].reset_index(drop=True), logs[ts < start].reset_index(drop=True)
+
+
+@dataclass
+class PreparedData:
+    """A job's data after its evaluation protocol: the split (with histories and catalog ad columns),
+    the ads each held-out row may not be shown, and the training-only vocabularies."""
+
+    catalog: pd.DataFrame
+    schema: FeatureSchema
+    split: DataSplit
+    vocabularies: Vocabularies
+    excluded: list[np.ndarray] = field(default_factory=list)
+    prior: pd.DataFrame | None = None  # rows before the time window: history sources only
+
+    def validation(self, protocol: EvaluationProtocol, history_length: int) -> ProtocolData:
+        """The validation split carved from the training rows by the same protocol, with histories of its own."""
+        raw = self.split.train.drop(columns=[HISTORY], errors="ignore")
+        return apply_protocol(raw, protocol.validation(), history_length, self.schema, self.prior)
 
 
 def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
-                 vocabularies: Vocabularies | None = None):
-    """Load, window and time-split the job's data; vocabularies from training rows unless given.
+                 vocabularies: Vocabularies | None = None) -> PreparedData:
+    """Load and window the job's data, split it by `cfg.evaluation`'s protocol and give every row its
+    history; vocabularies from training rows unless given.
 
-    Returns (catalog, schema, split with catalog ad columns joined, vocabularies).
+    Under a random split, time-of-day context that would identify held-out sessions is dropped from
+    the schema (with a warning) unless `evaluation.session_context: keep`.
     """
     catalog, logs, schema = load_job_data(cfg, schema)
-    if cfg.retrieval.history_length:  # per event, from earlier events only: before the window and the split,
-        logs = add_history(logs, cfg.retrieval.history_length, schema)  # as a serving system would know them
-    logs = select_time_window(logs, cfg.data.time_window, schema)
-    split = time_split(logs, cfg.training.test_fraction, schema)
+    logs, prior = select_time_window(logs, cfg.data.time_window, schema)
+    data = apply_protocol(logs, cfg.evaluation, cfg.retrieval.history_length, schema, prior)
+    dropped, overlap = leaking_context(data.split, cfg.evaluation, schema)
+    if dropped:
+        log(f"warning: evaluation.protocol random: {overlap:.0%} of held-out positives share a session (a positive "
+            f"of the same user within an hour) with training rows, so context {list(dropped)} would identify "
+            "them; the models do not read it (evaluation.session_context: keep to override)")
+        schema = dataclasses.replace(schema, context_integers=tuple(
+            n for n in schema.context_integers if n not in dropped))
+    split = data.split
     if vocabularies is None:
         vocabularies = build_vocabularies(split.train, catalog, schema)
-    split = DataSplit(train=join_ad_features(split.train, catalog, schema),
-                      test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
-    return catalog, schema, split, vocabularies
+    split = split.with_frames(join_ad_features(split.train, catalog, schema),
+                              join_ad_features(split.test, catalog, schema))
+    log(f"evaluation protocol {cfg.evaluation.protocol}: {len(split.train):,d} training / {len(split.test):,d} "
+        f"held-out rows ({len(split.test) / max(len(logs), 1):.1%}); held-out histories: "
+        f"{cfg.evaluation.history_at_test}" + ("; seen ads excluded" if cfg.evaluation.exclude_seen else ""))
+    return PreparedData(catalog, schema, split, vocabularies, data.excluded, prior)

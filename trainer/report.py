@@ -18,8 +18,9 @@ import tensorflow as tf
 
 from trainer.builders import build_ranking, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts
+from trainer.comparison import evaluate_retrieval
 from trainer.config import config_from_dict
-from trainer.evaluate import ad_embeddings, evaluate_ranking, evaluate_retrieval, predict_ctr, query_embeddings
+from trainer.evaluate import ad_embeddings, evaluate_ranking, predict_ctr, query_embeddings
 from trainer.inputs import ranking_dataset, retrieval_dataset
 from trainer.metrics import (
     expected_calibration_error,
@@ -45,7 +46,8 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
 
-    catalog, schema, split, _ = prepare_data(cfg, vocabularies=vocabularies)
+    data = prepare_data(cfg, vocabularies=vocabularies)
+    catalog, schema, split = data.catalog, data.schema, data.split
     text = build_text_assets(cfg, catalog, schema, corpus_ad_ids=set(split.train[schema.ad_id]),
                              model_dir=model_dir)
     cached = encode_packed(text.adapter, text.packed_catalog) if cfg.encoder.mode == "frozen" else None
@@ -59,7 +61,7 @@ def load_job(model_dir: str | Path) -> TrainedModels:
     restore_parts(checkpoint, ranking=ranking)
     return TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split, vocabularies=vocabularies,
                          text=text, catalog_text_embeddings=cached, retrieval=retrieval, ranking=ranking,
-                         history=read_history(model_dir))
+                         excluded=data.excluded, history=read_history(model_dir))
 
 
 def read_history(model_dir: Path) -> dict:
@@ -109,7 +111,8 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
     ks = tuple(trained.config.retrieval.eval_ks)
     ranking = evaluate_ranking(trained.ranking, schema, split)
     ranking["ece"] = expected_calibration_error(labels, pctr, n_bins)
-    metrics = {"retrieval": evaluate_retrieval(trained.retrieval, schema, catalog, split, ks, trained.id_only),
+    metrics = {"retrieval": evaluate_retrieval(trained.retrieval, catalog, schema, split.train, split.test,
+                                               trained.excluded, ks, trained.baselines),
                "ranking": ranking}
     rng = np.random.default_rng(0)
     sample = rng.integers(0, len(catalog), size=(len(scores), min(20, len(catalog))))

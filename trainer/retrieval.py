@@ -50,9 +50,14 @@ class QueryTower(tf.keras.Model):
         self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features,
                                             oov_rates={schema.user_id: cfg.user_id_dropout})
         self.history = None
+        self.history_dropout = cfg.history_dropout
         if self.history_length:
-            self.history = HistoryPooling(vocabularies[schema.ad_id], cfg.id_embedding_dim, catalog_ids,
-                                          history_text_table if cfg.history_text else None, name="history")
+            self.history = HistoryPooling(
+                vocabularies[schema.ad_id], cfg.id_embedding_dim, catalog_ids,
+                history_text_table if cfg.history_text else None,
+                attention_layers=cfg.history_attention_layers, attention_heads=cfg.history_attention_heads,
+                attention_length=min(cfg.history_attention_length, cfg.history_length),
+                attention_dim=cfg.history_attention_dim, name="history")
         self.head = mlp((cfg.hidden_units,), cfg.embedding_dim, name="query_mlp")
         self.core = XlaSwitch(lambda x: tf.math.l2_normalize(tf.cast(self.head(x), tf.float32), axis=-1),
                               jit_compile)
@@ -60,7 +65,11 @@ class QueryTower(tf.keras.Model):
     def call(self, features, training=None):
         x = self.embeddings(features, training=training)
         if self.history is not None:
-            x = tf.concat([x, tf.cast(self.history(features[HISTORY]), x.dtype)], axis=-1)
+            history = features[HISTORY]
+            if training and self.history_dropout > 0:  # denoising: the query must do with part of its history
+                hidden = tf.random.uniform(tf.shape(history)) < self.history_dropout
+                history = tf.where(hidden, tf.constant("", tf.string), history)
+            x = tf.concat([x, tf.cast(self.history(history, training=training), x.dtype)], axis=-1)
         return self.core(x)
 
     def checkpoint_parts(self) -> dict:
@@ -68,6 +77,8 @@ class QueryTower(tf.keras.Model):
         parts = {"embeddings": self.embeddings, "head": self.head}
         if self.history is not None:
             parts["history_ids"] = self.history.id_embedding
+            if self.history.attention is not None:
+                parts["history_attention"] = self.history.attention
         return parts
 
 
@@ -107,8 +118,23 @@ class RetrievalModel(tfrs.Model):
         self.query_tower = QueryTower(schema, vocabularies, cfg, jit_compile, catalog_ids, history_text_table)
         self.ad_tower = AdTower(schema, vocabularies, cfg, jit_compile)
         self.catalog_text = catalog_text
+        self.loss_kind = cfg.loss
+        self.top_ks = tuple(cfg.top_k_metrics)
+        self.exclude_history_from_loss = cfg.exclude_history_from_loss
+        if cfg.loss == "full_softmax":
+            if catalog_features is None:
+                raise ValueError("retrieval.loss 'full_softmax' needs the catalog's features")
+            if len(catalog_ids) > cfg.full_softmax_max_ads:
+                raise ValueError(f"retrieval.loss 'full_softmax': the catalog has {len(catalog_ids):,d} ads, more than "
+                                 f"retrieval.full_softmax_max_ads ({cfg.full_softmax_max_ads:,d}); use 'in_batch'")
+            self.catalog_features = {k: tf.constant(v) for k, v in catalog_features.items()}
+            self.catalog_rows = tf.keras.layers.StringLookup(vocabulary=catalog_ids, mask_token=None,
+                                                             num_oov_indices=1)
+            self.temperature = cfg.temperature
+            for k in self.top_ks:  # attributes, so Keras reports them
+                setattr(self, f"top_{k}_accuracy", tf.keras.metrics.Mean(name=f"top_{k}_accuracy"))
         metrics = None
-        if catalog_features is not None:
+        if catalog_features is not None and cfg.loss != "full_softmax":
             candidates = tf.data.Dataset.from_tensor_slices(catalog_features).batch(512).map(
                 lambda f: (f[schema.ad_id], self.ad_embedding(f)))
             metrics = tfrs.metrics.FactorizedTopK(candidates=candidates, ks=cfg.top_k_metrics)
@@ -127,6 +153,13 @@ class RetrievalModel(tfrs.Model):
         # Scores and the softmax stay float32 under a mixed-precision policy: tf_keras would
         # otherwise cast the task's first input (the query embeddings) to the compute dtype.
         self.task._autocast = False
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric early stopping watches: top-K accuracy at the largest K over the catalog."""
+        k = max(self.top_ks)
+        return f"val_top_{k}_accuracy" if self.loss_kind == "full_softmax" else \
+            f"val_factorized_top_k/top_{k}_categorical_accuracy"
 
     def build_from_batch(self, features) -> None:
         """Create the towers' variables (no metric updates, safe in a cross-replica context)."""
@@ -157,6 +190,8 @@ class RetrievalModel(tfrs.Model):
         return tf.gather(self.sampling_probs, self.sampling_lookup(ad_ids))
 
     def compute_loss(self, features, training=False):
+        if self.loss_kind == "full_softmax":
+            return self._full_softmax_loss(features, training)
         queries = self.query_tower(features, training=training)
         ads = self.ad_embedding(features, training=training)
         ad_ids = features[self.schema.ad_id]
@@ -164,3 +199,28 @@ class RetrievalModel(tfrs.Model):
         with _float32_policy():
             return self.task(queries, ads, candidate_ids=ad_ids, candidate_sampling_probability=probability,
                              compute_metrics=not training)
+
+    def _full_softmax_loss(self, features, training):
+        """Softmax cross-entropy of each positive against every catalog ad (no sampling, so no logQ)."""
+        queries = self.query_tower(features, training=training)
+        ads = self.ad_embedding(self.catalog_features, training=training)
+        logits = tf.matmul(queries, ads, transpose_b=True) / self.temperature  # [batch, catalog]
+        target = self.catalog_rows(features[self.schema.ad_id]) - 1  # every training positive is in the catalog
+        if self.exclude_history_from_loss and HISTORY in features:
+            rows = self.catalog_rows(features[HISTORY]) - 1  # [batch, N]; padding and unknown ads: -1
+            batch = tf.shape(rows)[0]
+            keep = rows >= 0
+            index = tf.stack([tf.broadcast_to(tf.range(batch, dtype=rows.dtype)[:, None], tf.shape(rows))[keep],
+                              rows[keep]], axis=1)
+            seen = tf.scatter_nd(index, tf.ones(tf.shape(index)[:1]), tf.shape(logits, out_type=rows.dtype)) > 0
+            seen &= tf.not_equal(tf.range(tf.shape(logits)[1], dtype=rows.dtype)[None, :], target[:, None])
+            logits = tf.where(seen, tf.constant(-1e9, logits.dtype), logits)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
+        if not training:  # the target's rank among the catalog (ties count against it)
+            target_logit = tf.gather(logits, target, batch_dims=1)[:, None]
+            rank = tf.reduce_sum(tf.cast(logits >= target_logit, tf.int32), axis=1) - 1
+            for k in self.top_ks:
+                getattr(self, f"top_{k}_accuracy").update_state(tf.cast(rank < k, tf.float32))
+        # Replica gradients are summed: each replica divides by the global batch.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return tf.reduce_sum(loss) / tf.cast(tf.shape(loss)[0] * replicas, loss.dtype)

@@ -111,16 +111,25 @@ class CatalogText(tf.keras.layers.Layer):
 
 
 class HistoryPooling(tf.keras.layers.Layer):
-    """A [batch, N] history of ad ids ("" = padding) -> masked means of the ads' id and text embeddings.
+    """A [batch, N] history of ad ids ("" = padding) -> a fixed-width summary of the user's recent positives.
 
-    Output: [id mean (id_dim), text mean (text_dim, when a text table is given), log(1 + length)].
-    Ids outside the training vocabulary (e.g. ads launched after training) add nothing to the id
-    mean but still add their text; an empty history gives zeros. The text table is a constant of
-    the catalog (the frozen encoder's embeddings), not trained.
+    Output: [id mean (id_dim), text mean (text_dim, when a text table is given), log(1 + length),
+    and with `attention_layers > 0` the attention encoder's summary (attention_dim)]. Ids outside the
+    training vocabulary (e.g. ads launched after training) add nothing to the id mean but still add
+    their text; an empty history gives zeros. The text table is a constant of the catalog (the frozen
+    encoder's embeddings), not trained.
+
+    The attention encoder reads the `attention_length` most recent entries as a sequence: each ad is
+    its id embedding and projected text embedding plus a learned recency-position embedding, passed
+    through `attention_layers` transformer blocks (bidirectional self-attention over the non-padding
+    entries, then a position-wise feed-forward layer, each with a residual connection and layer
+    normalisation), then mean-pooled over the non-padding entries. The mean pools every entry with
+    equal weight; attention lets entries weigh one another (a run of one genre, a recent switch).
     """
 
     def __init__(self, ad_vocabulary: list, id_dim: int, catalog_ids: list[str] | None = None,
-                 text_table: np.ndarray | None = None, **kwargs):
+                 text_table: np.ndarray | None = None, attention_layers: int = 0, attention_heads: int = 2,
+                 attention_length: int = 50, attention_dim: int = 64, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.id_lookup = tf.keras.layers.StringLookup(
             vocabulary=[str(v) for v in ad_vocabulary], mask_token=None, num_oov_indices=1)
@@ -132,22 +141,74 @@ class HistoryPooling(tf.keras.layers.Layer):
             table = np.concatenate([np.zeros((1, text_table.shape[1]), np.float32), text_table.astype(np.float32)])
             self.text_table = self.add_weight(name="history_text_embeddings", shape=table.shape, trainable=False,
                                               initializer=tf.keras.initializers.Constant(table))
+        self.attention = None
+        if attention_layers:
+            self.attention = SequenceEncoder(attention_layers, attention_heads, attention_dim, attention_length,
+                                             dropout, name="history_attention")
 
     @staticmethod
     def _masked_mean(values, mask):
         mask = tf.cast(mask, values.dtype)[:, :, None]
         return tf.reduce_sum(values * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
 
-    def call(self, history):
+    def call(self, history, training=None):
         rows = self.id_lookup(history)
-        parts = [self._masked_mean(tf.cast(self.id_embedding(rows), tf.float32), rows > 0)]
+        ids = tf.cast(self.id_embedding(rows), tf.float32)
+        parts = [self._masked_mean(ids, rows > 0)]
+        text = None
         if self.text_lookup is not None:
             text_rows = self.text_lookup(history)
             text = tf.cast(tf.gather(self.text_table, text_rows), tf.float32)  # bf16 under mixed precision
             parts.append(self._masked_mean(text, text_rows > 0))
-        length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
+        present = tf.not_equal(history, "")
+        length = tf.reduce_sum(tf.cast(present, tf.float32), axis=1, keepdims=True)
         parts.append(tf.math.log1p(length))
+        if self.attention is not None:
+            items = ids if text is None else tf.concat([ids, text], axis=-1)
+            parts.append(self.attention(items, present, training=training))
         return tf.concat(parts, axis=-1)
+
+
+class SequenceEncoder(tf.keras.layers.Layer):
+    """[batch, N, d_in] item vectors + a [batch, N] presence mask -> [batch, dim]: the first `length`
+    entries (most recent first) projected to `dim`, plus a learned position embedding, through
+    transformer blocks that attend only to present entries, mean-pooled over the present ones."""
+
+    def __init__(self, layers: int, heads: int, dim: int, length: int, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.length = length
+        self.project = tf.keras.layers.Dense(dim, name="project")
+        self.position = tf.keras.layers.Embedding(length, dim, name="position")
+        self.blocks = [TransformerBlock(heads, dim, dropout, name=f"block_{i}") for i in range(layers)]
+
+    def call(self, items, present, training=None):
+        items, present = items[:, :self.length], present[:, :self.length]
+        n = tf.shape(items)[1]
+        x = self.project(items) + self.position(tf.range(n))[None]
+        mask = present[:, None, :] & present[:, :, None]
+        for block in self.blocks:
+            x = block(x, mask, training=training)
+        weights = tf.cast(present, x.dtype)[:, :, None]
+        return tf.reduce_sum(x * weights, axis=1) / tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
+
+
+class TransformerBlock(tf.keras.layers.Layer):
+    """Post-norm transformer encoder block: self-attention and a feed-forward layer, each residual."""
+
+    def __init__(self, heads: int, dim: int, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = tf.keras.layers.MultiHeadAttention(heads, max(dim // heads, 1), dropout=dropout,
+                                                            name="attention")
+        self.feed_forward = tf.keras.Sequential([tf.keras.layers.Dense(dim * 2, activation="relu"),
+                                                 tf.keras.layers.Dense(dim)], name="feed_forward")
+        self.norm_attention = tf.keras.layers.LayerNormalization(name="norm_attention")
+        self.norm_feed_forward = tf.keras.layers.LayerNormalization(name="norm_feed_forward")
+        self.dropout = tf.keras.layers.Dropout(dropout)
+
+    def call(self, x, mask, training=None):
+        attended = self.attention(x, x, attention_mask=mask, training=training)
+        x = self.norm_attention(x + self.dropout(attended, training=training))
+        return self.norm_feed_forward(x + self.dropout(self.feed_forward(x), training=training))
 
 
 class XlaSwitch:

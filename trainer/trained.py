@@ -10,7 +10,6 @@ import pandas as pd
 from features.schema import FeatureSchema
 from features.split import DataSplit
 from features.vocab import Vocabularies
-from trainer.baselines import IdOnlyRetrieval
 from trainer.builders import TextAssets
 from trainer.config import JobConfig
 from trainer.ranking import RankingModel
@@ -31,5 +30,6 @@ class TrainedModels:
     retrieval: RetrievalModel
     ranking: RankingModel
     metrics: dict = field(default_factory=dict)
-    id_only: IdOnlyRetrieval | None = None  # the ID-only two-tower baseline, when trained
+    baselines: dict = field(default_factory=dict)  # name -> fitted retrieval baseline (trainer.baselines.Scorer)
+    excluded: list = field(default_factory=list)  # per test row: the ad ids evaluation excluded
     history: dict = field(default_factory=dict)
