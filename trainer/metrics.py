@@ -116,8 +116,9 @@ def ranks_with_exclusions(scores: np.ndarray, targets: np.ndarray, excluded: lis
             scores[i, cols] = -np.inf
     target_scores = scores[rows, targets][:, None]
     slack = tolerance * np.maximum(np.abs(target_scores), 1.0)
-    above = scores > target_scores + slack
-    tie = ~above & (scores >= target_scores - slack)
+    with np.errstate(invalid="ignore"):  # an excluded target (-inf, infinite slack) compares as NaN; set below
+        above = scores > target_scores + slack
+        tie = ~above & (scores >= target_scores - slack)
     pop = np.asarray(popularity, np.float64)
     target_pop = pop[targets][:, None]
     ahead = above | (tie & (pop[None, :] >= target_pop))

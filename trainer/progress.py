@@ -6,8 +6,9 @@ import sys
 import time
 
 
-def log(msg: str) -> None:
-    print(f"[adrec {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def log(msg: str, stream=None) -> None:
+    """One timestamped line on `stream` (stdout by default; stderr where stdout carries results)."""
+    print(f"[adrec {time.strftime('%H:%M:%S')}] {msg}", file=stream or sys.stdout, flush=True)
 
 
 def fit_verbosity(progress: bool) -> int:

@@ -49,3 +49,19 @@ def rank_queries(scorer: Scorer, queries: Queries, popularity: np.ndarray, batch
         out.append(ranks_with_exclusions(scores, queries.targets[start:stop],
                                          [queries.excluded(i) for i in range(start, stop)], popularity))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def history_multi_hot(queries: Queries, start: int, stop: int, n_items: int):
+    """Binary CSR [stop - start, n_items]: 1 at each DISTINCT catalog row of the query's history.
+
+    Item-based methods (ItemKNN, EASE) read a history as a set, so an item repeated in it counts once.
+    """
+    from scipy import sparse
+
+    history = queries.history[start:stop]
+    rows, cols = np.nonzero(history >= 0)
+    m = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, history[rows, cols])),
+                          shape=(stop - start, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m

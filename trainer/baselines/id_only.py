@@ -5,6 +5,10 @@ and an ad-id tower, each a StringLookup + Embedding (dim 32), dot-product scores
 in-batch softmax of `tfrs.tasks.Retrieval`, Adagrad (learning rate 0.1), trained on the same
 training positives as the model. Unknown users and ads share one OOV embedding each.
 (Most-popular is computed directly from training counts in `trainer.evaluate.evaluate_retrieval`.)
+
+`IdOnlyScorer` is the same model behind the `Scorer` interface of the side-by-side evaluation: it
+learns from `Interactions` (their raw user and ad ids) and scores by user embedding · ad embedding.
+It reads no history, as in the tutorial; its epoch count is chosen by early stopping on validation.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from features.dataset import make_dataset
-from features.schema import FeatureSchema
+from features.interactions import Interactions, Queries
+from features.schema import DEFAULT_SCHEMA, FeatureSchema
 from features.vocab import Vocabularies
+from trainer.baselines.base import Scorer
+from trainer.baselines.epochs import run_epochs, validation_metric
 from trainer.config import RetrievalConfig
 from trainer.metrics import ranks_in_batches
 
@@ -67,3 +74,64 @@ def train_id_only(rows: pd.DataFrame, schema: FeatureSchema, vocabularies: Vocab
         model.compile(optimizer=tf.keras.optimizers.Adagrad(cfg.baseline_learning_rate))
     model.fit(ds, epochs=cfg.baseline_epochs, verbose=verbose)
     return model
+
+
+class IdOnlyScorer(Scorer):
+    """`IdOnlyRetrieval` trained from `Interactions`; a user unseen in training (code -1) gets the OOV row.
+
+    Defaults are the tutorial recipe as `train_id_only` runs it (`RetrievalConfig.baseline_*`);
+    `grid()` raises the epoch cap so that early stopping on validation, not a fixed count, decides.
+    """
+
+    name = "id_only"
+
+    def __init__(self, epochs: int = RetrievalConfig.baseline_epochs,
+                 batch_size: int = RetrievalConfig.baseline_batch_size,
+                 learning_rate: float = RetrievalConfig.baseline_learning_rate,
+                 dim: int = ID_ONLY_DIM, patience: int = 3, seed: int = 0):
+        super().__init__(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dim=dim,
+                         patience=patience, seed=seed)
+
+    @classmethod
+    def grid(cls) -> list[dict]:
+        return [{"epochs": 100}]
+
+    def fit(self, train: Interactions, validation: Queries | None = None) -> None:
+        p, schema = self.params, DEFAULT_SCHEMA
+        user_ids, item_ids = np.asarray(train.user_ids, object), np.asarray(train.item_ids, object)
+        positives = pd.DataFrame({schema.user_id: user_ids[train.users], schema.ad_id: item_ids[train.items]})
+        vocabularies = Vocabularies({schema.user_id: [str(v) for v in user_ids[np.unique(train.users)]],
+                                     schema.ad_id: [str(v) for v in item_ids[np.unique(train.items)]]})
+        tf.keras.utils.set_random_seed(p["seed"])  # unseeded Keras initializers draw from Python's and TF's RNGs
+        self.model = IdOnlyRetrieval(schema, vocabularies, p["dim"])
+        self.model.compile(optimizer=tf.keras.optimizers.Adagrad(p["learning_rate"]))
+        ds = make_dataset(positives, (schema.user_id, schema.ad_id), p["batch_size"], shuffle=True, seed=p["seed"],
+                          schema=schema)
+        self._user_ids = user_ids
+
+        def run_epoch(epoch: int) -> float:
+            self._tables = None
+            return float(self.model.fit(ds, epochs=1, verbose=0).history["loss"][-1])
+
+        evaluate = None
+        if validation is not None and len(validation):
+            popularity = train.item_counts()
+            evaluate = lambda: validation_metric(self, validation, popularity)  # noqa: E731
+        self._item_ids = item_ids
+        self.epochs_kept = run_epochs(self.name, run_epoch, p["epochs"], self.model, evaluate, p["patience"])
+        self._tables = None
+
+    def tuned_params(self) -> dict:
+        return {**self.params, "epochs": int(self.epochs_kept)}
+
+    def _embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users [n_users + 1, dim] with the OOV row last, so code -1 reads it; ads [n_items, dim])."""
+        if self._tables is None:
+            oov = self.model.user_model.layers[1].embeddings.numpy()[:1]  # StringLookup's OOV index is 0
+            users = np.concatenate([self.model.embed(self.model.user_model, self._user_ids), oov])
+            self._tables = users, self.model.embed(self.model.ad_model, self._item_ids)
+        return self._tables
+
+    def score(self, queries: Queries, start: int, stop: int) -> np.ndarray:
+        users, ads = self._embeddings()
+        return (users[queries.users[start:stop]] @ ads.T).astype(np.float32)
