@@ -126,3 +126,16 @@ def add_history(logs: pd.DataFrame, length: int, schema: FeatureSchema = DEFAULT
 def history_lengths(matrix: np.ndarray) -> np.ndarray:
     """How many real (non-padding) entries each history row has."""
     return (np.asarray(matrix) != PAD).sum(axis=1) if np.asarray(matrix).size else np.zeros(len(matrix), int)
+
+
+def request_history(events: pd.DataFrame, user_id: str, length: int, at: int | None = None,
+                    schema: FeatureSchema = DEFAULT_SCHEMA) -> list[str]:
+    """The history a serving request for `user_id` carries: their latest `length` positives among
+    `events` strictly before `at` (every known positive when `at` is None), most recent first.
+
+    The same rule (`build_histories`, `before`) builds training rows' histories under time-ordered
+    protocols, so a model is served the kind of history it trained on.
+    """
+    when = np.iinfo(np.int64).max if at is None else int(at)
+    query = pd.DataFrame({schema.user_id: [str(user_id)], schema.timestamp: [when]}, index=[-1])
+    return [a for a in build_histories(query, events, length, "before", schema)[0] if a]

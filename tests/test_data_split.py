@@ -33,7 +33,8 @@ def test_no_evaluation_interaction_is_in_training(loaded):
     s = loaded.schema
     split = time_split(loaded.logs, 0.2, s)
     assert len(split.train) + len(split.test) == len(loaded.logs)
-    assert split.train[s.timestamp].max() < split.cutoff <= split.test[s.timestamp].min()
+    assert split.train[s.timestamp].max() <= split.cutoff <= split.test[s.timestamp].min()
+    assert len(split.test) == round(0.2 * len(loaded.logs))  # exactly the fraction asked for
     key = [s.user_id, s.ad_id, s.timestamp]
     both = split.train[key].merge(split.test[key], on=key, how="inner")
     assert both.empty

@@ -97,7 +97,7 @@ def fit_baselines(names: tuple[str, ...], train: Interactions, fit_train: Intera
     """Fit each named baseline. With a validation split: hyperparameters chosen on it (each fitted on
     `fit_train`), then refitted on `train` when `refit`; without one: default hyperparameters on `train`.
     Returns the fitted scorers and, per baseline, its selection report (or why it was skipped)."""
-    from trainer.baselines.tuning import select_and_fit
+    from trainer.baselines import EASETooLarge, select_and_fit
 
     popularity = (fit_train or train).item_counts()
     scorers, reports = {}, {}
@@ -111,7 +111,7 @@ def fit_baselines(names: tuple[str, ...], train: Interactions, fit_train: Intera
             else:
                 scorer, report = cls(), {"params": {}, "selected_on": None}
                 scorer.fit(train)
-        except baseline_unavailable() as err:  # e.g. EASE on a catalog and user base both too large
+        except EASETooLarge as err:  # a catalog and a user base both too large for the closed form
             log(f"baseline {name}: skipped: {err}")
             reports[name] = {"skipped": str(err)}
             continue
@@ -119,12 +119,6 @@ def fit_baselines(names: tuple[str, ...], train: Interactions, fit_train: Intera
         log(f"baseline {name}: fitted in {report['fit_seconds']:.1f}s")
         scorers[name], reports[name] = scorer, report
     return scorers, reports
-
-
-def baseline_unavailable() -> type[Exception]:
-    from trainer.baselines import BaselineUnavailable
-
-    return BaselineUnavailable
 
 
 def compare(scorers: dict[str, Scorer], queries: Queries, popularity: np.ndarray, slices: dict[str, np.ndarray],

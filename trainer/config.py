@@ -40,6 +40,7 @@ class EncoderConfig:
     mode: str = "frozen"
     trainable_layers: int = 2
     sequence_length: int = 32
+    cache_dir: str = ""  # frozen mode: reuse catalog text embeddings computed earlier for the same weights and texts
     masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     tiny_layers: int = 2
     tiny_hidden: int = 64

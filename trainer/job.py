@@ -22,7 +22,7 @@ from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.inputs import ranking_dataset, retrieval_dataset
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
-from trainer.text_encoder import encode_packed
+from trainer.text_encoder import encode_cached, encode_packed
 from trainer.trained import TrainedModels
 
 
@@ -54,8 +54,32 @@ def train_baselines(cfg: JobConfig, catalog, schema, train_rows, fit_rows, valid
     return fit_baselines(names, train, fit_train, queries, refit=cfg.evaluation.refit)
 
 
+def _train_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached, ranking, ranking_ds, fit_rows,
+                   ranking_rows, calibration_rows, validation_rows, warm_checkpoint, model_dir: Path,
+                   progress: bool):
+    """Build (unless built) and fit the ranking model, then fit its calibrators."""
+    if ranking is None:
+        ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
+        build_model(ranking, next(iter(ranking_ds)), strategy)
+        restore_parts(warm_checkpoint, ranking=ranking)
+    log(f"ranking: {len(ranking_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}"
+        + (f"; {len(calibration_rows)} later ones held out to calibrate ({cfg.ranking.calibration})"
+           if calibration_rows is not None else ""))
+    val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
+    k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
+                        progress, ranking.checkpoint_parts(), val, "val_auc")
+    calibration = fit_calibration(ranking, calibration_rows if calibration_rows is not None else ranking_rows,
+                                  schema, cfg.ranking.calibration if calibration_rows is not None else "none")
+    log(f"calibration ({calibration['method']}) on {calibration['rows']} held-out rows: CTR ECE "
+        f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
+    return ranking, k_state, calibration
+
+
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
-                 schema: FeatureSchema | None = None, warm_start: str | Path | None = None) -> TrainedModels:
+                 schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
+                 with_ranking: bool = True) -> TrainedModels:
+    """Train and evaluate the job's models; `with_ranking=False` stops after retrieval (e.g. retrieval
+    quality benchmarks), leaving `ranking` None: such a job cannot be exported."""
     strategy = strategy or tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
@@ -88,7 +112,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         cached = None
         if cfg.encoder.mode == "frozen":
             encode_t0 = time.time()  # after build_text_assets: a masked-LM adaptation there logs its own time
-            cached = encode_packed(text.adapter, text.packed_catalog, progress=progress)
+            cached = encode_cached(text.adapter, text.packed_catalog, cfg.encoder.cache_dir, progress=progress)
             log(f"text encoder {cfg.encoder.preset!r} frozen: cached {len(cached)} ad embeddings "
                 f"in {time.time() - encode_t0:.1f}s")
         retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached,
@@ -99,9 +123,9 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         if cfg.ranking.calibration != "none" and cfg.ranking.calibration_fraction > 0:
             inner = time_split(fit_rows, cfg.ranking.calibration_fraction, schema)
             ranking_rows, calibration_rows = inner.train, inner.test
-        ranking_ds = ranking_dataset(ranking_rows, cfg, schema)
+        ranking_ds = ranking_dataset(ranking_rows, cfg, schema) if with_ranking else None
         ranking = None
-        if cached is not None:
+        if cached is not None and with_ranking:
             ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
             build_model(ranking, next(iter(ranking_ds)), strategy)
         restore_parts(warm_checkpoint, retrieval=retrieval, ranking=ranking)
@@ -121,21 +145,13 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             restore_parts(warm_checkpoint, retrieval=retrieval)
             r_state = {**fit_stage("retrieval_refit", retrieval, ds, epochs, cfg, strategy, model_dir, progress,
                                    retrieval.checkpoint_parts()), "validation_history": r_state["history"]}
-        if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
+        if cached is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
-            build_model(ranking, next(iter(ranking_ds)), strategy)
-            restore_parts(warm_checkpoint, ranking=ranking)
-        log(f"ranking: {len(ranking_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}"
-            + (f"; {len(calibration_rows)} later ones held out to calibrate ({cfg.ranking.calibration})"
-               if calibration_rows is not None else ""))
-        val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
-        k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
-                            progress, ranking.checkpoint_parts(), val, "val_auc")
-        calibration = fit_calibration(ranking, calibration_rows if calibration_rows is not None else ranking_rows,
-                                      schema, cfg.ranking.calibration if calibration_rows is not None else "none")
-        log(f"calibration ({calibration['method']}) on {calibration['rows']} held-out rows: CTR ECE "
-            f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
+        k_state, calibration = {"history": {}, "steps": 0}, None
+        if with_ranking:
+            ranking, k_state, calibration = _train_ranking(
+                cfg, strategy, schema, vocabularies, catalog, cached, ranking, ranking_ds, fit_rows, ranking_rows,
+                calibration_rows, validation_rows, warm_checkpoint, model_dir, progress)
     finally:
         _set_precision("none")
     baselines, selection = train_baselines(cfg, catalog, schema, split.train, fit_rows, validation)
@@ -147,7 +163,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     trained.metrics = {"retrieval": {**evaluate_retrieval(retrieval, catalog, schema, retrieval_rows, split.test,
                                                           data.excluded, cfg.retrieval.eval_ks, baselines),
                                      "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection},
-                       "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
+                       "ranking": ({**evaluate_ranking(ranking, schema, split), "calibration": calibration}
+                                   if ranking is not None else {"skipped": "not trained (retrieval only)"}),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}

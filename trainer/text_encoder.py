@@ -6,6 +6,12 @@ backbone's variables itself; without that, fit() would silently leave BERT untra
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
@@ -96,7 +102,29 @@ def encode_packed(adapter: BertEncoderAdapter, packed: dict[str, np.ndarray],
         out[start:stop] = step(tf.constant(packed["token_ids"][start:stop]),
                                tf.constant(packed["padding_mask"][start:stop])).numpy()
         if progress:
-            print(f"\r  encoded {stop}/{n} ad texts", end="", flush=True)
+            print(f"\r  encoded {stop}/{n} ad texts", end="", flush=True, file=sys.stderr)
     if progress:
-        print()
+        print(file=sys.stderr)
+    return out
+
+
+def encode_cached(adapter: BertEncoderAdapter, packed: dict[str, np.ndarray], cache_dir: str | Path | None,
+                  progress: bool = False) -> np.ndarray:
+    """`encode_packed`, reusing an earlier result from `cache_dir` when the encoder's weights, its compute
+    dtype and the packed texts are byte-for-byte the same (the key is their SHA-256)."""
+    if not cache_dir:
+        return encode_packed(adapter, packed, progress=progress)
+    digest = hashlib.sha256(keras.mixed_precision.global_policy().name.encode())
+    for variable in adapter.backbone.variables:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    for name in ("token_ids", "padding_mask"):
+        digest.update(np.ascontiguousarray(packed[name]).tobytes())
+    path = Path(cache_dir) / f"text-embeddings-{digest.hexdigest()[:32]}.npy"
+    if path.is_file():
+        return np.load(path)
+    out = encode_packed(adapter, packed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)
     return out

@@ -4,7 +4,7 @@
 and an ad-id tower, each a StringLookup + Embedding (dim 32), dot-product scores, the plain
 in-batch softmax of `tfrs.tasks.Retrieval`, Adagrad (learning rate 0.1), trained on the same
 training positives as the model. Unknown users and ads share one OOV embedding each.
-(Most-popular is computed directly from training counts in `trainer.evaluate.evaluate_retrieval`.)
+(`MostPopular` and the other baselines of this package are scored beside it by `trainer.comparison`.)
 
 `IdOnlyScorer` is the same model behind the `Scorer` interface of the side-by-side evaluation: it
 learns from `Interactions` (their raw user and ad ids) and scores by user embedding · ad embedding.
