@@ -91,9 +91,10 @@ def test_adrec_train_on_movielens_subset_through_its_spec(tmp_path, capsys):
     config = tmp_path / "movielens.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(config), "--no-export", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "ratings.csv" in out and "skipped rows: none" in out
+    captured = capsys.readouterr()
+    assert "ratings.csv" in captured.err and "skipped rows: none" in captured.err  # the data report is a log
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads(captured.out) == json.loads(json.dumps(metrics))  # stdout: the metrics only
     n = int((ratings["userId"] <= 80).sum())
     assert metrics["retrieval"]["catalog_size"] == 9_742
     assert 0.15 * n < metrics["ranking"]["test_impressions"] < 0.25 * n

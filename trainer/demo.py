@@ -74,10 +74,12 @@ def format_ranking_metrics(k: dict) -> list[str]:
 def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True) -> dict:
     from serving.client import RecommendationClient
     from serving.process import ServerProcess
+    from trainer.progress import stdout_to_stderr
     from trainer.task import train_and_export
 
     started = time.time()
-    trained, export = train_and_export(cfg, export=True, progress=progress)
+    with stdout_to_stderr():  # progress bars are logs; stdout is for the recommendations and metrics
+        trained, export = train_and_export(cfg, export=True, progress=progress)
     export_dir = Path(cfg.export.export_dir)
     log(f"starting the embedded TF Serving-compatible server on 127.0.0.1 for {export_dir}")
     schema = trained.schema

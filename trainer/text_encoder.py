@@ -6,6 +6,8 @@ backbone's variables itself; without that, fit() would silently leave BERT untra
 
 from __future__ import annotations
 
+import sys
+
 import keras_hub
 import numpy as np
 import tensorflow as tf
@@ -96,7 +98,7 @@ def encode_packed(adapter: BertEncoderAdapter, packed: dict[str, np.ndarray],
         out[start:stop] = step(tf.constant(packed["token_ids"][start:stop]),
                                tf.constant(packed["padding_mask"][start:stop])).numpy()
         if progress:
-            print(f"\r  encoded {stop}/{n} ad texts", end="", flush=True)
+            print(f"\r  encoded {stop}/{n} ad texts", end="", file=sys.stderr, flush=True)
     if progress:
-        print()
+        print(file=sys.stderr)
     return out
