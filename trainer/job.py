@@ -19,6 +19,7 @@ from trainer.config import JobConfig
 from trainer.evaluate import evaluate_ranking, evaluate_retrieval, fit_calibration
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.inputs import ranking_dataset, retrieval_dataset
+from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
 from trainer.text_encoder import encode_packed
@@ -31,6 +32,11 @@ def _set_precision(policy: str) -> None:
     name = "float32" if policy == "none" else policy
     tf.keras.mixed_precision.set_global_policy(name)  # tf_keras: towers, DCN, tasks
     keras.mixed_precision.set_global_policy(name)  # Keras 3: the keras-hub BERT encoder
+
+
+def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, calibration: dict) -> dict:
+    metrics = evaluate_ranking(ranking, schema, split)
+    return {**metrics, **ranking_label_notes(metrics, split.test, schema, cfg), "calibration": calibration}
 
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
@@ -116,7 +122,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
                                                        cfg.retrieval.eval_ks, id_only),
-                       "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
+                       "ranking": _ranking_metrics(ranking, schema, split, cfg, calibration),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}

@@ -10,6 +10,7 @@ from features.split import DataSplit, time_split
 from features.synthetic import generate_world
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
+from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
 from trainer.progress import log
 
 
@@ -39,7 +40,9 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
     from features.loader import load_dataset
     from features.spec import load_spec
 
-    loaded = load_dataset(load_spec(cfg.data.spec, root=cfg.data.root or None))
+    spec = load_spec(cfg.data.spec, root=cfg.data.root or None)
+    refuse_implicit_without_negatives(cfg, spec.name, spec.columns.labels.implicit)
+    loaded = load_dataset(spec)
     log("data validation:\n" + loaded.report.format())
     return loaded.catalog, loaded.logs, loaded.schema
 
@@ -79,7 +82,8 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
                  vocabularies: Vocabularies | None = None):
     """Load, window and time-split the job's data; vocabularies from training rows unless given.
 
-    Returns (catalog, schema, split with catalog ad columns joined, vocabularies).
+    Returns (catalog, schema, split with catalog ad columns joined, vocabularies). Logs with no
+    negatives (implicit labels) get sampled ones on both sides of the split (`trainer.labels`).
     """
     catalog, logs, schema = load_job_data(cfg, schema)
     if cfg.retrieval.history_length:  # per event, from earlier events only: before the window and the split,
@@ -90,4 +94,5 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
         vocabularies = build_vocabularies(split.train, catalog, schema)
     split = DataSplit(train=join_ad_features(split.train, catalog, schema),
                       test=join_ad_features(split.test, catalog, schema), cutoff=split.cutoff)
+    split = add_sampled_negatives(cfg, catalog, schema, split)
     return catalog, schema, split, vocabularies
