@@ -21,6 +21,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     """stdout holds only the metrics JSON; logs, progress bars and the data report go to stderr."""
+    from trainer.demo import format_ranking_metrics
     from trainer.progress import stdout_to_stderr
     from trainer.task import resolve_config, train_and_export, write_metrics
 
@@ -28,8 +29,6 @@ def _cmd_train(args) -> int:
     with stdout_to_stderr():
         trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,
                                       warm_start=args.warm_start)
-    from trainer.demo import format_ranking_metrics
-
     print("\n".join(format_ranking_metrics(trained.metrics["ranking"])), file=sys.stderr)
     if args.metrics_out:
         write_metrics(args.metrics_out, trained.metrics)
