@@ -6,8 +6,8 @@ The catalog is read first (ad ids must be unique), then the users table when the
 columns are joined on by user id, and only the kept rows, in model dtypes, stay in memory.
 
 A log row whose user is missing from the users table is kept, not dropped: its user
-categoricals are "" (the unknown bucket at training and serving) and its user numerics the
-users table's mean, and the report counts such rows.
+categoricals are "" (the value "not known", as a null categorical is) and its user numerics
+the users table's mean, and the report counts such rows.
 """
 
 from __future__ import annotations
