@@ -30,20 +30,6 @@ sys.path.insert(0, str(ROOT))
 MODELS = (("full model", "model"), ("ID-only two-tower", "id_only"), ("most-popular", "most_popular"))
 
 
-def _apply(cfg, assignment: str) -> None:
-    """`section.key=value` (value parsed as YAML) onto the config, type-checked like the file."""
-    import yaml
-
-    from trainer.config import config_from_dict, config_to_dict
-
-    key, _, value = assignment.partition("=")
-    section, _, name = key.partition(".")
-    raw = config_to_dict(cfg)
-    raw[section][name] = yaml.safe_load(value)
-    checked = config_from_dict(raw, "--set")
-    setattr(getattr(cfg, section), name, getattr(getattr(checked, section), name))
-
-
 def format_table(r: dict, ks=(10, 50, 100)) -> str:
     lines = [f"held-out positives {r['test_positives']} ({r['cold_test_positives']} on cold-start ads, "
              f"{r['unseen_user_test_positives']} from users unseen in training"
@@ -85,9 +71,7 @@ def main(argv=None) -> int:
     from trainer.config import config_to_dict, load_config
     from trainer.job import run_training
 
-    cfg = load_config(args.config)
-    for assignment in args.set:
-        _apply(cfg, assignment)
+    cfg = load_config(args.config, args.set)
     cfg.training.model_dir = args.model_dir
     started = time.time()
     trained = run_training(cfg, progress=not args.quiet)

@@ -1,8 +1,13 @@
 """A data spec -> validated, typed catalog and log frames in the FeatureSchema the spec defines.
 
-The catalog is read first (ad ids must be unique), then the logs chunk by chunk: each chunk
-is parsed and checked (`features.validate`), bad rows are skipped or fail per the spec's
-policy, and only the kept rows, in model dtypes, stay in memory.
+The catalog is read first (ad ids must be unique), then the users table when the spec has one
+(user ids must be unique), then the logs chunk by chunk: each chunk is parsed and checked
+(`features.validate`), bad rows are skipped or fail per the spec's policy, the users table's
+columns are joined on by user id, and only the kept rows, in model dtypes, stay in memory.
+
+A log row whose user is missing from the users table is kept, not dropped: its user
+categoricals are "" (the value "not known", as a null categorical is) and its user numerics
+the users table's mean, and the report counts such rows.
 """
 
 from __future__ import annotations
@@ -44,14 +49,26 @@ def _catalog_columns(spec: DataSpec) -> dict[str, str]:
     return needed
 
 
+def _users_columns(spec: DataSpec) -> dict[str, str]:
+    c = spec.columns
+    needed = {c.users_user_id or c.user_id: "users_user_id" if c.users_user_id else "user_id"}
+    for role in ("user_categoricals", "user_numerics"):
+        needed.update({col: role for col in getattr(c, role)})
+    return needed
+
+
+def _user_roles_in_logs(spec: DataSpec) -> tuple[str, ...]:
+    """The user feature roles read from the logs: none when a users table holds them."""
+    return () if spec.has_users else ("user_categoricals", "user_numerics")
+
+
 def _log_columns(spec: DataSpec) -> dict[str, str]:
     c, labels = spec.columns, spec.columns.labels
     needed = {c.user_id: "user_id", c.ad_id: "ad_id", c.timestamp.column: "timestamp"}
     for role in ("click", "conversion", "rating"):
         if getattr(labels, role):
             needed[getattr(labels, role)] = f"labels.{role}"
-    for role in ("user_categoricals", "context_categoricals", "context_integers", "user_numerics",
-                 "context_numerics"):
+    for role in (*_user_roles_in_logs(spec), "context_categoricals", "context_integers", "context_numerics"):
         needed.update({col: role for col in getattr(c, role)})
     if c.position:
         needed[c.position] = "position"
@@ -85,11 +102,51 @@ def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.Dat
     return out
 
 
+def _check_users_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
+                       seen: set[str]) -> pd.DataFrame:
+    c = spec.columns
+    id_col = c.users_user_id or c.user_id
+    check = ChunkChecker(spec, report, "users", frame)
+    ids, null = parse_ids(frame[id_col])
+    check.flag(null, "null_id", id_col, "a non-empty user id")
+    numerics = {}
+    for col in c.user_numerics:
+        numerics[col], bad = parse_numbers(frame[col])
+        check.flag(bad, "bad_type", col, "a number")
+    good = ids[~check.bad]
+    dup = pd.Series(False, index=frame.index)
+    dup[good.index] = good.duplicated() | good.isin(seen)
+    check.flag(dup, "duplicate_user_id", id_col, "a user id not already in the users table")
+    keep = ~check.bad
+    out = pd.DataFrame({"user_id": ids[keep]})
+    for col in c.user_categoricals:
+        out[col] = parse_text(frame.loc[keep, col], col, report)
+    for col in c.user_numerics:
+        out[col] = numerics[col][keep].astype("float64")
+    seen.update(out["user_id"])
+    return out
+
+
+def _join_users(spec: DataSpec, report: ValidationReport, out: pd.DataFrame, users: pd.DataFrame) -> None:
+    """Attach the users table's columns to kept log rows, in place; count rows of unknown users."""
+    c = spec.columns
+    missing = ~out["user_id"].isin(users.index)
+    if missing.any():
+        report.users_missing += int(missing.sum())
+        report.users_missing_ids.update(out.loc[missing, "user_id"])
+    for col in c.user_categoricals:
+        out[col] = out["user_id"].map(users[col]).fillna("").astype(str)
+    for col in c.user_numerics:
+        out[col] = out["user_id"].map(users[col]).fillna(users[col].mean()).astype("float64")
+
+
 def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
-                     catalog_ids: set[str]) -> pd.DataFrame:
+                     catalog_ids: set[str], users: pd.DataFrame | None = None) -> pd.DataFrame:
     c, labels = spec.columns, spec.columns.labels
+    user_cats = () if users is not None else c.user_categoricals
+    user_nums = () if users is not None else c.user_numerics
     check = ChunkChecker(spec, report, "logs", frame)
-    users, null_user = parse_ids(frame[c.user_id])
+    user_ids, null_user = parse_ids(frame[c.user_id])
     check.flag(null_user, "null_id", c.user_id, "a non-empty user id")
     ads, null_ad = parse_ids(frame[c.ad_id])
     check.flag(null_ad, "null_id", c.ad_id, "a non-empty ad id")
@@ -113,22 +170,26 @@ def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFra
     for col in (*c.context_integers, *([c.position] if c.position else [])):
         typed[col], bad = parse_numbers(frame[col], integer=True)
         check.flag(bad, "bad_type", col, "an integer")
-    for col in (*c.user_numerics, *c.context_numerics):
+    for col in (*user_nums, *c.context_numerics):
         typed[col], bad = parse_numbers(frame[col])
         check.flag(bad, "bad_type", col, "a number")
     check.flag(~ads.isin(catalog_ids), "unknown_ad", c.ad_id, "an ad id present in the catalog", ads)
 
     keep = ~check.bad
-    out = pd.DataFrame({"user_id": users[keep], "ad_id": ads[keep], "timestamp": ts[keep]})
-    for col in (*c.user_categoricals, *c.context_categoricals):
+    out = pd.DataFrame({"user_id": user_ids[keep], "ad_id": ads[keep], "timestamp": ts[keep]})
+    if users is not None:
+        _join_users(spec, report, out, users)
+    for col in (*user_cats, *c.context_categoricals):
         out[col] = parse_text(frame.loc[keep, col], col, report)
     for col in c.context_integers:
         out[col] = typed[col][keep].astype("int64")
-    for col in (*c.user_numerics, *c.context_numerics):
+    for col in (*user_nums, *c.context_numerics):
         out[col] = typed[col][keep].astype("float64")
     if c.position:
         out["position"] = typed[c.position][keep].astype("int64")
-    if labels.rating:
+    if labels.implicit:
+        out["click"] = pd.Series(1.0, index=out.index, dtype="float32")
+    elif labels.rating:
         out["rating"] = label_values["rating"][keep].astype("float32")
         out["click"] = (label_values["rating"][keep] >= labels.threshold).astype("float32")
     else:
@@ -167,8 +228,13 @@ def load_dataset(spec: DataSpec) -> LoadedData:
     catalog = _read(spec, report, "catalog", _catalog_columns(spec),
                     lambda f: _check_catalog_chunk(spec, report, f, seen))
     catalog_ids = set(catalog["ad_id"])
+    users = None
+    if spec.has_users:
+        seen_users: set[str] = set()
+        users = _read(spec, report, "users", _users_columns(spec),
+                      lambda f: _check_users_chunk(spec, report, f, seen_users)).set_index("user_id")
     logs = _read(spec, report, "logs", _log_columns(spec),
-                 lambda f: _check_log_chunk(spec, report, f, catalog_ids))
+                 lambda f: _check_log_chunk(spec, report, f, catalog_ids, users))
     skipped = sum(report.logs.skipped.values())
     if skipped > spec.max_skipped_fraction * report.logs.read:
         raise DataValidationError(

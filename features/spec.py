@@ -1,4 +1,4 @@
-"""A YAML data spec: where a user's logs and ad catalog live and which column plays which role.
+"""A YAML data spec: where a user's logs, ad catalog and users table live, and which column plays which role.
 
 Loaded with `yaml.safe_load`; unknown keys are refused with their dotted path. Ids, the
 timestamp, labels, position and bid are renamed to the canonical names of `FeatureSchema`
@@ -10,12 +10,14 @@ name: my-logs
 root: /data/ads                # file paths are relative to it; itself relative to this file
 logs:    {files: ["impressions/*.parquet"]}
 catalog: {files: [ads.csv], format: csv}
+users:   {files: [users.csv]}     # optional: one row per user, joined onto log rows by user id
 columns:
   user_id: uid
+  users_user_id: id              # the users table's user id column when it differs from the logs'
   ad_id: creative_id
   timestamp: {column: ts, format: unix}      # unix | unix_ms | iso | a strftime format
-  labels: {click: clicked, conversion: converted}   # or {rating: stars, threshold: 4}
-  user_categoricals: [country]
+  labels: {click: clicked, conversion: converted}   # or {rating: stars, threshold: 4}, or {implicit: true}
+  user_categoricals: [country]   # from the users table when there is one, else from the logs
   context_categoricals: [device]
   context_integers: []
   ad_categoricals: [advertiser]
@@ -37,9 +39,11 @@ from features.schema import FeatureSchema
 from features.typed_yaml import coerce, read_yaml
 
 # Row-level problems a policy can fail on or skip; a missing column always fails.
-PROBLEMS = ("null_id", "bad_type", "bad_timestamp", "label_domain", "duplicate_catalog_id", "unknown_ad")
+PROBLEMS = ("null_id", "bad_type", "bad_timestamp", "label_domain", "duplicate_catalog_id", "duplicate_user_id",
+            "unknown_ad")
 POLICIES = ("fail", "skip")
 TABLE_FORMATS = ("auto", "csv", "parquet", "mind_behaviors", "movielens_100k_items")
+PLAIN_FORMATS = ("auto", "csv", "parquet")  # the users table has no format-specific reader
 TIME_CONTEXT = ("hour", "weekday")
 
 
@@ -72,6 +76,7 @@ class LabelSpec:
     threshold: float = 0.0
     rating_min: float = float("-inf")
     rating_max: float = float("inf")
+    implicit: bool = False  # or: every log row is an interaction, a positive (click = 1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class ColumnsSpec:
     user_id: str = "user_id"
     ad_id: str = "ad_id"
     catalog_ad_id: str = ""  # the catalog's ad id column when it differs from the logs'
+    users_user_id: str = ""  # the users table's user id column when it differs from the logs'
     timestamp: TimestampSpec = field(default_factory=TimestampSpec)
     labels: LabelSpec = field(default_factory=LabelSpec)
     user_categoricals: tuple[str, ...] = ()
@@ -99,6 +105,7 @@ class DataSpec:
     root: str = "."
     logs: TableSpec = field(default_factory=TableSpec)
     catalog: TableSpec = field(default_factory=TableSpec)
+    users: TableSpec = field(default_factory=TableSpec)  # optional (no files: no users table)
     columns: ColumnsSpec = field(default_factory=ColumnsSpec)
     derive_time_context: bool = False
     policy: dict = field(default_factory=dict)
@@ -111,6 +118,10 @@ class DataSpec:
     def root_dir(self) -> Path:
         root = Path(self.root).expanduser()
         return (root if root.is_absolute() else Path(self.base_dir) / root).resolve()
+
+    @property
+    def has_users(self) -> bool:
+        return bool(self.users.files)
 
     def policy_for(self, problem: str) -> str:
         return self.policy.get(problem, "skip")
@@ -133,7 +144,7 @@ class DataSpec:
             conversion="conversion" if labels.conversion else "",
             text_separator=self.text_separator,
             extra={"numerics": (*c.user_numerics, *c.context_numerics, *c.ad_numerics),
-                   "spec": self.name},
+                   "spec": self.name, "labels": "implicit" if labels.implicit else "logged"},
         )
 
 
@@ -150,9 +161,11 @@ def _check(spec: DataSpec, where: str) -> None:
             raise DataSpecError(f"{where}.{table}.files: at least one file or glob is required")
         if t.format not in TABLE_FORMATS:
             raise DataSpecError(f"{where}.{table}.format: expected one of {list(TABLE_FORMATS)}, got {t.format!r}")
+    _check_users(spec, where)
     labels = c.labels
-    if bool(labels.click) == bool(labels.rating):
-        raise DataSpecError(f"{where}.columns.labels: give exactly one of `click` or `rating` (+ `threshold`)")
+    if bool(labels.click) + bool(labels.rating) + labels.implicit != 1:
+        raise DataSpecError(f"{where}.columns.labels: give exactly one of `click` or `rating` (+ `threshold`), "
+                            "or `implicit: true`")
     if not c.ad_text:
         raise DataSpecError(f"{where}.columns.ad_text: the ad tower reads text; name at least one text column")
     reserved = {"user_id", "ad_id", "timestamp", "click", "conversion", "position", "bid"}
@@ -166,6 +179,20 @@ def _check(spec: DataSpec, where: str) -> None:
                                 "map them through their role (user_id, ad_id, labels, ...) instead")
     if spec.chunk_rows < 1:
         raise DataSpecError(f"{where}.chunk_rows: expected a positive integer, got {spec.chunk_rows}")
+
+
+def _check_users(spec: DataSpec, where: str) -> None:
+    c = spec.columns
+    if not spec.has_users:
+        if c.users_user_id:
+            raise DataSpecError(f"{where}.columns.users_user_id: names a users table column, but `users.files` "
+                                "names no users table")
+        return
+    if spec.users.format not in PLAIN_FORMATS:
+        raise DataSpecError(f"{where}.users.format: expected one of {list(PLAIN_FORMATS)}, got {spec.users.format!r}")
+    if not (c.user_categoricals or c.user_numerics):
+        raise DataSpecError(f"{where}.users: a users table is given but columns.user_categoricals and "
+                            "columns.user_numerics name none of its columns")
 
 
 def spec_from_dict(raw: dict | None, where: str = "spec", base_dir: str | Path = ".") -> DataSpec:

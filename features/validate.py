@@ -5,7 +5,9 @@ spec's policy decides per problem: `fail` raises `DataValidationError` at the fi
 occurrence; `skip` drops the row, counts it under its reason and keeps a few examples for
 the report. A row with several problems is counted once, under the first one checked
 (ids, then timestamp, labels, typed columns, catalog membership). A missing column always
-fails. Null categoricals and texts are not problems: they become "" and are counted.
+fails. Null categoricals and texts are not problems: they become "" and are counted. Log rows
+whose user is missing from the users table are not problems either: they are kept with empty
+user features and counted (`ValidationReport.users_missing`).
 """
 
 from __future__ import annotations
@@ -60,27 +62,37 @@ class ValidationReport:
     root: str
     catalog: TableCounts = field(default_factory=TableCounts)
     logs: TableCounts = field(default_factory=TableCounts)
+    users: TableCounts = field(default_factory=TableCounts)  # read only when the spec has a users table
     examples: dict[str, list[Problem]] = field(default_factory=dict)
     filled_nulls: Counter = field(default_factory=Counter)
+    users_missing: int = 0  # kept log rows whose user is not in the users table
+    users_missing_ids: set[str] = field(default_factory=set)
+
+    def tables(self) -> tuple[str, ...]:
+        return ("catalog", "users", "logs") if self.users.files else ("catalog", "logs")
 
     def skipped(self) -> Counter:
-        return self.catalog.skipped + self.logs.skipped
+        return self.catalog.skipped + self.users.skipped + self.logs.skipped
 
     def format(self) -> str:
         """One screen: rows read / kept / skipped per table, skipped rows by reason with examples."""
         lines = [f"data spec {self.spec_name!r} (root {self.root})",
                  f"  {'':8s}{'read':>12s}{'kept':>12s}{'skipped':>10s}  files"]
-        for name in ("catalog", "logs"):
+        for name in self.tables():
             t: TableCounts = getattr(self, name)
             files = ", ".join(t.files[:3]) + (f" (+{len(t.files) - 3} more)" if len(t.files) > 3 else "")
             lines.append(f"  {name:8s}{t.read:12,d}{t.kept:12,d}{sum(t.skipped.values()):10,d}  {files}")
-        skipped = [(table, reason, n) for table in ("catalog", "logs")
+        skipped = [(table, reason, n) for table in self.tables()
                    for reason, n in sorted(getattr(self, table).skipped.items())]
         lines.append("skipped rows by reason:" if skipped else "skipped rows: none")
         for table, reason, n in skipped:
             lines.append(f"  {table:8s}{reason:22s}{n:10,d}")
             for problem in self.examples.get(f"{table}:{reason}", [])[:EXAMPLES_PER_REASON]:
                 lines.append(f"      e.g. {problem}")
+        if self.users_missing:
+            some = ", ".join(repr(u) for u in sorted(self.users_missing_ids)[:EXAMPLES_PER_REASON])
+            lines.append(f"log rows whose user is not in the users table (kept, user features empty): "
+                         f"{self.users_missing:,d} rows of {len(self.users_missing_ids):,d} users, e.g. {some}")
         if self.filled_nulls:
             lines.append("nulls read as empty text: " + ", ".join(
                 f"{col} {n:,d}" for col, n in sorted(self.filled_nulls.items())))

@@ -27,7 +27,7 @@ from features.spec import DataSpecError, load_spec
 from features.validate import DataValidationError
 from serving.client import RecommendationClient, RequestError
 from serving.server import EmbeddedModelServer, discover_models
-from tests.test_data_validation import CATALOG, LOGS, _spec
+from tests.test_data_validation import CATALOG, LOGS, USERS, _spec, _users_spec
 from trainer.config import ConfigError, RetrievalConfig, load_config
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
@@ -51,6 +51,8 @@ class DataCase:
     catalog_skipped: dict | None = None
     users: tuple[str, ...] | None = None  # the user ids the loaded logs must hold, verbatim
     title_len: int | None = None  # the length of the first catalog title once loaded
+    users_table: str | None = None  # a users table (tests/test_data_validation.py's USERS spec) when given
+    users_skipped: dict | None = None  # users table rows skipped, by reason
 
 
 _EXTRA_FIRST = LOGS.replace("u1,a1,1700000000,1,1", "u1,a1,1700000000,1,1,zz,yy")
@@ -92,6 +94,13 @@ DATA_CASES = [
              kept=4, skipped={}, catalog_skipped={}, users=("u😀1", "u2", "u3", "u4")),
     DataCase("data-crlf-and-bom", logs=("\ufeff" + LOGS.replace("\n", "\r\n")).encode("utf-8"),
              kept=4, skipped={}, catalog_skipped={}),
+    DataCase("users-duplicate-id", users_table=USERS + "u2,es,60\n",
+             kept=4, skipped={}, catalog_skipped={}, users_skipped={"duplicate_user_id": 1}),
+    DataCase("users-missing-column", users_table=USERS.replace("country", "land"),
+             error=(DataValidationError, r"users.csv:1: missing column\(s\) 'country' \(user_categoricals\); "
+                                         r"found columns \['uid', 'land', 'age'\] \[missing_column\]")),
+    DataCase("users-no-rows", users_table="uid,country,age\n",
+             error=(DataValidationError, r"users: the file\(s\) \['users.csv'\] hold no data rows")),
 ]
 
 
@@ -104,7 +113,7 @@ def _write(path: Path, content: str | bytes) -> None:
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=lambda c: c.id)
 def test_bad_data_file(tmp_path, case: DataCase):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path) if case.users_table is None else _users_spec(tmp_path, users=case.users_table)
     _write(tmp_path / "logs.csv", case.logs)
     _write(tmp_path / "catalog.csv", case.catalog)
     if case.error:
@@ -118,6 +127,7 @@ def test_bad_data_file(tmp_path, case: DataCase):
     assert data.report.logs.read == 4 and data.report.logs.kept == case.kept == len(data.logs)
     assert dict(data.report.logs.skipped) == case.skipped  # nothing dropped without a count
     assert dict(data.report.catalog.skipped) == case.catalog_skipped
+    assert dict(data.report.users.skipped) == (case.users_skipped or {})
     if case.users is not None:
         assert tuple(data.logs["user_id"]) == case.users
     if case.title_len is not None:

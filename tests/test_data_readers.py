@@ -1,4 +1,9 @@
-"""The shipped specs (configs/data) read each public format: MovieLens 100k / 1m / latest and MIND."""
+"""The shipped specs (configs/data) read each public format: MovieLens 100k / 1m / latest and MIND.
+
+tests/fixtures/ml-100k and tests/fixtures/ml-1m are a few hand-written lines in the exact
+MovieLens formats (no real MovieLens data): each has a user rating who is missing from the
+users table, a latin-1 title, and (1m) a zip code with a leading zero.
+"""
 
 from pathlib import Path
 
@@ -11,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "configs" / "data"
 ML_LATEST_SMALL = ROOT.parent / "shared" / "data" / "ml-latest-small"
 MIND_FIXTURE = ROOT / "tests" / "fixtures" / "mind"
+ML_100K_FIXTURE = ROOT / "tests" / "fixtures" / "ml-100k"
+ML_1M_FIXTURE = ROOT / "tests" / "fixtures" / "ml-1m"
 
 
 def test_movielens_100k_tab_and_pipe_files(tmp_path):
@@ -25,6 +32,7 @@ def test_movielens_100k_tab_and_pipe_files(tmp_path):
              ["377", "Heavyweights (1994)", "01-Jan-1994", "", "http://z", *flags]]
     (tmp_path / "u.item").write_bytes("\n".join("|".join(r) for r in items).replace("Kolya", "Kolj\u00e1")
                                       .encode("latin-1") + b"\n")
+    (tmp_path / "u.user").write_text("196|49|M|writer|55105\n186|39|F|executive|00000\n22|25|M|writer|40206\n")
     data = load_dataset(load_spec(SPECS / "ml-100k.yaml", root=tmp_path))
     assert data.catalog["genres"].tolist() == ["Comedy", "Action|War", ""]
     assert data.catalog["title"].iloc[0] == "Kolj\u00e1 (1996)"
@@ -38,12 +46,43 @@ def test_movielens_1m_double_colon_files(tmp_path):
     (tmp_path / "movies.dat").write_bytes("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
                                           "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
                                           "3408::Erin Brockovich (2000)::Drama\n".encode("latin-1"))
+    (tmp_path / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
     data = load_dataset(load_spec(SPECS / "ml-1m.yaml", root=tmp_path))
     assert data.catalog["genres"].tolist()[1] == "Animation|Children's|Musical"
     assert data.logs["click"].tolist() == [1.0, 0.0]
     assert data.report.logs.skipped == {"bad_type": 1}
     assert "ratings.dat:3: column 'rating': got 'x', expected a number [bad_type]" in data.report.format()
     assert set(data.logs.columns) >= {"hour", "weekday"}
+
+
+def test_movielens_100k_fixture_joins_u_user_and_counts_missing_users():
+    data = load_dataset(load_spec(SPECS / "ml-100k.yaml", root=ML_100K_FIXTURE))
+    logs = data.logs.set_index(["user_id", "ad_id"])
+    assert logs.loc[("1", "1"), ["age", "gender", "occupation", "zip_code"]].tolist() == [
+        "24", "M", "technician", "85711"]
+    assert logs.loc[("5", "3"), "zip_code"] == "T8H1N"
+    # user 6 rated a movie but is not in u.user: kept, user features empty, counted
+    assert logs.loc[("6", "1"), ["age", "gender", "occupation", "zip_code"]].tolist() == ["", "", "", ""]
+    assert data.report.users.read == data.report.users.kept == 5
+    assert data.report.logs.kept == 8 and data.report.users_missing == 1
+    text = data.report.format()
+    assert "  users              5           5         0  u.user" in text
+    assert "log rows whose user is not in the users table (kept, user features empty): 1 rows of 1 users, " \
+           "e.g. '6'" in text
+    assert data.schema.user_categoricals == ("age", "gender", "occupation", "zip_code")
+    assert data.catalog.set_index("ad_id").loc["3", "title"] == "Caf\u00e9 Society (1995)"
+    assert data.catalog.set_index("ad_id").loc["1", "genres"] == "Animation|Children's|Comedy"
+
+
+def test_movielens_1m_fixture_joins_users_dat():
+    data = load_dataset(load_spec(SPECS / "ml-1m.yaml", root=ML_1M_FIXTURE))
+    users = data.logs.drop_duplicates("user_id").set_index("user_id")
+    assert users.loc["1", ["gender", "age", "occupation", "zip_code"]].tolist() == ["F", "1", "10", "48067"]
+    assert users.loc["4", "zip_code"] == "02460"  # read as text: the leading zero stays
+    assert users.loc["5", ["gender", "age", "occupation", "zip_code"]].tolist() == ["", "", "", ""]
+    assert data.report.users.kept == 4 and data.report.users_missing == 1
+    assert data.logs["click"].tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert data.catalog.set_index("ad_id").loc["3", "title"] == "Caf\u00e9 Society (1995)"
 
 
 def test_mind_impressions_expand_to_click_rows_with_position(tmp_path):

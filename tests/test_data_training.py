@@ -72,6 +72,35 @@ def test_mind_export_serves_unseen_user_and_cold_ads(trained_mind):
     assert list(served["pcvr"]) == [1.0]  # no conversion labels: pCVR is a constant 1
 
 
+def test_users_table_columns_reach_the_models_through_the_ml_100k_spec(tmp_path):
+    """u.user's columns are query features: in the schema, the vocabularies (with "" for the rows of
+    users missing from u.user) and the retrieval signature."""
+    from trainer.inputs import query_inputs
+    from trainer.job import run_training
+
+    rng = np.random.default_rng(0)
+    flags = ["0"] * 19
+    (tmp_path / "u.item").write_text("".join(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|{'|'.join(flags)}\n"
+                                             for i in range(1, 41)))
+    (tmp_path / "u.user").write_text("".join(f"{u}|{20 + u % 40}|{'MF'[u % 2]}|{('writer', 'student')[u % 3 > 0]}|"
+                                             f"{10000 + u}\n" for u in range(1, 51)))
+    (tmp_path / "u.data").write_text("".join(f"{u}\t{m}\t{rng.integers(1, 6)}\t{880000000 + rng.integers(0, 10**6)}\n"
+                                             for u in range(1, 56) for m in rng.choice(40, 20, replace=False) + 1))
+    cfg = tiny_config(tmp_path, data={"source": "spec", "spec": str(ROOT / "configs/data/ml-100k.yaml"),
+                                      "root": str(tmp_path)},
+                      retrieval={"epochs": 1, "batch_size": 128, "id_only_baseline": False},
+                      ranking={"epochs": 1, "batch_size": 256})
+    trained = run_training(cfg, progress=False)
+    users = ("age", "gender", "occupation", "zip_code")
+    assert trained.schema.user_categoricals == users
+    assert set(query_inputs(trained.schema, cfg.retrieval.history_length)) >= {"user_id", *users}
+    assert set(trained.vocabularies["gender"]) == {"M", "F", ""}  # "": users 51..55 are not in u.user
+    assert set(trained.vocabularies["occupation"]) == {"writer", "student", ""}
+    train = trained.split.train
+    assert (train.loc[train["user_id"].astype(int) > 50, list(users)] == "").all().all()
+    assert 0.0 < trained.metrics["ranking"]["auc"] < 1.0
+
+
 @pytest.mark.skipif(not (ML_LATEST_SMALL / "ratings.csv").exists(),
                     reason=f"MovieLens ml-latest-small not found at {ML_LATEST_SMALL}")
 def test_adrec_train_on_movielens_subset_through_its_spec(tmp_path, capsys):
@@ -91,9 +120,10 @@ def test_adrec_train_on_movielens_subset_through_its_spec(tmp_path, capsys):
     config = tmp_path / "movielens.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(config), "--no-export", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "ratings.csv" in out and "skipped rows: none" in out
+    captured = capsys.readouterr()
+    assert "ratings.csv" in captured.err and "skipped rows: none" in captured.err  # the data report is a log
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads(captured.out) == json.loads(json.dumps(metrics))  # stdout: the metrics only
     n = int((ratings["userId"] <= 80).sum())
     assert metrics["retrieval"]["catalog_size"] == 9_742
     assert 0.15 * n < metrics["ranking"]["test_impressions"] < 0.25 * n

@@ -229,3 +229,104 @@ def test_empty_and_header_only_files_are_named_errors(tmp_path):
     with pytest.raises(DataValidationError, match=r"^logs: all 4 rows were skipped$") as err:
         load_dataset(spec)
     assert err.value.report.logs.skipped == {"null_id": 4}
+
+
+USERS = "uid,country,age\nu1,fr,31\nu2,de,45\nu3,fr,22\n"  # u4 (in LOGS) is missing on purpose
+
+
+def _users_spec(tmp_path, users=USERS, policy=None, **columns):
+    (tmp_path / "users.csv").write_text(users)
+    spec = _spec(tmp_path, policy=policy)
+    raw = {"name": "t", "logs": {"files": ["logs.csv"]}, "catalog": {"files": ["catalog.csv"]},
+           "users": {"files": ["users.csv"]}, "policy": policy or {},
+           "columns": {**COLUMNS, "users_user_id": "uid", "user_categoricals": ["country"],
+                       "user_numerics": ["age"], **columns}}
+    assert spec.root_dir == tmp_path.resolve()
+    return spec_from_dict(raw, base_dir=tmp_path)
+
+
+def test_users_table_is_joined_by_user_id_and_missing_users_are_kept_and_counted(tmp_path):
+    data = load_dataset(_users_spec(tmp_path))
+    logs = data.logs.set_index("user_id")
+    assert logs["country"].to_dict() == {"u1": "fr", "u2": "de", "u3": "fr", "u4": ""}
+    assert logs.loc[["u1", "u2", "u3"], "age"].tolist() == [31.0, 45.0, 22.0]
+    assert logs.loc["u4", "age"] == pytest.approx((31 + 45 + 22) / 3)  # unknown user: the table's mean
+    assert data.report.logs.kept == 4 and data.report.users_missing == 1
+    assert data.report.users.read == data.report.users.kept == 3
+    assert data.schema.user_categoricals == ("country",) and data.schema.extra["numerics"] == ("age",)
+    text = data.report.format()
+    assert "  users              3           3         0  users.csv" in text
+    assert "1 rows of 1 users, e.g. 'u4'" in text
+
+
+def test_users_table_columns_are_not_read_from_the_logs(tmp_path):
+    # the logs have no `country` / `age` column: with a users table that is fine
+    data = load_dataset(_users_spec(tmp_path, users="uid,country,age\nu1,fr,31\nu2,de,45\nu3,fr,22\nu4,it,50\n"))
+    assert data.report.users_missing == 0 and "not in the users table" not in data.report.format()
+    assert data.logs.set_index("user_id")["country"].to_dict() == {"u1": "fr", "u2": "de", "u3": "fr", "u4": "it"}
+
+
+# (problem, line of USERS to replace, replacement, exact message, log users then missing from the table)
+USER_CASES = [
+    ("duplicate_user_id", 4, "u1,es,50",
+     "users.csv:4: column 'uid': got 'u1', expected a user id not already in the users table [duplicate_user_id]",
+     {"u3", "u4"}),
+    ("null_id", 3, ",de,45", "users.csv:3: column 'uid': got None, expected a non-empty user id [null_id]",
+     {"u2", "u4"}),
+    ("bad_type", 2, "u1,fr,old", "users.csv:2: column 'age': got 'old', expected a number [bad_type]",
+     {"u1", "u4"}),
+]
+
+
+@pytest.mark.parametrize("problem,line,new,message,missing", USER_CASES)
+def test_users_table_problems_fail_or_skip_like_the_catalog(tmp_path, problem, line, new, message, missing):
+    users = _replace_line(USERS, line, new)
+    with pytest.raises(DataValidationError) as err:
+        load_dataset(_users_spec(tmp_path, users=users, policy={problem: "fail"}))
+    assert str(err.value) == message
+    data = load_dataset(_users_spec(tmp_path, users=users, policy={problem: "skip"}))
+    assert data.report.users.skipped == {problem: 1} and data.report.users.kept == 2
+    assert data.report.logs.kept == 4 and data.report.logs.skipped == {}  # log rows are never dropped for it
+    assert data.report.users_missing_ids == missing  # a skipped user row makes its user unknown
+    if problem == "duplicate_user_id":  # the first row of a user is kept
+        assert data.logs.set_index("user_id").loc["u1", "country"] == "fr"
+    assert f"e.g. {message}" in data.report.format()
+
+
+def test_users_table_missing_column_and_no_rows_are_named_errors(tmp_path):
+    with pytest.raises(DataValidationError) as err:
+        load_dataset(_users_spec(tmp_path, users=USERS.replace("country", "land")))
+    assert str(err.value) == ("users.csv:1: missing column(s) 'country' (user_categoricals); found columns "
+                              "['uid', 'land', 'age'] [missing_column]")
+    with pytest.raises(DataValidationError, match=r"^users: the file\(s\) \['users.csv'\] hold no data rows$"):
+        load_dataset(_users_spec(tmp_path, users="uid,country,age\n"))
+
+
+def test_users_table_spec_errors(tmp_path):
+    base = {"logs": {"files": ["x"]}, "catalog": {"files": ["y"]},
+            "columns": {"labels": {"click": "c"}, "ad_text": ["t"]}}
+    with pytest.raises(DataSpecError, match=r"spec.columns.users_user_id: names a users table column, but "
+                                            r"`users.files` names no users table"):
+        spec_from_dict({**base, "columns": {**base["columns"], "users_user_id": "id"}})
+    with pytest.raises(DataSpecError, match=r"spec.users: a users table is given but columns.user_categoricals"):
+        spec_from_dict({**base, "users": {"files": ["u.csv"]}})
+    with pytest.raises(DataSpecError, match=r"spec.users.format: expected one of \['auto', 'csv', 'parquet'\]"):
+        spec_from_dict({**base, "users": {"files": ["u.csv"], "format": "mind_behaviors"},
+                        "columns": {**base["columns"], "user_categoricals": ["g"]}})
+    with pytest.raises(DataSpecError, match=r"spec.users: unknown key\(s\) \['file'\]"):
+        spec_from_dict({**base, "users": {"file": ["u.csv"]}})
+
+
+def test_implicit_labels_make_every_row_a_positive(tmp_path):
+    logs = "user,ad,ts\nu1,a1,1700000000\nu2,a2,1700000100\nu1,a3,1700000200\n"
+    (tmp_path / "logs.csv").write_text(logs)
+    (tmp_path / "catalog.csv").write_text(CATALOG)
+    columns = {k: v for k, v in COLUMNS.items() if k != "position"}
+    raw = {"logs": {"files": ["logs.csv"]}, "catalog": {"files": ["catalog.csv"]},
+           "columns": {**columns, "labels": {"implicit": True}}}
+    data = load_dataset(spec_from_dict(raw, base_dir=tmp_path))
+    assert data.logs["click"].tolist() == [1.0, 1.0, 1.0] and data.logs["click"].dtype == np.float32
+    assert "rating" not in data.logs and data.schema.extra["labels"] == "implicit"
+    with pytest.raises(DataSpecError, match=r"give exactly one of `click` or `rating` \(\+ `threshold`\), "
+                                            r"or `implicit: true`"):
+        spec_from_dict({**raw, "columns": {**columns, "labels": {"click": "clicked", "implicit": True}}})

@@ -20,10 +20,18 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from trainer.task import resolve_config, train_and_export
+    """stdout holds only the metrics JSON; logs, progress bars and the data report go to stderr."""
+    from trainer.demo import format_ranking_metrics
+    from trainer.progress import stdout_to_stderr
+    from trainer.task import resolve_config, train_and_export, write_metrics
 
-    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet,
-                                  warm_start=args.warm_start)
+    cfg = resolve_config(args)
+    with stdout_to_stderr():
+        trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,
+                                      warm_start=args.warm_start)
+    print("\n".join(format_ranking_metrics(trained.metrics["ranking"])), file=sys.stderr)
+    if args.metrics_out:
+        write_metrics(args.metrics_out, trained.metrics)
     print(json.dumps(trained.metrics, indent=2))
     return 0
 
@@ -143,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-k", type=int, default=5, help="ads per user")
     demo.set_defaults(func=_cmd_demo)
 
-    train = sub.add_parser("train", help="train retrieval and ranking, evaluate, export SavedModels")
+    train = sub.add_parser("train", help="train retrieval and ranking, evaluate, export SavedModels; "
+                           "prints the metrics JSON on stdout, logs on stderr")
     add_arguments(train)
+    train.add_argument("--metrics-out", metavar="FILE", help="also write the metrics JSON to FILE (atomically)")
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished job on its held-out split; HTML report")

@@ -1,10 +1,18 @@
-"""Job configuration: dataclasses loaded from YAML with `yaml.safe_load`, unknown keys refused."""
+"""Job configuration: dataclasses loaded from YAML with `yaml.safe_load`, unknown keys refused.
+
+`apply_overrides` sets single keys from the command line (`--set retrieval.epochs=2`), checked
+exactly like the file.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from features.protocol import EvaluationProtocol
 from features.synthetic import SyntheticConfig
@@ -105,6 +113,10 @@ class RankingConfig:
     calibration: str = "isotonic"  # "isotonic" | "platt" | "none": fitted on held-out rows, exported in-graph
     calibration_fraction: float = 0.1  # last share (by time) of training rows held out of fit to calibrate
     calibration_knots: int = 64
+    # Data with no negatives of its own (implicit labels: every row a positive): per positive, this
+    # many ads drawn uniformly from the ads seen in training that the user has no positive with,
+    # for training and for the held-out metrics. Such data with 0 is refused (ranking needs negatives).
+    sampled_negatives: int = 4
 
 
 @dataclass
@@ -176,6 +188,7 @@ _RANGES = [
     ("ranking", "calibration", lambda v: v in ("isotonic", "platt", "none"), "'isotonic', 'platt' or 'none'"),
     ("ranking", "calibration_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("ranking", "calibration_knots", lambda v: v >= 4, "an integer >= 4"),
+    ("ranking", "sampled_negatives", lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
     *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("ctr_loss_weight", "ctcvr_loss_weight",
                                                                   "cross_projection_dim", "ad_categorical_dim")],
     ("export", "objective", lambda v: v in ("pctr", "ecpm", "cpa"), "'pctr', 'ecpm' or 'cpa'"),
@@ -231,8 +244,65 @@ def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> JobConfig:
-    return config_from_dict(read_yaml(path, ConfigError, "config file"), str(path))
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    """A config file, then `overrides` (`section.key=value`, see `apply_overrides`) on top."""
+    cfg = config_from_dict(read_yaml(path, ConfigError, "config file"), str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
+    """A copy of `cfg` with each `section.key=value` applied in order.
+
+    The value is parsed with `yaml.safe_load` (`2`, `0.5`, `true`, `[10, 50]`, `{epochs: 2}`);
+    keys may nest (`encoder.masked_lm.epochs=2`); a mapping onto a section sets each of its keys.
+    Each value is type- and range-checked as in a config file; errors name the `--set` key.
+    """
+    raw = config_to_dict(cfg)
+    for item in overrides:
+        path, value = _parse_override(item)
+        _assign(raw, JobConfig, path, value)
+    return config_from_dict(raw, "--set")
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    key, sep, text = item.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. retrieval.epochs=2")
+    try:
+        return path, yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def _range_checks() -> dict[str, tuple]:
+    checks = {f"{s}.{k}": (ok, expected) for s, k, ok, expected in _RANGES}
+    checks.update({f"encoder.masked_lm.{k}": (ok, expected) for k, ok, expected in _MASKED_LM_RANGES})
+    return checks
+
+
+def _assign(raw: dict, cls, path: list[str], value, done: tuple[str, ...] = ()) -> None:
+    """Set `path` (below the already-walked `done`) in the plain dict `raw` of dataclass `cls`."""
+    name, rest = path[0], path[1:]
+    dotted = ".".join((*done, name))
+    known = {f.name for f in dataclasses.fields(cls)}
+    if name not in known:
+        where = f" of {'.'.join(done)}" if done else ""
+        raise ConfigError(f"--set {dotted}: unknown key {name!r}; known keys{where} are {sorted(known)}")
+    hint = typing.get_type_hints(cls)[name]
+    if rest:
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"--set {'.'.join((*done, *path))}: {dotted} is a value, not a section")
+        _assign(raw[name], hint, rest, value, (*done, name))
+    elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        for key, item in value.items():
+            _assign(raw[name], hint, [str(key)], item, (*done, name))
+    else:
+        typed = coerce(hint, value, f"--set {dotted}", ConfigError)
+        check = _range_checks().get(dotted)
+        if check and not check[0](typed):
+            raise ConfigError(f"--set {dotted}: expected {check[1]}, got {value!r}")
+        raw[name] = value
 
 
 def config_to_dict(cfg) -> dict:

@@ -54,30 +54,47 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _auc(k: dict, name: str) -> str:
+    """An AUC to 4 places, or why it is undefined (`trainer.labels.ranking_label_notes`)."""
+    value = k[name]
+    if value == value:
+        return f"{value:.4f}"
+    return f"undefined ({k.get(name + '_undefined', 'one label class')})"
+
+
+def _ranking_rows(k: dict) -> str:
+    if k.get("negatives") == "sampled":
+        return (f"held-out positives ({k['test_positives']}) + {k['sampled_negatives_per_positive']} sampled "
+                f"negatives each ({k['test_impressions']} rows; implicit feedback, so 'CTR' is the positive share)")
+    return f"held-out impressions ({k['test_impressions']})"
+
+
 def format_ranking_metrics(k: dict) -> list[str]:
     """CTR (served: position dropped, calibrated), CVR and the oracle's AUCs, one block."""
-    lines = [f"Ranking, held-out impressions ({k['test_impressions']}): CTR AUC {k['auc']:.4f}, "
+    lines = [f"Ranking, {_ranking_rows(k)}: CTR AUC {_auc(k, 'auc')}, "
              f"log loss {k['logloss']:.4f}, ECE {k['ece']:.4f} (uncalibrated {k['ece_uncalibrated']:.4f}), "
              f"mean pCTR {k['mean_pctr']:.4f} vs CTR {k['ctr']:.4f}"]
     if "auc_with_position" in k:
-        lines.append(f"  with the position tower at the logged position: AUC {k['auc_with_position']:.4f}")
+        lines.append(f"  with the position tower at the logged position: AUC {_auc(k, 'auc_with_position')}")
     if "oracle_auc" in k:
-        lines.append(f"  ground-truth oracle AUC {k['oracle_auc']:.4f} (knows position), "
-                     f"{k['oracle_auc_no_position']:.4f} (true relevance only)")
+        lines.append(f"  ground-truth oracle AUC {_auc(k, 'oracle_auc')} (knows position), "
+                     f"{_auc(k, 'oracle_auc_no_position')} (true relevance only)")
     if "cvr_auc" in k:
-        lines.append(f"  CVR on {k['clicked_impressions']} clicked impressions: AUC {k['cvr_auc']:.4f}, "
+        lines.append(f"  CVR on {k['clicked_impressions']} clicked impressions: AUC {_auc(k, 'cvr_auc')}, "
                      f"log loss {k['cvr_logloss']:.4f}, ECE {k['cvr_ece']:.4f}; pCTCVR over all impressions: "
-                     f"AUC {k['ctcvr_auc']:.4f}, ECE {k['ctcvr_ece']:.4f}")
+                     f"AUC {_auc(k, 'ctcvr_auc')}, ECE {k['ctcvr_ece']:.4f}")
     return lines
 
 
 def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True) -> dict:
     from serving.client import RecommendationClient
     from serving.process import ServerProcess
+    from trainer.progress import stdout_to_stderr
     from trainer.task import train_and_export
 
     started = time.time()
-    trained, export = train_and_export(cfg, export=True, progress=progress)
+    with stdout_to_stderr():  # progress bars are logs; stdout is for the recommendations and metrics
+        trained, export = train_and_export(cfg, export=True, progress=progress)
     export_dir = Path(cfg.export.export_dir)
     log(f"starting the embedded TF Serving-compatible server on 127.0.0.1 for {export_dir}")
     schema = trained.schema

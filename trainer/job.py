@@ -20,6 +20,7 @@ from trainer.config import JobConfig, config_to_dict
 from trainer.evaluate import evaluate_ranking, fit_calibration
 from trainer.fit import build_model, clear_stages, fit_stage
 from trainer.inputs import ranking_dataset, retrieval_dataset
+from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
 from trainer.text_encoder import encode_cached, encode_packed
@@ -75,6 +76,11 @@ def _train_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cach
     return ranking, k_state, calibration
 
 
+def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, calibration: dict) -> dict:
+    metrics = evaluate_ranking(ranking, schema, split)
+    return {**metrics, **ranking_label_notes(metrics, split.test, schema, cfg), "calibration": calibration}
+
+
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                  schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
                  with_ranking: bool = True) -> TrainedModels:
@@ -93,7 +99,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         if cfg.encoder.masked_lm.epochs > 0 and adapted.is_dir() and not (model_dir / MASKED_LM_DIR).exists():
             # The warm-started towers learned on this encoder's embeddings: keep it, do not re-adapt.
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
-    data = prepare_data(cfg, schema, vocabularies)
+    data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking)
     catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
     fit_rows, validation_rows, validation = split.train, None, None
     if cfg.evaluation.validation_fraction > 0:  # carved by the evaluation protocol, histories rebuilt for it
@@ -163,7 +169,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     trained.metrics = {"retrieval": {**evaluate_retrieval(retrieval, catalog, schema, retrieval_rows, split.test,
                                                           data.excluded, cfg.retrieval.eval_ks, baselines),
                                      "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection},
-                       "ranking": ({**evaluate_ranking(ranking, schema, split), "calibration": calibration}
+                       "ranking": (_ranking_metrics(ranking, schema, split, cfg, calibration)
                                    if ranking is not None else {"skipped": "not trained (retrieval only)"}),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),

@@ -16,6 +16,7 @@ from features.split import DataSplit
 from features.synthetic import generate_world
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
+from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
 from trainer.progress import log
 
 
@@ -45,7 +46,9 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
     from features.loader import load_dataset
     from features.spec import load_spec
 
-    loaded = load_dataset(load_spec(cfg.data.spec, root=cfg.data.root or None))
+    spec = load_spec(cfg.data.spec, root=cfg.data.root or None)
+    refuse_implicit_without_negatives(cfg, spec.name, spec.columns.labels.implicit)
+    loaded = load_dataset(spec)
     log("data validation:\n" + loaded.report.format())
     return loaded.catalog, loaded.logs, loaded.schema
 
@@ -101,13 +104,18 @@ class PreparedData:
         return apply_protocol(raw, protocol.validation(), history_length, self.schema, self.prior)
 
 
+EXCLUDED = "_excluded_ad_ids"  # a held-out row's exclusions, carried through the negative sampler
+
+
 def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
-                 vocabularies: Vocabularies | None = None) -> PreparedData:
+                 vocabularies: Vocabularies | None = None, with_negatives: bool = True) -> PreparedData:
     """Load and window the job's data, split it by `cfg.evaluation`'s protocol and give every row its
     history; vocabularies from training rows unless given.
 
     Under a random split, time-of-day context that would identify held-out sessions is dropped from
-    the schema (with a warning) unless `evaluation.session_context: keep`.
+    the schema (with a warning) unless `evaluation.session_context: keep`. Logs with no negatives
+    (implicit labels) get sampled ones on both sides of the split (`trainer.labels`) unless
+    `with_negatives` is False (a retrieval-only run reads positives alone).
     """
     catalog, logs, schema = load_job_data(cfg, schema)
     logs, prior = select_time_window(logs, cfg.data.time_window, schema)
@@ -124,7 +132,12 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
         vocabularies = build_vocabularies(split.train, catalog, schema)
     split = split.with_frames(join_ad_features(split.train, catalog, schema),
                               join_ad_features(split.test, catalog, schema))
+    excluded = data.excluded
+    if with_negatives:  # negatives follow their positive and share its exclusions (held-out queries are positives)
+        split = add_sampled_negatives(cfg, catalog, schema, split.with_frames(
+            split.train, split.test.assign(**{EXCLUDED: pd.Series(excluded, dtype=object)})))
+        excluded = list(split.test.pop(EXCLUDED))
     log(f"evaluation protocol {cfg.evaluation.protocol}: {len(split.train):,d} training / {len(split.test):,d} "
-        f"held-out rows ({len(split.test) / max(len(logs), 1):.1%}); held-out histories: "
-        f"{cfg.evaluation.history_at_test}" + ("; seen ads excluded" if cfg.evaluation.exclude_seen else ""))
-    return PreparedData(catalog, schema, split, vocabularies, data.excluded, prior)
+        f"held-out rows; held-out histories: {cfg.evaluation.history_at_test}"
+        + ("; seen ads excluded" if cfg.evaluation.exclude_seen else ""))
+    return PreparedData(catalog, schema, split, vocabularies, excluded, prior)

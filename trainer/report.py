@@ -22,6 +22,7 @@ from trainer.comparison import evaluate_retrieval
 from trainer.config import config_from_dict
 from trainer.evaluate import ad_embeddings, evaluate_ranking, predict_ctr, query_embeddings
 from trainer.inputs import ranking_dataset, retrieval_dataset
+from trainer.labels import ranking_label_notes
 from trainer.metrics import (
     expected_calibration_error,
     popularity_ranks,
@@ -111,6 +112,7 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
     ks = tuple(trained.config.retrieval.eval_ks)
     ranking = evaluate_ranking(trained.ranking, schema, split)
     ranking["ece"] = expected_calibration_error(labels, pctr, n_bins)
+    ranking.update(ranking_label_notes(ranking, split.test, schema, trained.config))
     metrics = {"retrieval": evaluate_retrieval(trained.retrieval, catalog, schema, split.train, split.test,
                                                trained.excluded, ks, trained.baselines),
                "ranking": ranking}
@@ -247,8 +249,10 @@ def write_report(trained: TrainedModels, out_dir: str | Path, source: str = "") 
         f"({r['cold_test_positives']} on cold-start ads).</p>",
         "<h2>Retrieval (Recall@K, NDCG@K)</h2>" + _table(recall_rows),
         "<h2>Ranking (CTR: served pCTR, position dropped, calibrated)</h2>" + _table(
-            {key: k[key] for key in ("auc", "auc_with_position", "oracle_auc", "oracle_auc_no_position", "logloss",
-                                     "ece", "ece_uncalibrated", "mean_pctr", "ctr") if key in k}),
+            {key: k[key] for key in ("negatives", "sampled_negatives_per_positive", "test_positives",
+                                     "test_sampled_negatives", "auc", "auc_undefined", "auc_with_position",
+                                     "oracle_auc", "oracle_auc_no_position", "logloss", "ece", "ece_uncalibrated",
+                                     "mean_pctr", "ctr") if key in k}),
         "<h2>Ranking (CVR on clicked impressions; pCTCVR over all)</h2>" + _table(
             {key: k[key] for key in ("cvr_auc", "cvr_logloss", "cvr_ece", "cvr_ece_uncalibrated", "mean_pcvr", "cvr",
                                      "ctcvr_auc", "ctcvr_logloss", "ctcvr_ece") if key in k}),

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+from pathlib import Path
 
 from trainer.config import JobConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/demo.yaml", help="job config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key, the value read as YAML, e.g. retrieval.epochs=2 or "
+                             "encoder.masked_lm.epochs=1 (repeatable; checked like the file)")
+    parser.add_argument("--root", help="override data.root: the data directory of a data spec")
     parser.add_argument("--model-dir", help="override training.model_dir")
     parser.add_argument("--export-dir", help="override export.export_dir")
     parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker", "tpu"],
@@ -28,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args) -> JobConfig:
-    cfg = load_config(args.config)
+    """The config file, then `--set` overrides, then the dedicated flags (which win)."""
+    cfg = load_config(args.config, args.set)
+    if args.root:
+        cfg.data.root = args.root
     if args.model_dir:
         cfg.training.model_dir = args.model_dir
     if args.export_dir:
@@ -60,6 +69,24 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
     return trained, result
 
 
+def write_metrics(path: str | Path, metrics: dict) -> Path:
+    """The metrics JSON to `path`, atomically: a temporary file beside it renamed into place, so a
+    reader never sees half a file and a failed write leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(metrics, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def weights_digest(trained) -> str:
     """A hash of every trained weight: equal on all workers of a synchronous job."""
     import hashlib
@@ -72,11 +99,18 @@ def weights_digest(trained) -> str:
 
 
 def main(argv=None) -> int:
+    from trainer.progress import stdout_to_stderr
+
     parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--metrics-out", metavar="FILE", help="also write the metrics JSON to FILE (atomically)")
     args = parser.parse_args(argv)
-    trained, _ = train_and_export(resolve_config(args), export=not args.no_export, progress=not args.quiet,
-                                  warm_start=args.warm_start)
+    cfg = resolve_config(args)
+    with stdout_to_stderr():  # stdout is for results
+        trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,
+                                      warm_start=args.warm_start)
+    if args.metrics_out:
+        write_metrics(args.metrics_out, trained.metrics)
     print(json.dumps(trained.metrics, indent=2))
     print(f"weights digest: {weights_digest(trained)}")
     return 0
