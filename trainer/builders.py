@@ -93,17 +93,31 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
     if cfg.retrieval.history_length and cfg.retrieval.history_text:
         # The query tower pools frozen text embeddings of history ads (fine-tuning: the initial encoder's).
         history_table = cached if cached is not None else encode_packed(text.adapter, text.packed_catalog)
+        history_table = principal_components(history_table, cfg.retrieval.text_dim)
     with strategy.scope():
         if cfg.encoder.mode != "frozen":  # the encoder trains: it runs on every batch
             catalog_text = CatalogText(catalog_ids, packed_tokens=text.packed_catalog, encoder=text.adapter)
         else:
-            catalog_text = CatalogText(catalog_ids, cached_embeddings=cached)
+            catalog_text = CatalogText(catalog_ids,
+                                       cached_embeddings=principal_components(cached, cfg.retrieval.text_dim))
         model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
                                jit_compile=cfg.training.jit_compile, history_text_table=history_table,
                                sampling_counts=counts)
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
+
+
+def principal_components(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """`embeddings` projected on their first `dim` principal components (unchanged when `dim` is 0 or
+    not smaller). The retrieval towers read the frozen text of every catalog ad (full softmax) and of N
+    history ads per query at every step, so its width is much of their cost."""
+    if not dim or dim >= embeddings.shape[1]:
+        return embeddings
+    centered = embeddings.astype(np.float64) - embeddings.mean(axis=0)
+    _, _, components = np.linalg.svd(centered, full_matrices=False)
+    signs = np.sign(components[:dim, :1] + 1e-12)  # a fixed sign per component: the same table every run
+    return (centered @ (components[:dim] * signs).T).astype(np.float32)
 
 
 def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray,

@@ -62,6 +62,7 @@ class RetrievalConfig:
     embedding_dim: int = 64
     id_embedding_dim: int = 32
     hidden_units: int = 128
+    text_dim: int = 0  # > 0, frozen encoder: the towers read this many principal components of the ad text
     temperature: float = 0.05
     learning_rate: float = 0.003
     epochs: int = 8
@@ -197,6 +198,7 @@ _RANGES = [
     ("retrieval", "loss", lambda v: v in ("in_batch", "full_softmax"), "'in_batch' or 'full_softmax'"),
     ("retrieval", "full_softmax_max_ads", lambda v: v >= 1, "an integer >= 1"),
     ("retrieval", "history_attention_layers", lambda v: 0 <= v <= 8, "an integer in [0, 8]"),
+    ("retrieval", "text_dim", lambda v: v >= 0, "an integer >= 0"),
     *[("retrieval", k, lambda v: v >= 1, "an integer >= 1")
       for k in ("history_attention_length", "history_attention_heads", "history_attention_dim")],
     ("retrieval", "history_dropout", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.config import JobConfig
+from trainer.config import JobConfig, config_to_dict
 from trainer.progress import fit_verbosity, log
 from trainer.strategy import is_chief
 
@@ -61,14 +62,15 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
     """Fit `model` (or restore it if this stage already finished); returns history and step count."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
+    backup_dir = model_dir / "backup" / name
+    _forget_other_configs(name, cfg, (stage_dir, backup_dir), strategy)
     if done_file.exists():
         checkpoint_of(parts).read(str(stage_dir / "stage")).expect_partial()
         state = json.loads(done_file.read_text())
         log(f"{name}: stage already finished ({state['steps']} steps); restored, not retrained")
         return state
 
-    backup_dir = model_dir / "backup" / name
-    if backup_dir.exists() and any(backup_dir.iterdir()):
+    if backup_dir.exists() and any(p.name != FINGERPRINT for p in backup_dir.iterdir()):
         log(f"{name}: resuming from the backup in {backup_dir}")
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(
@@ -91,6 +93,33 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
     else:
         shutil.rmtree(target, ignore_errors=True)
     return state
+
+
+FINGERPRINT = "CONFIG_SHA256"
+
+
+def config_fingerprint(cfg: JobConfig) -> str:
+    """A hash of what shapes training (not where models are written or exported)."""
+    raw = config_to_dict(cfg)
+    raw.pop("export", None)
+    raw.get("training", {}).pop("model_dir", None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _forget_other_configs(name: str, cfg: JobConfig, dirs: tuple[Path, ...], strategy) -> None:
+    """A finished stage or a backup left by a run with another config cannot be resumed (its variables
+    may not even have the same shapes): drop it and start the stage afresh, saying so."""
+    fingerprint = config_fingerprint(cfg)
+    for directory in dirs:
+        marker = directory / FINGERPRINT
+        if directory.exists() and any(p.name != FINGERPRINT for p in directory.iterdir()) and (
+                not marker.is_file() or marker.read_text() != fingerprint):
+            log(f"{name}: {directory} was left by a run with a different config; starting this stage afresh")
+            if is_chief(strategy):
+                shutil.rmtree(directory, ignore_errors=True)
+        if is_chief(strategy):
+            directory.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fingerprint)
 
 
 def clear_stages(model_dir: Path, strategy) -> None:

@@ -216,11 +216,11 @@ class RetrievalModel(tfrs.Model):
             seen &= tf.not_equal(tf.range(tf.shape(logits)[1], dtype=rows.dtype)[None, :], target[:, None])
             logits = tf.where(seen, tf.constant(-1e9, logits.dtype), logits)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
-        if not training:  # the target's rank among the catalog (ties count against it)
-            target_logit = tf.gather(logits, target, batch_dims=1)[:, None]
-            rank = tf.reduce_sum(tf.cast(logits >= target_logit, tf.int32), axis=1) - 1
-            for k in self.top_ks:
-                getattr(self, f"top_{k}_accuracy").update_state(tf.cast(rank < k, tf.float32))
+        # The target's rank among the catalog (ties count against it; history ads masked as in the loss).
+        target_logit = tf.gather(logits, target, batch_dims=1)[:, None]
+        rank = tf.reduce_sum(tf.cast(logits >= target_logit, tf.int32), axis=1) - 1
+        for k in self.top_ks:
+            getattr(self, f"top_{k}_accuracy").update_state(tf.cast(rank < k, tf.float32))
         # Replica gradients are summed: each replica divides by the global batch.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return tf.reduce_sum(loss) / tf.cast(tf.shape(loss)[0] * replicas, loss.dtype)
