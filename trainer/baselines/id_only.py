@@ -110,8 +110,11 @@ class IdOnlyScorer(Scorer):
         self._user_ids = user_ids
 
         def run_epoch(epoch: int) -> float:
-            self._tables = None
-            return float(self.model.fit(ds, epochs=1, verbose=0).history["loss"][-1])
+            """One pass; the mean loss per positive (the task sums over a batch, and Keras keeps only the last)."""
+            self._tables, losses = None, []
+            keep = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda _, logs: losses.append(logs["loss"]))
+            self.model.fit(ds, epochs=1, verbose=0, callbacks=[keep])
+            return float(np.sum(losses)) / max(len(positives), 1)
 
         evaluate = None
         if validation is not None and len(validation):
