@@ -99,6 +99,7 @@ class IdOnlyScorer(Scorer):
     def fit(self, train: Interactions, validation: Queries | None = None) -> None:
         p, schema = self.params, DEFAULT_SCHEMA
         user_ids, item_ids = np.asarray(train.user_ids, object), np.asarray(train.item_ids, object)
+        self._user_ids, self._item_ids, self._tables = user_ids, item_ids, None
         positives = pd.DataFrame({schema.user_id: user_ids[train.users], schema.ad_id: item_ids[train.items]})
         vocabularies = Vocabularies({schema.user_id: [str(v) for v in user_ids[np.unique(train.users)]],
                                      schema.ad_id: [str(v) for v in item_ids[np.unique(train.items)]]})
@@ -107,7 +108,6 @@ class IdOnlyScorer(Scorer):
         self.model.compile(optimizer=tf.keras.optimizers.Adagrad(p["learning_rate"]))
         ds = make_dataset(positives, (schema.user_id, schema.ad_id), p["batch_size"], shuffle=True, seed=p["seed"],
                           schema=schema)
-        self._user_ids = user_ids
 
         def run_epoch(epoch: int) -> float:
             """One pass; the mean loss per positive (the task sums over a batch, and Keras keeps only the last)."""
@@ -120,7 +120,6 @@ class IdOnlyScorer(Scorer):
         if validation is not None and len(validation):
             popularity = train.item_counts()
             evaluate = lambda: validation_metric(self, validation, popularity)  # noqa: E731
-        self._item_ids = item_ids
         self.epochs_kept = run_epochs(self.name, run_epoch, p["epochs"], self.model, evaluate, p["patience"])
         self._tables = None
 
