@@ -238,3 +238,33 @@ def test_id_only_scorer_ranks_each_users_repeated_item_first():
     np.testing.assert_array_equal(scores[:6].argmax(axis=1), np.arange(6))
     np.testing.assert_array_equal(scores[6], scores[7])
     assert not math.isnan(float(scores.sum()))
+
+
+class Weights:
+    """A stand-in model whose weights are the epoch that wrote them."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def get_weights(self):
+        return self.epoch
+
+    def set_weights(self, epoch):
+        self.epoch = epoch
+
+
+@pytest.mark.parametrize("min_epochs,kept,ran", [(0, 2, 5), (6, 6, 7)])
+def test_run_epochs_stops_on_patience_after_min_epochs_and_restores_the_best(min_epochs, kept, ran):
+    from trainer.baselines.epochs import run_epochs
+
+    values = [0.1, 0.2, 0.2, 0.15, 0.2, 0.5, 0.4]  # a plateau after epoch 2, then a late improvement
+    model, seen = Weights(), []
+
+    def run_epoch(epoch):
+        model.epoch = epoch
+        seen.append(epoch)
+        return 1.0
+
+    assert run_epochs("t", run_epoch, 7, model, lambda: values[seen[-1] - 1], 3, min_epochs=min_epochs) == kept
+    assert model.epoch == kept and seen[-1] == ran
+    assert run_epochs("t", run_epoch, 2, model) == 2  # no validation: every epoch runs

@@ -31,11 +31,13 @@ def validation_metric(scorer: Scorer, validation: Queries, popularity: np.ndarra
 
 def run_epochs(name: str, run_epoch: Callable[[int], float], epochs: int, model,
                evaluate: Callable[[], float] | None = None, patience: int = 3,
-               monitor: str = EARLY_STOPPING_METRIC) -> int:
+               monitor: str = EARLY_STOPPING_METRIC, min_epochs: int = 0) -> int:
     """Train up to `epochs` epochs (`run_epoch(epoch)` returns the epoch's mean loss) and return the count kept.
 
-    With `evaluate`, stops once `patience` epochs in a row bring no higher value and sets `model`
-    back to the weights of the best epoch (that epoch's number is returned); without it, runs all.
+    With `evaluate`, stops once `patience` epochs in a row bring no higher value (never before
+    `min_epochs`: a model may sit on a validation plateau early on, e.g. while it only knows
+    popularity) and sets `model` back to the weights of the best epoch, whose number is returned;
+    without it, runs all.
     """
     best_value, best_epoch, best_weights = -np.inf, 0, None
     for epoch in range(1, epochs + 1):
@@ -50,7 +52,7 @@ def run_epochs(name: str, run_epoch: Callable[[int], float], epochs: int, model,
         log(f"{line}, validation {monitor} {value:.4f}", sys.stderr)
         if best_weights is None or value > best_value:
             best_value, best_epoch, best_weights = value, epoch, model.get_weights()
-        elif epoch - best_epoch >= patience:
+        elif epoch - best_epoch >= patience and epoch >= min_epochs:
             break
     if evaluate is None:
         return epochs

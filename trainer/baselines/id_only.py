@@ -99,6 +99,7 @@ class IdOnlyScorer(Scorer):
     def fit(self, train: Interactions, validation: Queries | None = None) -> None:
         p, schema = self.params, DEFAULT_SCHEMA
         user_ids, item_ids = np.asarray(train.user_ids, object), np.asarray(train.item_ids, object)
+        self._user_ids, self._item_ids, self._tables = user_ids, item_ids, None
         positives = pd.DataFrame({schema.user_id: user_ids[train.users], schema.ad_id: item_ids[train.items]})
         vocabularies = Vocabularies({schema.user_id: [str(v) for v in user_ids[np.unique(train.users)]],
                                      schema.ad_id: [str(v) for v in item_ids[np.unique(train.items)]]})
@@ -107,17 +108,18 @@ class IdOnlyScorer(Scorer):
         self.model.compile(optimizer=tf.keras.optimizers.Adagrad(p["learning_rate"]))
         ds = make_dataset(positives, (schema.user_id, schema.ad_id), p["batch_size"], shuffle=True, seed=p["seed"],
                           schema=schema)
-        self._user_ids = user_ids
 
         def run_epoch(epoch: int) -> float:
-            self._tables = None
-            return float(self.model.fit(ds, epochs=1, verbose=0).history["loss"][-1])
+            """One pass; the mean loss per positive (the task sums over a batch, and Keras keeps only the last)."""
+            self._tables, losses = None, []
+            keep = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda _, logs: losses.append(logs["loss"]))
+            self.model.fit(ds, epochs=1, verbose=0, callbacks=[keep])
+            return float(np.sum(losses)) / max(len(positives), 1)
 
         evaluate = None
         if validation is not None and len(validation):
             popularity = train.item_counts()
             evaluate = lambda: validation_metric(self, validation, popularity)  # noqa: E731
-        self._item_ids = item_ids
         self.epochs_kept = run_epochs(self.name, run_epoch, p["epochs"], self.model, evaluate, p["patience"])
         self._tables = None
 
