@@ -66,12 +66,28 @@ def format_table(results: dict[str, dict]) -> str:
                 continue
             cells = "".join(f"{r[key + suffix][m]:7.3f}" for _, suffix in slices for _, m in COLUMNS)
             lines.append(f"  {label:26s}{cells}")
+        validation = validation_recalls(r)
+        if validation:
+            lines.append("  validation split (what settings were chosen on), Recall@100: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
         best = max((k for _, k in METHODS if k in r and k != "model"), key=lambda k: r[k]["recall@100"], default=None)
         if best:
             lines.append(f"  model / best baseline ({best}): Recall@100 {ratio(r, 'model', best, 'recall@100')}, "
                          f"NDCG@10 {ratio(r, 'model', best, 'ndcg@10')}")
         lines.append("")
     return "\n".join(lines)
+
+
+def validation_recalls(r: dict) -> dict[str, float]:
+    """Recall@100 on the validation split: the model's, and each baseline's chosen candidate's."""
+    out = {}
+    if "model_validation" in r:
+        out["model"] = r["model_validation"]["recall@100"]
+    for name, report in r.get("baseline_selection", {}).items():
+        chosen = [c for c in report.get("candidates", []) if c["params"] == report.get("chosen")]
+        if chosen:
+            out[name] = chosen[0]["validation"]["recall@100"]
+    return out
 
 
 def ratio(r: dict, a: str, b: str, metric: str) -> str:

@@ -170,3 +170,13 @@ def evaluate_retrieval(model, catalog: pd.DataFrame, schema: FeatureSchema, trai
     slices = {"warm": ~cold, "cold": cold, "seen_users": ~unseen, "unseen_users": unseen}
     out.update(compare(scorers, queries, popularity, slices, ks))
     return out
+
+
+def model_validation_metrics(model, catalog: pd.DataFrame, schema: FeatureSchema, fit_rows: pd.DataFrame,
+                             validation, ks: tuple[int, ...]) -> dict:
+    """The model on the validation queries, ranked as the baselines' candidates were (their `select_and_fit`
+    reports): what the model's settings can be compared and chosen on without touching the test rows."""
+    train = interactions_of(fit_rows, catalog, schema)
+    queries = queries_of(validation.split.test, validation.excluded, catalog, train, schema)
+    ranks = rank_queries(TwoTowerScorer(model, catalog, schema), queries, train.item_counts())
+    return metrics_of(ranks, ks)

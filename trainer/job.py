@@ -15,7 +15,13 @@ from features.schema import FeatureSchema
 from features.split import time_split
 from trainer.builders import MASKED_LM_DIR, build_ranking, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
-from trainer.comparison import evaluate_retrieval, fit_baselines, interactions_of, queries_of
+from trainer.comparison import (
+    evaluate_retrieval,
+    fit_baselines,
+    interactions_of,
+    model_validation_metrics,
+    queries_of,
+)
 from trainer.config import JobConfig, config_to_dict
 from trainer.evaluate import evaluate_ranking, fit_calibration
 from trainer.fit import build_model, clear_stages, fit_stage
@@ -168,7 +174,10 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     retrieval_rows = split.train if validation is None or cfg.evaluation.refit else fit_rows
     trained.metrics = {"retrieval": {**evaluate_retrieval(retrieval, catalog, schema, retrieval_rows, split.test,
                                                           data.excluded, cfg.retrieval.eval_ks, baselines),
-                                     "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection},
+                                     "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection,
+                                     **({"model_validation": model_validation_metrics(
+                                         retrieval, catalog, schema, fit_rows, validation, cfg.retrieval.eval_ks)}
+                                        if validation is not None and not cfg.evaluation.refit else {})},
                        "ranking": (_ranking_metrics(ranking, schema, split, cfg, calibration)
                                    if ranking is not None else {"skipped": "not trained (retrieval only)"}),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
