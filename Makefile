@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/serving_latency.py --ads 10000 100000 --requests 300
 	$(BIN)/python benchmarks/read_logs.py --out runs/bench/read_logs.json
 	$(BIN)/python benchmarks/ranking_quality.py
+	$(BIN)/python benchmarks/ranking_real.py
 	$(BIN)/python benchmarks/movielens_retrieval.py
 	$(BIN)/python benchmarks/encoder_adaptation.py
 

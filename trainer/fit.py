@@ -57,8 +57,11 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
-              monitor: str | None = None) -> dict:
-    """Fit `model` (or restore it if this stage already finished); returns history and step count."""
+              monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None) -> dict:
+    """Fit `model` (or restore it if this stage already finished); returns history and step count.
+
+    Early stopping on `monitor` (restoring the best epoch's weights) needs `validation` or `metrics`,
+    a callback that puts the monitored value into each epoch's logs."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     if done_file.exists():
@@ -74,9 +77,10 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         tf.keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
         LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
+        *((metrics,) if metrics is not None else ()),
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
     ]
-    if validation is not None and monitor:
+    if (validation is not None or metrics is not None) and monitor:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))

@@ -13,14 +13,15 @@ import tensorflow as tf
 from features.schema import FeatureSchema
 from features.split import time_split
 from trainer.baselines import train_id_only
-from trainer.builders import MASKED_LM_DIR, build_ranking, build_retrieval, build_text_assets
+from trainer.builders import MASKED_LM_DIR, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
 from trainer.config import JobConfig
-from trainer.evaluate import evaluate_ranking, evaluate_retrieval, fit_calibration
+from trainer.evaluate import evaluate_ranking, evaluate_retrieval
 from trainer.fit import build_model, clear_stages, fit_stage
-from trainer.inputs import ranking_dataset, retrieval_dataset
+from trainer.inputs import retrieval_dataset
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
+from trainer.ranking_stage import train_ranking
 from trainer.text_encoder import encode_packed
 from trainer.trained import TrainedModels
 
@@ -73,37 +74,18 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                     sampling_counts(fit_rows, schema))
         ds, n_pos = retrieval_dataset(fit_rows, cfg, schema)
         build_model(retrieval, next(iter(ds)), strategy)
-        ranking_rows, calibration_rows = fit_rows, None
-        if cfg.ranking.calibration != "none" and cfg.ranking.calibration_fraction > 0:
-            inner = time_split(fit_rows, cfg.ranking.calibration_fraction, schema)
-            ranking_rows, calibration_rows = inner.train, inner.test
-        ranking_ds = ranking_dataset(ranking_rows, cfg, schema)
-        ranking = None
-        if cached is not None:
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
-            build_model(ranking, next(iter(ranking_ds)), strategy)
-        restore_parts(warm_checkpoint, retrieval=retrieval, ranking=ranking)
+        restore_parts(warm_checkpoint, retrieval=retrieval)
         log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
             f"{strategy.num_replicas_in_sync} replica(s)")
         val = retrieval_dataset(validation_rows, cfg, schema, False)[0] if validation_rows is not None else None
         r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
                             retrieval.checkpoint_parts(), val,
                             f"val_factorized_top_k/top_{max(cfg.retrieval.top_k_metrics)}_categorical_accuracy")
-        if ranking is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
+        if cached is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
-            build_model(ranking, next(iter(ranking_ds)), strategy)
-            restore_parts(warm_checkpoint, ranking=ranking)
-        log(f"ranking: {len(ranking_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}"
-            + (f"; {len(calibration_rows)} later ones held out to calibrate ({cfg.ranking.calibration})"
-               if calibration_rows is not None else ""))
-        val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
-        k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
-                            progress, ranking.checkpoint_parts(), val, "val_auc")
-        calibration = fit_calibration(ranking, calibration_rows if calibration_rows is not None else ranking_rows,
-                                      schema, cfg.ranking.calibration if calibration_rows is not None else "none")
-        log(f"calibration ({calibration['method']}) on {calibration['rows']} held-out rows: CTR ECE "
-            f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
+        ranked = train_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows, model_dir, progress,
+                               warm_checkpoint)
+        ranking, k_state, calibration = ranked.model, ranked.state, ranked.calibration
     finally:
         _set_precision("none")
     id_only = None
@@ -116,7 +98,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     trained.metrics = {"retrieval": evaluate_retrieval(retrieval, schema, catalog, split,
                                                        cfg.retrieval.eval_ks, id_only),
-                       "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration},
+                       "ranking": {**evaluate_ranking(ranking, schema, split), "calibration": calibration,
+                                   "validation": ranked.validation},
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}

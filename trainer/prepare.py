@@ -8,6 +8,7 @@ from features.history import add_history
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 from features.split import DataSplit, time_split
 from features.synthetic import generate_world
+from features.user_stats import add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
 from trainer.progress import log
@@ -84,6 +85,10 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     catalog, logs, schema = load_job_data(cfg, schema)
     if cfg.retrieval.history_length:  # per event, from earlier events only: before the window and the split,
         logs = add_history(logs, cfg.retrieval.history_length, schema)  # as a serving system would know them
+    if cfg.ranking.negative_history:  # the same rule: earlier events only, before the window and the split
+        logs = add_negative_history(logs, cfg.retrieval.history_length, schema)
+    if cfg.ranking.user_stats:
+        logs = add_user_stats(logs, cfg.ranking.recent_window, schema)
     logs = select_time_window(logs, cfg.data.time_window, schema)
     split = time_split(logs, cfg.training.test_fraction, schema)
     if vocabularies is None:
