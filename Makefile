@@ -26,7 +26,8 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check features trainer serving tests benchmarks
 
-# Every benchmark in one go (13 min on the 2-core CPU machine); JSON results land in runs/bench/.
+# Every benchmark in one go (13 min on the 2-core CPU machine before ranking_real.py, which adds
+# 10-25 min); JSON results land in runs/bench/.
 bench: setup
 	$(BIN)/python benchmarks/retrieval_scaling.py --ads 10000 100000 1000000
 	$(BIN)/python benchmarks/training_throughput.py --encoder minilm --fine-tune

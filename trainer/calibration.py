@@ -152,6 +152,7 @@ class Calibrator(tf.keras.layers.Layer):
         self.knot_probs = self.add_weight(name="knot_probs", shape=(knots,), trainable=False,
                                           initializer=tf.keras.initializers.Constant(sigmoid(grid)))
         self.method = "none"
+        self.built = True  # every weight exists already (and an unused pCVR head is still saved whole)
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None) -> None:
         if method not in METHODS:

@@ -147,6 +147,11 @@ class RankingModel(tfrs.Model):
         if self.item_stats is not None and item_statistics is not None:
             self.item_stats.set_statistics(*item_statistics, click_prior)
 
+    def get_config(self) -> dict:
+        """Nothing for Keras to serialize: the model is rebuilt from the job's config and rows
+        (`trainer.builders.build_ranking`), its weights from checkpoints."""
+        return {}
+
     def build_from_batch(self, features) -> None:
         """Create every variable (no metric updates, safe in a cross-replica context)."""
         self.logits(features, with_position=True)
