@@ -87,7 +87,8 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
     hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=fit_verbosity(progress),
                      callbacks=callbacks)
     state = {"steps": int(model.optimizer.iterations.numpy()),
-             "history": {k: [float(x) for x in v] for k, v in hist.history.items()}}
+             "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
+             "epochs": [int(e) + 1 for e in hist.epoch]}  # 1-based; a resumed fit lists only the epochs it ran
     target = _writable(stage_dir, strategy)
     checkpoint_of(parts).write(str(target / "stage"))
     if is_chief(strategy):

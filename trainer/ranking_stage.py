@@ -65,6 +65,9 @@ def train_ranking(cfg: JobConfig, strategy, schema: FeatureSchema, vocabularies:
                   progress: bool = False, warm_checkpoint: str | None = None) -> RankingRun:
     """Train the served ranking model on `rows` (the job's training rows) and calibrate it."""
     rc = cfg.ranking
+    # The stage draws its own random numbers from the job's seed: a job resumed after a kill (whose earlier
+    # stages were restored, not run) trains the same probe and picks the same epochs.
+    tf.keras.utils.set_random_seed(cfg.training.seed)
     epochs, validation, probe, report = rc.epochs, None, None, {}
     if rc.validation_fraction > 0:
         inner = time_split(rows, rc.validation_fraction, schema)
@@ -79,7 +82,8 @@ def train_ranking(cfg: JobConfig, strategy, schema: FeatureSchema, vocabularies:
         probe_state = fit_stage("ranking_probe", probe, probe_ds, rc.epochs, cfg, strategy, model_dir, progress,
                                 probe.checkpoint_parts(), monitor=MONITOR, metrics=GroupAucLogger(validation, schema))
         curve = probe_state["history"].get(MONITOR, [])
-        epochs = int(np.nanargmax(curve)) + 1 if curve else rc.epochs
+        numbers = probe_state.get("epochs") or list(range(1, len(curve) + 1))
+        epochs = numbers[int(np.nanargmax(curve))] if curve else rc.epochs
         report = {"rows": int(len(validation)), "probe_rows": int(len(earlier)),
                   "gauc_by_epoch": [round(v, 4) for v in curve], "epochs": epochs}
         log(f"ranking probe: validation gAUC by epoch {report['gauc_by_epoch']}: the served model trains "
