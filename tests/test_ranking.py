@@ -80,9 +80,9 @@ def test_calibrated_scores_keep_the_model_order_with_no_ties():
 class _Fits(Calibrator):
     """A calibrator that records the logits of every fit."""
 
-    def fit(self, logits, labels, method, weights=None):
+    def fit(self, logits, labels, method, *args):
         self.fitted = [*getattr(self, "fitted", []), np.asarray(logits).copy()]
-        super().fit(logits, labels, method, weights)
+        super().fit(logits, labels, method, *args)
 
 
 @pytest.mark.parametrize("drift", [False, True])

@@ -52,5 +52,7 @@ def test_served_pctr_is_calibrated(check):
 
 def test_cvr_head_learns_from_the_whole_impression_space(check):
     k, _ = check
+    print({key: round(k[key], 4) for key in ("ece", "ece_uncalibrated", "cvr_ece", "cvr_ece_uncalibrated", "cvr_auc",
+                                             "ctcvr_auc", "ctcvr_ece")}, k["calibration"], k["validation"])
     assert k["ctcvr_auc"] > 0.7 and k["cvr_auc"] > 0.55
     assert k["cvr_ece"] < 0.05

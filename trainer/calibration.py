@@ -147,6 +147,10 @@ class Calibrator(tf.keras.layers.Layer):
                                       initializer=tf.keras.initializers.Constant([1.0, 1.0, 0.0]))
         self.use_knots = self.add_weight(name="use_knots", shape=(), trainable=False,
                                          initializer=tf.keras.initializers.Zeros())
+        # Added to a logit before the map: moves a map fitted on one model's logits onto another's whose
+        # logits are offset (e.g. where a position tower took a different share of the intercept).
+        self.offset = self.add_weight(name="offset", shape=(), trainable=False,
+                                      initializer=tf.keras.initializers.Zeros())
         self.knot_logits = self.add_weight(name="knot_logits", shape=(knots,), trainable=False,
                                            initializer=tf.keras.initializers.Constant(grid))
         self.knot_probs = self.add_weight(name="knot_probs", shape=(knots,), trainable=False,
@@ -154,7 +158,10 @@ class Calibrator(tf.keras.layers.Layer):
         self.method = "none"
         self.built = True  # every weight exists already (and an unused pCVR head is still saved whole)
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None) -> None:
+    def fit(self, logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None,
+            offset: float = 0.0) -> None:
+        """Fit the map on (logit, label) pairs; served logits are moved by `offset` before it."""
+        self.offset.assign(float(offset))
         if method not in METHODS:
             raise ValueError(f"calibration method {method!r}: expected one of {METHODS}")
         if method == "isotonic":
@@ -172,7 +179,7 @@ class Calibrator(tf.keras.layers.Layer):
         self.fit(np.zeros(0), np.zeros(0), "none")
 
     def call(self, logits):
-        x = tf.cast(logits, tf.float32)
+        x = tf.cast(logits, tf.float32) + self.offset
         a, b, c = self.params[0], self.params[1], self.params[2]
         parametric = tf.sigmoid(b * tf.nn.softplus(x) - a * tf.nn.softplus(-x) + c)
         xs, ys = self.knot_logits, self.knot_probs
@@ -186,7 +193,7 @@ class Calibrator(tf.keras.layers.Layer):
         return tf.where(self.use_knots > 0.5, interpolated, parametric)
 
     def numpy_call(self, logits: np.ndarray) -> np.ndarray:
-        x = np.asarray(logits, np.float64)
+        x = np.asarray(logits, np.float64) + float(self.offset.numpy())
         if self.use_knots.numpy() > 0.5:
             return np.interp(x, self.knot_logits.numpy(), self.knot_probs.numpy()).astype(np.float32)
         return apply_parametric(self.params.numpy().astype(np.float64), x).astype(np.float32)

@@ -120,9 +120,10 @@ def recency_weights(timestamps: np.ndarray, half_life: float) -> np.ndarray:
 
 
 def _calibrate_head(calibrator, logits: np.ndarray, labels: np.ndarray, timestamps: np.ndarray, method: str,
-                    half_life: float, check_fraction: float, name: str) -> dict:
+                    half_life: float, check_fraction: float, name: str, offset: float = 0.0) -> dict:
     """Fit on the earlier rows, check on the later `check_fraction` (by time); if the map lowers the
-    check rows' ECE, refit it on all rows and keep it, else leave the head uncalibrated."""
+    check rows' ECE, refit it on all rows and keep it (served logits moved by `offset`), else leave
+    the head uncalibrated."""
     order = np.argsort(timestamps, kind="mergesort")
     logits, labels, timestamps = logits[order], labels[order], timestamps[order]
     cut = int(round(len(order) * (1.0 - check_fraction)))
@@ -135,7 +136,7 @@ def _calibrate_head(calibrator, logits: np.ndarray, labels: np.ndarray, timestam
     after = expected_calibration_error(labels[cut:], calibrator.numpy_call(logits[cut:]))
     applied = bool(after < before)
     if applied:
-        calibrator.fit(logits, labels, method, recency_weights(timestamps, half_life))
+        calibrator.fit(logits, labels, method, recency_weights(timestamps, half_life), offset)
     else:
         calibrator.reset()
     return {**out, f"{name}_check_ece_uncalibrated": before, f"{name}_check_ece_calibrated": after,
@@ -160,8 +161,16 @@ def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSche
     logits = ranking_logits(logits_from or model, rows, schema)
     click = rows[schema.click].to_numpy(np.float64)
     ts = rows[schema.timestamp].to_numpy()
-    out = {"method": method, "half_life": half_life, "check_fraction": check_fraction,
-           **_calibrate_head(model.ctr_calibrator, logits["ctr"], click, ts, method, half_life, check_fraction, "ctr")}
+    # With a position tower, how the intercept splits between it and the served logit is arbitrary and
+    # differs between two models: the offset moves the served model's logits onto the probe's (both
+    # models' training logits, served + position, fit the same clicks).
+    offset = 0.0
+    if logits_from is not None and logits_from is not model:
+        own = ranking_logits(model, rows, schema)
+        offset = float(np.mean(own["ctr_train"] - own["ctr"]) - np.mean(logits["ctr_train"] - logits["ctr"]))
+    out = {"method": method, "half_life": half_life, "check_fraction": check_fraction, "ctr_offset": offset,
+           **_calibrate_head(model.ctr_calibrator, logits["ctr"], click, ts, method, half_life, check_fraction, "ctr",
+                             offset)}
     if ranking_labels(schema, rows)["conversion"] and model.use_conversion:
         clicked = click > 0
         conv = rows[schema.conversion].to_numpy(np.float64)[clicked]
