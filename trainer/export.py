@@ -183,6 +183,8 @@ class RecommenderServable(tf.Module):
     answer does not depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
     tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
     (the client drops them).
+    When the ranking model reads the user's past, the request's `history`, `negative_history` and
+    counters are given to every candidate's ranking (`history` feeds retrieval too).
     Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
     objective's value, the order), `retrieval_scores`.
     """

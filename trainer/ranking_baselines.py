@@ -93,7 +93,7 @@ class RankingBaselines:
         words = {a: set(WORD.findall(t.lower())) for a, t in zip(seen[s.ad_id], s.ad_text_of(seen), strict=True)}
         ads_per_word = pd.Series([w for ws in words.values() for w in ws]).value_counts()
         vocab = sorted(ads_per_word[ads_per_word >= MIN_WORD_ADS].index)
-        all_words = {a: set(WORD.findall(t.lower()))
+        all_words = {str(a): set(WORD.findall(t.lower()))
                      for a, t in zip(self.catalog[s.ad_id], s.ad_text_of(self.catalog), strict=True)}
         return vocab, all_words
 
