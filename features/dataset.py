@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from features.history import HISTORY, history_matrix
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
+from features.user_stats import NEGATIVE_HISTORY
 
 
 def frame_to_tensors(frame: pd.DataFrame, columns: tuple[str, ...],
@@ -18,7 +19,7 @@ def frame_to_tensors(frame: pd.DataFrame, columns: tuple[str, ...],
     for name in columns:
         dtype = schema.model_dtype(name)
         col = frame[name]
-        if name == HISTORY:  # a sequence per row -> [n, N] strings
+        if name in (HISTORY, NEGATIVE_HISTORY):  # a sequence per row -> [n, N] strings
             out[name] = history_matrix(col, len(col.iloc[0]) if len(col) else 0)
         elif dtype == np.dtype("object"):
             out[name] = col.astype(str).to_numpy(dtype=object)

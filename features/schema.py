@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from features.user_stats import USER_STATS
+
 
 class SchemaError(ValueError):
     """A frame does not carry the columns or dtypes the schema asks for."""
@@ -68,7 +70,7 @@ class FeatureSchema:
         )
 
     def is_int_feature(self, name: str) -> bool:
-        return name in self.context_integers or name == self.position
+        return name in self.context_integers or name == self.position or name in USER_STATS
 
     def ad_text_of(self, catalog: pd.DataFrame) -> list[str]:
         """The one text string the encoder reads per ad: its text fields joined."""

@@ -21,7 +21,7 @@ import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from serving.config import EXCLUDED_AD_IDS
+from serving.config import EXCLUDED_AD_IDS, NEGATIVE_HISTORY, USER_COUNTERS
 from serving.server import MAX_MESSAGE_BYTES
 
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -202,13 +202,17 @@ class RecommendationClient:
             if name == EXCLUDED_AD_IDS:
                 batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows])
                 continue
-            if name == HISTORY:
+            if name in (HISTORY, NEGATIVE_HISTORY):
                 batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows],
                                              shapes.get(name, [-1, -1])[-1])
                 continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
+            if name in USER_COUNTERS:  # unknown counters: a user with no earlier events, like an empty history
+                batch[name] = np.array([0 if i in set(missing) else int(r[name]) for i, r in enumerate(rows)],
+                                       dtype=np.int64)
+                continue
             if missing:
-                needed = sorted(set(specs) - {HISTORY, EXCLUDED_AD_IDS})
+                needed = sorted(set(specs) - {HISTORY, NEGATIVE_HISTORY, EXCLUDED_AD_IDS, *USER_COUNTERS})
                 raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
                                    f"the model needs {needed}")
             values = [r[name] for r in rows]
@@ -268,7 +272,11 @@ class RecommendationClient:
         never one of the ad ids in `exclude`.
 
         `history`: the ad ids the user recently clicked, most recent first (default none); padded
-        with "" (or cut) to the length the model was exported with.
+        with "" (or cut) to the length the model was exported with. A model trained with
+        `ranking.user_stats` also reads the user's counters before the request from `user`
+        (`user_events`, `user_clicks`, `user_recent_clicks`; missing ones are 0: a user with no
+        earlier events), one with `ranking.negative_history` the `negative_history` list of the
+        ad ids the user saw lately and did not click (from `user`, most recent first; missing: none).
         """
         request = (user, {} if context is None else context, [] if history is None else history)
         return self.recommend_batch([request], k, [list(exclude)])[0]

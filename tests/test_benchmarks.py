@@ -15,6 +15,8 @@ CASES = {
     "serving_latency": ["--ads", "300", "--requests", "20"],
     "retrieval_scaling": ["--ads", "2000", "--min-calls", "2", "--min-seconds", "0.05"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
+    "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",
+                     "--text-cache", "", "--score-rows", "64", "--bootstrap", "20"],
 }
 
 

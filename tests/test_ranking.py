@@ -15,7 +15,7 @@ from trainer.builders import build_ranking
 from trainer.calibration import Calibrator, fit_knots, pool_adjacent_violators
 from trainer.checkpoints import restore_parts, training_checkpoint
 from trainer.config import config_from_dict
-from trainer.evaluate import fit_calibration, predict_ranking
+from trainer.evaluate import fit_calibration, predict_ranking, ranking_logits
 from trainer.export import PAD_AD_ID, RecommenderServable
 from trainer.fit import build_model
 from trainer.inputs import query_inputs, ranking_dataset
@@ -30,7 +30,7 @@ def test_pool_adjacent_violators_is_the_monotone_least_squares_fit():
     assert (np.diff(fit) >= 0).all()
 
 
-@pytest.mark.parametrize("method", ["isotonic", "platt"])
+@pytest.mark.parametrize("method", ["beta", "platt", "isotonic"])
 def test_calibrator_fixes_a_known_miscalibration_in_graph(method):
     rng = np.random.default_rng(0)
     true_logit = rng.normal(-2.0, 1.0, 100_000)
@@ -51,6 +51,75 @@ def test_calibrator_fixes_a_known_miscalibration_in_graph(method):
 def test_uncalibrated_knots_are_the_sigmoid():
     grid, probs = fit_knots(np.zeros(0), np.zeros(0), "none", 64)
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-grid)), atol=1e-6)
+    identity = Calibrator(8)
+    x = np.linspace(-9, 9, 101)
+    np.testing.assert_allclose(identity(tf.constant(x, tf.float32)).numpy(), 1 / (1 + np.exp(-x)), rtol=1e-5)
+
+
+def test_calibrated_scores_keep_the_model_order_with_no_ties():
+    """The beta map is smooth and strictly increasing everywhere, beyond the logits it was fitted on too:
+    the served probabilities order candidates exactly as the logits do, with no two equal. The
+    isotonic map is flat beyond its knots (and nearly flat between close ones): it ties candidates."""
+    rng = np.random.default_rng(3)
+    fit_logits = rng.normal(-1.0, 1.2, 20_000)
+    labels = (rng.random(len(fit_logits)) < 1 / (1 + np.exp(-(0.6 * fit_logits + 0.4)))).astype(float)
+    # Logits at least 1e-3 apart (closer float32 logits can share a float32 probability whatever the map),
+    # spread twice as wide as the fitted ones.
+    served = np.unique(np.round(rng.normal(-1.0, 2.0, 20_000), 3)).astype(np.float32)
+    beta, isotonic = Calibrator(64), Calibrator(64)
+    beta.fit(fit_logits, labels, "beta")
+    isotonic.fit(fit_logits, labels, "isotonic")
+    a, b, _ = beta.params.numpy()
+    assert min(a, b) >= 0.05
+    p = beta(tf.constant(served)).numpy()
+    assert (np.diff(p) > 0).all()  # strictly increasing in float32: same order, no ties
+    np.testing.assert_allclose(p, beta.numpy_call(served), rtol=1e-5)
+    assert (np.diff(isotonic(tf.constant(served)).numpy()) == 0).sum() > 100  # plateaus beyond its knots
+
+
+class _Fits(Calibrator):
+    """A calibrator that records the logits of every fit."""
+
+    def fit(self, logits, labels, method, *args):
+        self.fitted = [*getattr(self, "fitted", []), np.asarray(logits).copy()]
+        super().fit(logits, labels, method, *args)
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_calibration_is_judged_on_rows_it_never_saw(monkeypatch, drift):
+    """The map is fitted on the earlier validation rows and must lower the ECE of the latest ones, which it
+    never saw; where the base rate moves between them (drift) it does not, and the head stays uncalibrated."""
+    import trainer.evaluate as evaluate
+
+    rng = np.random.default_rng(0)
+    n = 8000
+    logits = rng.normal(-1.0, 1.0, n)
+    later = np.arange(n) >= n // 2
+    shift = np.where(later, 2.0, 0.0) if drift else 0.0
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(0.5 * logits - 0.8 + shift)))).astype(np.float32)
+    rows = pd.DataFrame({"timestamp": np.arange(n), "click": labels, "logit": logits}).sample(
+        frac=1.0, random_state=1)  # in any row order: the split goes by time
+    monkeypatch.setattr(evaluate, "ranking_logits", lambda model, r, schema: {"ctr": r["logit"].to_numpy()})
+
+    class Model:
+        ctr_calibrator, cvr_calibrator, use_conversion = _Fits(64), _Fits(64), False
+
+    schema = dataclasses.replace(S, conversion="")
+    report = fit_calibration(Model, rows, schema, "beta", half_life=0.25, check_fraction=0.5)
+    check = rows["timestamp"].to_numpy() >= n // 2
+    first_fit = Model.ctr_calibrator.fitted[0]
+    assert sorted(first_fit) == sorted(rows["logit"][~check])  # fitted on the earlier half only
+    assert report["ctr_check_rows"] == check.sum() == n // 2
+    y, x = rows["click"][check].to_numpy(), rows["logit"][check].to_numpy()
+    assert report["ctr_check_ece_uncalibrated"] == pytest.approx(expected_calibration_error(y, 1 / (1 + np.exp(-x))))
+    assert report["ctr_applied"] is (not drift)
+    if drift:  # the earlier rows' map hurts the later ones: not applied, pCTR is sigmoid(logit)
+        assert report["ctr_check_ece_calibrated"] > report["ctr_check_ece_uncalibrated"]
+        assert len(Model.ctr_calibrator.fitted) == 2 and len(Model.ctr_calibrator.fitted[1]) == 0  # the reset
+        np.testing.assert_allclose(Model.ctr_calibrator.numpy_call(x), 1 / (1 + np.exp(-x)), rtol=1e-5)
+    else:  # it helps on rows it never saw: refitted on all the validation rows and applied
+        assert report["ctr_check_ece_calibrated"] < report["ctr_check_ece_uncalibrated"]
+        assert len(Model.ctr_calibrator.fitted[-1]) == n
 
 
 # ------------------------------------------------- a constructed world with known position bias
@@ -131,7 +200,9 @@ def test_dropping_the_position_tower_recovers_the_unbiased_order(constructed):
 def test_checkpoint_carries_heads_position_tower_and_calibrators(constructed, tmp_path):
     catalog, logs = constructed
     model, cfg = _train(catalog, logs.head(4000), epochs=1, calibration="platt")
-    fit_calibration(model, logs.tail(4000), S, "isotonic")
+    logits = ranking_logits(model, logs.tail(4000), S)
+    model.ctr_calibrator.fit(logits["ctr"], logs.tail(4000)["click"].to_numpy(), "beta")
+    model.cvr_calibrator.fit(logits["cvr"], logs.tail(4000)["conversion"].to_numpy(), "isotonic")
     before = predict_ranking(model, logs.tail(200), S)
     path = training_checkpoint(None, model).write(str(tmp_path / "ckpt"))
     fresh = build_ranking(cfg, tf.distribute.get_strategy(), S, build_vocabularies(logs.head(4000), catalog, S),

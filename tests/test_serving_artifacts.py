@@ -94,10 +94,10 @@ def test_warmup_requests_are_training_rows_and_replay(exported_tiny, trained_tin
 def test_failed_warmup_staging_publishes_nothing(trained_tiny, monkeypatch, tmp_path):
     real = serving_artifacts.write_warmup_requests
 
-    def fail_on_recommender(version_dir, model_name, rows, schema):
+    def fail_on_recommender(version_dir, model_name, *args):
         if model_name == "recommender":
             raise ValueError("warmup rows unusable")
-        return real(version_dir, model_name, rows, schema)
+        return real(version_dir, model_name, *args)
 
     monkeypatch.setattr(serving_artifacts, "write_warmup_requests", fail_on_recommender)
     with pytest.raises(ValueError, match="warmup rows unusable"):

@@ -20,7 +20,7 @@ from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
 from trainer.text_encoder import BertEncoderAdapter, encode_packed, load_backbone, train_top_layers
-from trainer.towers import CatalogText
+from trainer.towers import CatalogText, item_statistics
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TextAssets:
 
 
 MASKED_LM_DIR = "encoder_masked_lm"  # under training.model_dir: the adapted encoder, a keras-hub preset
+ITEM_STATS_FOLDS = 5  # ranking.item_stats: training rows read their ad's statistics over the other 4 folds
 
 
 def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSchema,
@@ -120,12 +121,40 @@ def principal_components(embeddings: np.ndarray, dim: int) -> np.ndarray:
     return (centered @ (components[:dim] * signs).T).astype(np.float32)
 
 
+def vocabulary_counts(rows: pd.DataFrame | None, vocabulary: list, column: str) -> np.ndarray:
+    """Rows per vocabulary row of `column`, OOV (row 0) first, as the lookup layers index them."""
+    counts = np.zeros(len(vocabulary) + 1)
+    if rows is not None and len(rows):
+        index = {str(v): i + 1 for i, v in enumerate(vocabulary)}
+        seen = rows[column].astype(str).map(index).fillna(0).astype(int).to_numpy()
+        counts += np.bincount(seen, minlength=len(counts))
+    return counts
+
+
+def ranking_statistics(cfg: JobConfig, schema, vocabularies, rows: pd.DataFrame | None
+                       ) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
+    """What the ranking model takes from its training rows: the click rate (the prior its counters and
+    rates shrink to) and, with `ranking.item_stats`, the ads' click tables."""
+    prior = float(rows[schema.click].mean()) if rows is not None and len(rows) else 0.5
+    items = None
+    if cfg.ranking.item_stats and rows is not None:
+        items = item_statistics(vocabularies[schema.ad_id], rows[schema.user_id], rows[schema.ad_id],
+                                rows[schema.click], ITEM_STATS_FOLDS)
+    return prior, items
+
+
 def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached: np.ndarray,
                   rows: pd.DataFrame | None = None) -> RankingModel:
+    """`rows`: the training rows (which optional labels exist, id counts for the frequency-aware L2,
+    `ranking_statistics`)."""
     has = ranking_labels(schema, rows)
+    ids = (schema.user_id, schema.ad_id)
+    id_counts = {n: vocabulary_counts(rows, vocabularies[n], n) for n in ids} if cfg.ranking.id_frequency_l2 else None
+    prior, items = ranking_statistics(cfg, schema, vocabularies, rows)
     with strategy.scope():
-        catalog_text = CatalogText(catalog[schema.ad_id].tolist(), cached_embeddings=cached)
+        catalog_text = CatalogText(catalog[schema.ad_id].astype(str).tolist(), cached_embeddings=cached)
         model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile,
-                             use_position=has["position"], use_conversion=has["conversion"])
+                             use_position=has["position"], use_conversion=has["conversion"], id_counts=id_counts,
+                             click_prior=prior, history_length=cfg.retrieval.history_length, item_statistics=items)
         _compile(model, cfg.ranking.learning_rate, cfg)
     return model

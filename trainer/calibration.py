@@ -1,18 +1,20 @@
 """Probability calibration fitted on held-out rows and applied inside the exported graphs.
 
-`Calibrator` maps a raw logit to a calibrated probability with a monotone piecewise-linear
-function of the logit, held in two non-trainable weights of fixed size (so it checkpoints and
-exports like any layer and needs only core TF ops in the served graph):
+`Calibrator` maps a raw logit x to a calibrated probability, held in non-trainable weights of fixed
+size (so it checkpoints and exports like any layer and needs only core TF ops in the served graph):
 
-- `isotonic`: pool-adjacent-violators on the held-out (logit, label) pairs, summarised at
-  `knots` logit quantiles and interpolated linearly between them (flat beyond the ends); knots
-  rise by at least 1e-5 each, so the map is strictly increasing and never ties two candidates;
-- `platt`: a fitted sigmoid(a * logit + b), tabulated at the same knots (dense enough that the
-  interpolation error is far below the ECE it fixes);
-- `none`: sigmoid(logit), tabulated the same way (identity up to the interpolation).
+- `beta` (the default; Kull et al. 2017, "Beyond sigmoids"): sigmoid(b * softplus(x) - a * softplus(-x)
+  + c), i.e. a * ln p - b * ln(1 - p) + c on the logit scale, with a, b >= MIN_SLOPE: smooth and
+  strictly increasing everywhere (its slope is at least min(a, b)), three parameters, so it fixes
+  a shifted base rate and over- or under-confidence on either side without plateaus;
+- `platt`: sigmoid(a * x + c), the same with a = b;
+- `isotonic`: pool-adjacent-violators summarised at up to `knots` logit quantiles and interpolated
+  linearly (flat beyond the ends); knots rise by at least 1e-5, so it never ties two candidates
+  inside its range, but its steps are nearly flat: eCPM then orders those candidates by bid alone;
+- `none`: sigmoid(x).
 
-The fit happens once after training (`fit`), on rows the model never trained on and that are
-not the test split.
+Fits take per-row weights (recency weights make the map follow the latest base rate). Which rows
+a map is fitted on, and whether it is applied at all, is decided in `trainer.evaluate.fit_calibration`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-METHODS = ("isotonic", "platt", "none")
+METHODS = ("beta", "platt", "isotonic", "none")
+PARAMETRIC = ("beta", "platt", "none")
+MIN_SLOPE = 0.05  # beta/platt: a, b >= this, so the map is strictly increasing with a usable slope
 ROWS_PER_KNOT = 250  # isotonic: held-out rows per knot (64 knots from 16,000 rows on)
 MIN_STEP = 1e-5  # smallest rise between consecutive isotonic knots (keeps the map strictly monotone)
 
@@ -48,26 +52,61 @@ def pool_adjacent_violators(y: np.ndarray, w: np.ndarray | None = None) -> np.nd
     return np.repeat(means, sizes)
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 50) -> tuple[float, float]:
-    """(a, b) of sigmoid(a * logit + b) by Newton's method on the log loss (tiny L2 for stability)."""
+def beta_features(logits) -> np.ndarray:
+    """[ln p, -ln(1 - p)] of p = sigmoid(logit), computed stably: the beta map is linear in them."""
     x = np.asarray(logits, np.float64)
+    return np.stack([-np.logaddexp(0.0, -x), np.logaddexp(0.0, x)], axis=-1)
+
+
+def fit_parametric(logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None
+                   ) -> tuple[float, float, float]:
+    """(a, b, c) of the beta map (platt: a = b) minimising the weighted log loss, a, b >= MIN_SLOPE.
+
+    A tiny L2 pull towards the identity (1, 1, 0) keeps the fit defined on degenerate data
+    (e.g. one label only)."""
+    from scipy.optimize import minimize
+
+    if method == "none" or len(logits) == 0:
+        return 1.0, 1.0, 0.0
+    f = beta_features(logits)
     y = np.asarray(labels, np.float64)
-    a, b = 1.0, 0.0
-    for _ in range(iterations):
-        p = sigmoid(a * x + b)
-        g = np.array([np.sum((p - y) * x) + 1e-6 * a, np.sum(p - y) + 1e-6 * b])
-        s = p * (1 - p)
-        h = np.array([[np.sum(s * x * x) + 1e-6, np.sum(s * x)], [np.sum(s * x), np.sum(s) + 1e-6]])
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-9:
-            break
-    return float(a), float(b)
+    w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
+    w = w / w.sum()
+    ridge = 1e-6
+
+    def unpack(theta):
+        return (theta[0], theta[0], theta[1]) if method == "platt" else tuple(theta)
+
+    def loss(theta):
+        a, b, c = unpack(theta)
+        z = a * f[:, 0] + b * f[:, 1] + c
+        p = sigmoid(z)
+        value = np.sum(w * (np.logaddexp(0.0, z) - y * z))
+        g = w * (p - y)
+        grads = np.array([g @ f[:, 0], g @ f[:, 1], g.sum()])
+        reg = np.array([a - 1.0, b - 1.0, c])
+        value += 0.5 * ridge * reg @ reg
+        grads += ridge * reg
+        if method == "platt":
+            grads = np.array([grads[0] + grads[1], grads[2]])
+        return value, grads
+
+    start = np.array([1.0, 0.0]) if method == "platt" else np.array([1.0, 1.0, 0.0])
+    bounds = [(MIN_SLOPE, None), (None, None)] if method == "platt" else [(MIN_SLOPE, None)] * 2 + [(None, None)]
+    result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    return tuple(float(v) for v in unpack(result.x))
 
 
-def fit_knots(logits: np.ndarray, labels: np.ndarray, method: str, knots: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Knot positions (logits, increasing) and calibrated probabilities at them."""
+def apply_parametric(params, logits) -> np.ndarray:
+    a, b, c = params
+    f = beta_features(logits)
+    return sigmoid(a * f[..., 0] + b * f[..., 1] + c)
+
+
+def fit_knots(logits: np.ndarray, labels: np.ndarray, method: str, knots: int,
+              weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Knot positions (logits, increasing) and calibrated probabilities at them: the isotonic map,
+    or any parametric one tabulated on [min - 1, max + 1] of the logits."""
     if method not in METHODS:
         raise ValueError(f"calibration method {method!r}: expected one of {METHODS}")
     x = np.asarray(logits, np.float64)
@@ -75,13 +114,12 @@ def fit_knots(logits: np.ndarray, labels: np.ndarray, method: str, knots: int
     if len(x) == 0 or method == "none":
         grid = np.linspace(-12.0, 12.0, knots)
         return grid.astype(np.float32), sigmoid(grid).astype(np.float32)
-    lo, hi = float(x.min()), float(x.max())
-    if method == "platt":
-        a, b = fit_platt(x, y)
-        grid = np.linspace(lo - 1.0, hi + 1.0, knots)
-        return grid.astype(np.float32), sigmoid(a * grid + b).astype(np.float32)
+    if method != "isotonic":
+        grid = np.linspace(float(x.min()) - 1.0, float(x.max()) + 1.0, knots)
+        probs = apply_parametric(fit_parametric(x, y, method, weights), grid)
+        return grid.astype(np.float32), probs.astype(np.float32)
     order = np.argsort(x, kind="mergesort")
-    xs, fitted = x[order], pool_adjacent_violators(y[order])
+    xs, fitted = x[order], pool_adjacent_violators(y[order], None if weights is None else np.asarray(weights)[order])
     uniq, start = np.unique(xs, return_index=True)  # tied scores share one level
     level = np.add.reduceat(fitted, start) / np.diff(np.append(start, len(xs)))
     # At most one knot per ROWS_PER_KNOT rows: on a small held-out set the PAV steps are noise, and
@@ -98,26 +136,52 @@ def fit_knots(logits: np.ndarray, labels: np.ndarray, method: str, knots: int
 
 
 class Calibrator(tf.keras.layers.Layer):
-    """Logit -> calibrated probability by monotone piecewise-linear interpolation (in-graph)."""
+    """Logit -> calibrated probability, in-graph: the beta/platt map from its three parameters, or
+    the isotonic map by monotone piecewise-linear interpolation of its knots (`use_knots`)."""
 
     def __init__(self, knots: int = 64, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.knots = knots
         grid = np.linspace(-12.0, 12.0, knots)
+        self.params = self.add_weight(name="params", shape=(3,), trainable=False,
+                                      initializer=tf.keras.initializers.Constant([1.0, 1.0, 0.0]))
+        self.use_knots = self.add_weight(name="use_knots", shape=(), trainable=False,
+                                         initializer=tf.keras.initializers.Zeros())
+        # Added to a logit before the map: moves a map fitted on one model's logits onto another's whose
+        # logits are offset (e.g. where a position tower took a different share of the intercept).
+        self.offset = self.add_weight(name="offset", shape=(), trainable=False,
+                                      initializer=tf.keras.initializers.Zeros())
         self.knot_logits = self.add_weight(name="knot_logits", shape=(knots,), trainable=False,
                                            initializer=tf.keras.initializers.Constant(grid))
         self.knot_probs = self.add_weight(name="knot_probs", shape=(knots,), trainable=False,
                                           initializer=tf.keras.initializers.Constant(sigmoid(grid)))
         self.method = "none"
+        self.built = True  # every weight exists already (and an unused pCVR head is still saved whole)
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, method: str) -> None:
-        grid, probs = fit_knots(logits, labels, method, self.knots)
-        self.knot_logits.assign(grid)
-        self.knot_probs.assign(probs)
+    def fit(self, logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None,
+            offset: float = 0.0) -> None:
+        """Fit the map on (logit, label) pairs; served logits are moved by `offset` before it."""
+        self.offset.assign(float(offset))
+        if method not in METHODS:
+            raise ValueError(f"calibration method {method!r}: expected one of {METHODS}")
+        if method == "isotonic":
+            grid, probs = fit_knots(logits, labels, method, self.knots, weights)
+            self.knot_logits.assign(grid)
+            self.knot_probs.assign(probs)
+            self.use_knots.assign(1.0)
+        else:
+            self.params.assign(fit_parametric(logits, labels, method, weights))
+            self.use_knots.assign(0.0)
         self.method = method
 
+    def reset(self) -> None:
+        """Back to sigmoid(logit): no calibration."""
+        self.fit(np.zeros(0), np.zeros(0), "none")
+
     def call(self, logits):
-        x = tf.cast(logits, tf.float32)
+        x = tf.cast(logits, tf.float32) + self.offset
+        a, b, c = self.params[0], self.params[1], self.params[2]
+        parametric = tf.sigmoid(b * tf.nn.softplus(x) - a * tf.nn.softplus(-x) + c)
         xs, ys = self.knot_logits, self.knot_probs
         n = tf.shape(xs)[0]
         flat = tf.reshape(x, [-1])
@@ -125,8 +189,11 @@ class Calibrator(tf.keras.layers.Layer):
         x0, x1 = tf.gather(xs, right - 1), tf.gather(xs, right)
         y0, y1 = tf.gather(ys, right - 1), tf.gather(ys, right)
         t = tf.clip_by_value((flat - x0) / tf.maximum(x1 - x0, 1e-12), 0.0, 1.0)
-        return tf.reshape(y0 + t * (y1 - y0), tf.shape(x))
+        interpolated = tf.reshape(y0 + t * (y1 - y0), tf.shape(x))
+        return tf.where(self.use_knots > 0.5, interpolated, parametric)
 
     def numpy_call(self, logits: np.ndarray) -> np.ndarray:
-        xs, ys = self.knot_logits.numpy(), self.knot_probs.numpy()
-        return np.interp(np.asarray(logits, np.float64), xs, ys).astype(np.float32)
+        x = np.asarray(logits, np.float64) + float(self.offset.numpy())
+        if self.use_knots.numpy() > 0.5:
+            return np.interp(x, self.knot_logits.numpy(), self.knot_probs.numpy()).astype(np.float32)
+        return apply_parametric(self.params.numpy().astype(np.float64), x).astype(np.float32)

@@ -111,8 +111,24 @@ class RankingConfig:
     position_tower_context: tuple[str, ...] = ()
     ctr_loss_weight: float = 1.0  # BCE(click, pCTR) over impressions
     ctcvr_loss_weight: float = 1.0  # BCE(click*conversion, pCTR*pCVR) over impressions (ESMM); 0: no CVR head
-    calibration: str = "isotonic"  # "isotonic" | "platt" | "none": fitted on held-out rows, exported in-graph
-    calibration_fraction: float = 0.1  # last share (by time) of training rows held out of fit to calibrate
+    # What the user did before the event (both computed from earlier events only, on the whole log):
+    history: bool = False  # pool `history` (the retrieval side's earlier positives; needs retrieval.history_length)
+    negative_history: bool = False  # pool the user's earlier non-clicks (the same length N)
+    user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
+    recent_window: int = 10
+    item_stats: bool = False  # the ad's smoothed click rate and count over the training rows (out-of-fold in training)
+    # Ids of users with few impressions (and users unseen in training, who share the OOV row):
+    user_id_dropout: float = 0.0  # training: share of user ids looked up as unknown (trains the OOV row)
+    id_frequency_l2: float = 0.0  # training: L2 on each looked-up user/ad id row, divided by its training count
+    # The latest share (by time) of the training rows: a first fit on the earlier rows early-stops on
+    # its gAUC (patience: training.early_stopping_patience) and the calibrator is fitted on that fit's
+    # out-of-sample logits there; the served model then trains on all rows for the chosen epochs.
+    # 0: one fit on all rows for `epochs`, uncalibrated.
+    validation_fraction: float = 0.1
+    # "beta" | "platt": smooth, strictly increasing maps; "isotonic": knots (near-flat steps); "none".
+    calibration: str = "beta"
+    calibration_half_life: float = 0.25  # recency weights: halve every this share of the calibration rows
+    calibration_check_fraction: float = 0.5  # latest share of them the map must improve (ECE) to be applied
     calibration_knots: int = 64
     # Data with no negatives of its own (implicit labels: every row a positive): per positive, this
     # many ads drawn uniformly from the ads seen in training that the user has no positive with,
@@ -186,8 +202,12 @@ _RANGES = [
     *[(s, "learning_rate", lambda v: v > 0, "a number > 0") for s in ("retrieval", "ranking")],
     ("retrieval", "temperature", lambda v: v > 0, "a number > 0"),
     ("ranking", "architecture", lambda v: v in ("stacked", "parallel"), "'stacked' or 'parallel'"),
-    ("ranking", "calibration", lambda v: v in ("isotonic", "platt", "none"), "'isotonic', 'platt' or 'none'"),
-    ("ranking", "calibration_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("ranking", "calibration", lambda v: v in ("beta", "platt", "isotonic", "none"),
+     "'beta', 'platt', 'isotonic' or 'none'"),
+    *[("ranking", k, lambda v: 0 <= v < 1, "a fraction in [0, 1)") for k in ("validation_fraction", "user_id_dropout")],
+    ("ranking", "calibration_check_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("calibration_half_life", "id_frequency_l2")],
+    ("ranking", "recent_window", lambda v: v >= 1, "an integer >= 1"),
     ("ranking", "calibration_knots", lambda v: v >= 4, "an integer >= 4"),
     ("ranking", "sampled_negatives", lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
     *[("ranking", k, lambda v: v >= 0, "a number >= 0") for k in ("ctr_loss_weight", "ctcvr_loss_weight",
@@ -243,6 +263,9 @@ def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
     if cfg.retrieval.loss == "full_softmax" and cfg.encoder.mode != "frozen":
         raise ConfigError(f"{where}.retrieval.loss: 'full_softmax' embeds the whole catalog every step, which "
                           "needs encoder.mode 'frozen' (cached text); use 'in_batch' to fine-tune the encoder")
+    for key in ("history", "negative_history"):
+        if getattr(cfg.ranking, key) and not cfg.retrieval.history_length:
+            raise ConfigError(f"{where}.ranking.{key}: its length is retrieval.history_length, which is 0")
     return cfg
 
 

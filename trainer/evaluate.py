@@ -14,6 +14,7 @@ from trainer.inputs import query_inputs, ranking_labels
 from trainer.metrics import (
     auc,
     expected_calibration_error,
+    group_auc,
     log_loss,
 )
 from trainer.ranking import RankingModel
@@ -40,7 +41,7 @@ def ranking_logits(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchem
     """Raw logits per row: 'ctr' (served, no position), 'cvr', and 'ctr_train' (with the position
     tower at the row's logged position when the model has one and the rows carry positions)."""
     with_position = model.position_tower is not None and schema.position in rows.columns
-    names = (*schema.query_features, *schema.ad_string_features, *((schema.position,) if with_position else ()))
+    names = (*model.feature_names, *((schema.position,) if with_position else ()))
     tensors = frame_to_tensors(rows, names, schema)
     keys = ("ctr", "cvr", "ctr_train")
     stacked = _batched(lambda f: tf.stack([model.logits(f, with_position)[k] for k in keys], axis=-1), tensors)
@@ -63,37 +64,86 @@ def predict_ctr(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema) 
     return predict_ranking(model, rows, schema)["pctr"]
 
 
-def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema, method: str) -> dict:
-    """Fit the CTR and CVR calibrators on held-out rows (never the test split).
+def recency_weights(timestamps: np.ndarray, half_life: float) -> np.ndarray:
+    """Weight 0.5 ** (age / half_life) per row, where a row's age is the share of the rows that come
+    after it in time (0 for the latest, ~1 for the earliest); `half_life` 0 weighs all rows equally."""
+    t = np.asarray(timestamps)
+    if half_life <= 0 or len(t) == 0:
+        return np.ones(len(t))
+    later = len(t) - np.searchsorted(np.sort(t), t, side="right")  # rows strictly later
+    return 0.5 ** (later / len(t) / half_life)
 
+
+def _calibrate_head(calibrator, logits: np.ndarray, labels: np.ndarray, timestamps: np.ndarray, method: str,
+                    half_life: float, check_fraction: float, name: str, offset: float = 0.0) -> dict:
+    """Fit on the earlier rows, check on the later `check_fraction` (by time); if the map lowers the
+    check rows' ECE, refit it on all rows and keep it (served logits moved by `offset`), else leave
+    the head uncalibrated."""
+    order = np.argsort(timestamps, kind="mergesort")
+    logits, labels, timestamps = logits[order], labels[order], timestamps[order]
+    cut = int(round(len(order) * (1.0 - check_fraction)))
+    out = {f"{name}_rows": int(len(order)), f"{name}_check_rows": int(len(order) - cut)}
+    if method == "none" or cut == 0 or cut == len(order):
+        calibrator.reset()
+        return {**out, f"{name}_applied": False}
+    calibrator.fit(logits[:cut], labels[:cut], method, recency_weights(timestamps[:cut], half_life))
+    before = expected_calibration_error(labels[cut:], sigmoid(logits[cut:]))
+    after = expected_calibration_error(labels[cut:], calibrator.numpy_call(logits[cut:]))
+    applied = bool(after < before)
+    if applied:
+        calibrator.fit(logits, labels, method, recency_weights(timestamps, half_life), offset)
+    else:
+        calibrator.reset()
+    return {**out, f"{name}_check_ece_uncalibrated": before, f"{name}_check_ece_calibrated": after,
+            f"{name}_applied": applied}
+
+
+def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSchema, method: str,
+                    half_life: float = 0.0, check_fraction: float = 0.5,
+                    logits_from: RankingModel | None = None) -> dict:
+    """Fit `model`'s CTR and CVR calibrators on held-out `rows` (never the test split), where they are
+    judged before they are used.
+
+    The logits come from `logits_from` (default `model`): a model that did not train on `rows`
+    (e.g. the early-stopping run of `trainer.ranking_stage`), so the map learns how a model's
+    out-of-sample logits relate to outcomes. Each map is fitted on the earlier rows (weights
+    halving every `half_life` of them, latest first, so it follows the recent base rate), and
+    checked on the latest `check_fraction` of `rows`: only if it lowers their ECE is it refitted on
+    all `rows` and applied; otherwise that head stays uncalibrated, and the report says so.
     pCTR is calibrated against clicks over all rows; pCVR = P(conversion | click) against
-    conversions over the clicked rows. Returns the held-out ECE before and after.
+    conversions over the clicked rows.
     """
-    logits = ranking_logits(model, rows, schema)
+    logits = ranking_logits(logits_from or model, rows, schema)
     click = rows[schema.click].to_numpy(np.float64)
-    model.ctr_calibrator.fit(logits["ctr"], click, method)
-    out = {"method": method, "rows": int(len(rows)),
-           "ctr_ece_before": expected_calibration_error(click, sigmoid(logits["ctr"])),
-           "ctr_ece_after": expected_calibration_error(click, model.ctr_calibrator.numpy_call(logits["ctr"]))}
+    ts = rows[schema.timestamp].to_numpy()
+    # With a position tower, how the intercept splits between it and the served logit is arbitrary and
+    # differs between two models: the offset moves the served model's logits onto the probe's (both
+    # models' training logits, served + position, fit the same clicks).
+    offset = 0.0
+    if logits_from is not None and logits_from is not model:
+        own = ranking_logits(model, rows, schema)
+        offset = float(np.mean(own["ctr_train"] - own["ctr"]) - np.mean(logits["ctr_train"] - logits["ctr"]))
+    out = {"method": method, "half_life": half_life, "check_fraction": check_fraction, "ctr_offset": offset,
+           **_calibrate_head(model.ctr_calibrator, logits["ctr"], click, ts, method, half_life, check_fraction, "ctr",
+                             offset)}
     if ranking_labels(schema, rows)["conversion"] and model.use_conversion:
         clicked = click > 0
         conv = rows[schema.conversion].to_numpy(np.float64)[clicked]
-        model.cvr_calibrator.fit(logits["cvr"][clicked], conv, method)
-        out.update({"clicked_rows": int(clicked.sum()),
-                    "cvr_ece_before": expected_calibration_error(conv, sigmoid(logits["cvr"][clicked])),
-                    "cvr_ece_after": expected_calibration_error(
-                        conv, model.cvr_calibrator.numpy_call(logits["cvr"][clicked]))})
+        out.update(_calibrate_head(model.cvr_calibrator, logits["cvr"][clicked], conv, ts[clicked], method,
+                                   half_life, check_fraction, "cvr"))
     return out
 
 
 def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSplit) -> dict:
     """Held-out ranking metrics.
 
-    CTR: AUC, log loss and ECE of the served pCTR (position dropped, calibrated) against clicks
-    over all test impressions; `auc_with_position` scores the training-time logit (position tower
-    at the logged position), comparable with `oracle_auc` (the true p_click, which knows position),
-    while `auc` compares with `oracle_auc_no_position` (the true relevance). `ece_uncalibrated`:
-    the same pCTR before calibration.
+    CTR: AUC, gAUC (`gauc`: per-user AUC weighted by the user's test impressions, over the
+    `gauc_users` users with both a click and a non-click), log loss and ECE of the served pCTR
+    (position dropped, calibrated) against clicks over all test impressions; `auc_with_position`
+    scores the training-time logit (position tower at the logged position), comparable with
+    `oracle_auc` (the true p_click, which knows position), while `auc` compares with
+    `oracle_auc_no_position` (the true relevance). `ece_uncalibrated`: the same pCTR before
+    calibration.
     CVR: `cvr_*` scores pCVR against conversions on the clicked test impressions (pCVR is
     P(conversion | click)); `ctcvr_*` scores pCTCVR = pCTR x pCVR against click-and-convert over
     all test impressions (how ESMM trains it).
@@ -102,7 +152,9 @@ def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSpli
     labels = test[schema.click].to_numpy()
     pred = predict_ranking(model, test, schema)
     p = pred["pctr"]
-    out = {"test_impressions": int(len(labels)), "auc": auc(labels, p), "logloss": log_loss(labels, p),
+    users = group_auc(labels, p, test[schema.user_id].to_numpy())
+    out = {"test_impressions": int(len(labels)), "auc": auc(labels, p), "gauc": users["gauc"],
+           "gauc_users": users["groups"], "gauc_impressions": users["rows"], "logloss": log_loss(labels, p),
            "ece": expected_calibration_error(labels, p),
            "ece_uncalibrated": expected_calibration_error(labels, pred["pctr_raw"]),
            "mean_pctr": float(p.mean()), "ctr": float(labels.mean())}

@@ -31,9 +31,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from features.history import HISTORY
 from features.schema import FeatureSchema
+from features.user_stats import USER_STATS
 from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
+from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
+from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
 
 MODEL_NAMES = ("retrieval", "ranking", "recommender")
@@ -66,6 +69,15 @@ def _query_specs(schema: FeatureSchema, history_length: int = 0) -> dict[str, tf
     return specs
 
 
+def _user_specs(ranking: RankingModel) -> dict[str, tf.TensorSpec]:
+    """What the ranking model reads about the user's past: `history` / `negative_history` [batch, N]
+    (string, padded with "") and the user counters (int64 [batch]), when it reads them."""
+    specs = {n: tf.TensorSpec([None, ranking.history_length], tf.string, name=n) for n in ranking.histories}
+    if ranking.user_stats is not None:
+        specs.update({n: tf.TensorSpec([None], tf.int64, name=n) for n in USER_STATS})
+    return specs
+
+
 def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
     names = (*schema.ad_string_features, *schema.ad_text)
     return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
@@ -91,28 +103,53 @@ class RetrievalServable(tf.Module):
 
 
 class RankingServable(tf.Module):
-    def __init__(self, trained: TrainedModels):
+    """Raw request rows -> calibrated pCTR and pCVR (position tower dropped).
+
+    The ad text embedding of an ad the model's catalog knows is read from the catalog's table of
+    cached (frozen-encoder) embeddings, keyed by ad id, inside the graph; only the rows of unknown ads
+    are tokenized (TF Text ops) and encoded by BERT, and only when a batch has any (`tf.cond`). A known
+    ad's text therefore comes from the catalog, not from the request (a changed creative needs a new
+    export or a new ad id). `cache_text=False` encodes every row's text (the reference path).
+    """
+
+    def __init__(self, ranking: RankingModel, schema: FeatureSchema, text: TextAssets, cache_text: bool = True):
         super().__init__()
-        schema = trained.schema
-        self.ranking = trained.ranking
-        self.packer = trained.text.packer.packer
-        self.tokenizer = trained.text.tokenizer
-        self.encoder = trained.text.adapter
+        self.ranking = ranking
+        self.packer = text.packer.packer
+        self.tokenizer = text.tokenizer
+        self.encoder = text.adapter
         # Keras 3 export duplicates variable handles; tracking the raw tf.Variables here is
         # what lets the TF1 loader (TF Serving) restore them.
-        self.inner_vars = [v.value for v in trained.text.adapter.backbone.variables]
-        specs = {**_query_specs(schema), **_ad_specs(schema)}
+        self.inner_vars = [v.value for v in text.adapter.backbone.variables]
+        specs = {**_query_specs(schema), **_user_specs(ranking), **_ad_specs(schema)}
         separator = schema.text_separator
+        catalog_text = ranking.catalog_text
 
-        @tf.function(input_signature=[specs])
-        def serve(features):
-            parts = [features[n] for n in schema.ad_text]
+        def encode(features, rows=None):
+            parts = [features[n] if rows is None else tf.gather(features[n], rows) for n in schema.ad_text]
             text = parts[0]
             for p in parts[1:]:
                 text = tf.strings.join([text, p], separator=separator)
             token_ids, mask = self.packer(self.tokenizer(text))
-            inputs = {n: features[n] for n in (*schema.query_features, *schema.ad_string_features)}
-            inputs["text_embedding"] = self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool))
+            return tf.cast(self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool)), tf.float32)
+
+        @tf.function(input_signature=[specs])
+        def serve(features):
+            inputs = {n: features[n] for n in ranking.feature_names}
+            if not cache_text:
+                inputs["text_embedding"] = encode(features)
+                return self.ranking.serve_probabilities(inputs)
+            ad_ids = features[schema.ad_id]
+            known = catalog_text.lookup(ad_ids) > 0
+            cached = tf.cast(catalog_text(ad_ids), tf.float32)
+            unknown = tf.where(tf.logical_not(known))[:, 0]
+            shape = tf.shape(cached, out_type=tf.int64)
+
+            def encode_unknown():
+                return tf.scatter_nd(unknown[:, None], encode(features, unknown), shape)
+
+            encoded = tf.cond(tf.size(unknown) > 0, encode_unknown, lambda: tf.zeros_like(cached))
+            inputs["text_embedding"] = tf.where(known[:, None], cached, encoded)
             return self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
 
         self.serve = serve
@@ -146,6 +183,8 @@ class RecommenderServable(tf.Module):
     answer does not depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
     tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
     (the client drops them).
+    When the ranking model reads the user's past, the request's `history`, `negative_history` and
+    counters are given to every candidate's ranking (`history` feeds retrieval too).
     Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
     objective's value, the order), `retrieval_scores`.
     """
@@ -169,13 +208,18 @@ class RecommenderServable(tf.Module):
         self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
                                       name="text_embeddings")
         self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
-        specs = _query_specs(schema, self.query_tower.history_length)
+        specs = {**_query_specs(schema, self.query_tower.history_length), **_user_specs(self.ranking)}
+        if HISTORY in specs and specs[HISTORY].shape[1] != self.query_tower.history_length:
+            raise ExportError(f"the ranking model reads a history of {specs[HISTORY].shape[1]} ads, the retrieval "
+                              f"model {self.query_tower.history_length}: one request history cannot feed both")
         specs[EXCLUDED_AD_IDS] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_AD_IDS)
+        retrieval_inputs = tuple(_query_specs(schema, self.query_tower.history_length))
+        per_request = (*schema.query_features, *self.ranking.user_inputs)  # the ranking reads them per candidate
 
         @tf.function(input_signature=[specs])
         def serve(features):
             excluded = features[EXCLUDED_AD_IDS]
-            query = {name: value for name, value in features.items() if name != EXCLUDED_AD_IDS}  # + history
+            query = {name: features[name] for name in retrieval_inputs}  # + history
             # Over-fetch by the most real (non-"") exclusions any request in the batch carries.
             listed = tf.reduce_sum(tf.cast(tf.not_equal(excluded, PAD_AD_ID), tf.int32), axis=1)
             fetch = tf.minimum(n + tf.maximum(tf.reduce_max(listed), 0), size)
@@ -183,8 +227,10 @@ class RecommenderServable(tf.Module):
             batch = tf.shape(rows)[0]
             flat_rows = tf.reshape(rows, [-1])
             inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
-            for name in schema.query_features:
-                inputs[name] = tf.reshape(tf.repeat(features[name][:, None], fetch, axis=1), [-1])
+            for name in per_request:  # each request's values, once per candidate (history: [B * fetch, N])
+                value = features[name]
+                inputs[name] = tf.reshape(tf.repeat(value[:, None], fetch, axis=1),
+                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
             inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
             probs = self.ranking.serve_probabilities(inputs)
             pctr = tf.reshape(probs["pctr"], [batch, fetch])
@@ -243,15 +289,27 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
     history_length = trained.retrieval.query_tower.history_length
     if history_length and name != "ranking":
         inputs[HISTORY] = f"string [batch, {history_length}]"
+    ranking = trained.ranking
+    for n in ranking.histories:
+        if name == "ranking" or (name == "recommender" and n not in inputs):
+            inputs[n] = f"string [batch, {ranking.history_length}]"
+    if name != "retrieval" and ranking.user_stats is not None:
+        inputs.update({n: "int64" for n in USER_STATS})
     if name == "ranking":
         inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
     if name == "recommender":
         inputs[EXCLUDED_AD_IDS] = "string [batch, M], padded with ''"
+    user_stats = {}
+    if name != "retrieval" and ranking.user_stats is not None:
+        user_stats = {"user_stats": {"recent_window": trained.config.ranking.recent_window,
+                                     "meaning": "the user's events before the request, the clicks among them, and "
+                                                "the clicks among the last recent_window of them (0s: a new user)"}}
     return {"model": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signature": "serving_default", "inputs": inputs, "outputs": outputs,
             "encoder": trained.config.encoder.preset, "catalog_size": int(len(trained.catalog)),
             **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == "recommender"
                else {}),
+            **user_stats,
             "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
 
 
@@ -284,7 +342,7 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     version = version or next_version(export_dir)
     builders = {
         "retrieval": (lambda: RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
-        "ranking": (lambda: RankingServable(trained), ["pctr", "pcvr"]),
+        "ranking": (lambda: RankingServable(trained.ranking, trained.schema, trained.text), ["pctr", "pcvr"]),
         "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective),
                         ["ad_ids", "pctr", "pcvr", "score", "retrieval_scores"]),
     }
@@ -294,7 +352,7 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
         for name, (build, outputs) in builders.items():
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
-                tmp, name, rows, trained.schema)
+                tmp, name, rows, trained.schema, trained.ranking.user_inputs)
             staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs), warmup), target)
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)
         for tmp, target in staged.values():

@@ -58,8 +58,11 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
-              monitor: str | None = None) -> dict:
-    """Fit `model` (or restore it if this stage already finished); returns history and step count."""
+              monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None) -> dict:
+    """Fit `model` (or restore it if this stage already finished); returns history and step count.
+
+    Early stopping on `monitor` (restoring the best epoch's weights) needs `validation` or `metrics`,
+    a callback that puts the monitored value into each epoch's logs."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     backup_dir = model_dir / "backup" / name
@@ -76,16 +79,18 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         tf.keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
         LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
+        *((metrics,) if metrics is not None else ()),
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
     ]
-    if validation is not None and monitor:
+    if (validation is not None or metrics is not None) and monitor:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
     hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=fit_verbosity(progress),
                      callbacks=callbacks)
     state = {"steps": int(model.optimizer.iterations.numpy()),
-             "history": {k: [float(x) for x in v] for k, v in hist.history.items()}}
+             "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
+             "epochs": [int(e) + 1 for e in hist.epoch]}  # 1-based; a resumed fit lists only the epochs it ran
     target = _writable(stage_dir, strategy)
     checkpoint_of(parts).write(str(target / "stage"))
     if is_chief(strategy):

@@ -7,7 +7,8 @@ import pandas as pd
 from features.dataset import make_dataset
 from features.history import HISTORY
 from features.schema import FeatureSchema
-from trainer.config import JobConfig
+from features.user_stats import NEGATIVE_HISTORY, USER_STATS
+from trainer.config import JobConfig, RankingConfig
 
 
 def ranking_labels(schema: FeatureSchema, rows: pd.DataFrame | None = None) -> dict[str, bool]:
@@ -22,6 +23,12 @@ def query_inputs(schema: FeatureSchema, history_length: int) -> tuple[str, ...]:
     return (*schema.query_features, HISTORY) if history_length else tuple(schema.query_features)
 
 
+def ranking_user_inputs(cfg: RankingConfig) -> tuple[str, ...]:
+    """What the ranking model reads about the user's past besides the query features."""
+    return (*((HISTORY,) if cfg.history else ()), *((NEGATIVE_HISTORY,) if cfg.negative_history else ()),
+            *(USER_STATS if cfg.user_stats else ()))
+
+
 def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
     positives = rows[rows[schema.click] > 0]
     ds = make_dataset(positives, (*query_inputs(schema, cfg.retrieval.history_length), *schema.ad_string_features),
@@ -32,5 +39,6 @@ def retrieval_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool 
 def ranking_dataset(rows: pd.DataFrame, cfg: JobConfig, schema, shuffle: bool = True):
     has = ranking_labels(schema, rows)
     extra = tuple(getattr(schema, name) for name in ("position", "conversion") if has[name])
-    return make_dataset(rows, (*schema.query_features, *schema.ad_string_features, schema.click, *extra),
+    names = (*schema.query_features, *ranking_user_inputs(cfg.ranking), *schema.ad_string_features)
+    return make_dataset(rows, (*names, schema.click, *extra),
                         cfg.ranking.batch_size, shuffle=shuffle, seed=cfg.training.seed, schema=schema)

@@ -12,8 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from features.schema import FeatureSchema
-from features.split import time_split
-from trainer.builders import MASKED_LM_DIR, build_ranking, build_retrieval, build_text_assets
+from trainer.builders import MASKED_LM_DIR, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
 from trainer.comparison import (
     evaluate_retrieval,
@@ -23,12 +22,13 @@ from trainer.comparison import (
     queries_of,
 )
 from trainer.config import JobConfig, config_to_dict
-from trainer.evaluate import evaluate_ranking, fit_calibration
+from trainer.evaluate import evaluate_ranking
 from trainer.fit import build_model, clear_stages, fit_stage
-from trainer.inputs import ranking_dataset, retrieval_dataset
+from trainer.inputs import retrieval_dataset
 from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
+from trainer.ranking_stage import train_ranking
 from trainer.text_encoder import encode_cached, encode_packed
 from trainer.trained import TrainedModels
 
@@ -59,27 +59,6 @@ def train_baselines(cfg: JobConfig, catalog, schema, train_rows, fit_rows, valid
     fit_train = interactions_of(fit_rows, catalog, schema)
     queries = queries_of(validation.split.test, validation.excluded, catalog, fit_train, schema)
     return fit_baselines(names, train, fit_train, queries, refit=cfg.evaluation.refit)
-
-
-def _train_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cached, ranking, ranking_ds, fit_rows,
-                   ranking_rows, calibration_rows, validation_rows, warm_checkpoint, model_dir: Path,
-                   progress: bool):
-    """Build (unless built) and fit the ranking model, then fit its calibrators."""
-    if ranking is None:
-        ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
-        build_model(ranking, next(iter(ranking_ds)), strategy)
-        restore_parts(warm_checkpoint, ranking=ranking)
-    log(f"ranking: {len(ranking_rows)} impressions, {cfg.ranking.epochs} epochs, batch {cfg.ranking.batch_size}"
-        + (f"; {len(calibration_rows)} later ones held out to calibrate ({cfg.ranking.calibration})"
-           if calibration_rows is not None else ""))
-    val = ranking_dataset(validation_rows, cfg, schema, False) if validation_rows is not None else None
-    k_state = fit_stage("ranking", ranking, ranking_ds, cfg.ranking.epochs, cfg, strategy, model_dir,
-                        progress, ranking.checkpoint_parts(), val, "val_auc")
-    calibration = fit_calibration(ranking, calibration_rows if calibration_rows is not None else ranking_rows,
-                                  schema, cfg.ranking.calibration if calibration_rows is not None else "none")
-    log(f"calibration ({calibration['method']}) on {calibration['rows']} held-out rows: CTR ECE "
-        f"{calibration['ctr_ece_before']:.4f} -> {calibration['ctr_ece_after']:.4f}")
-    return ranking, k_state, calibration
 
 
 def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, calibration: dict) -> dict:
@@ -131,16 +110,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                     sampling_counts(fit_rows, schema))
         ds, n_pos = retrieval_dataset(fit_rows, cfg, schema)
         build_model(retrieval, next(iter(ds)), strategy)
-        ranking_rows, calibration_rows = fit_rows, None
-        if cfg.ranking.calibration != "none" and cfg.ranking.calibration_fraction > 0:
-            inner = time_split(fit_rows, cfg.ranking.calibration_fraction, schema)
-            ranking_rows, calibration_rows = inner.train, inner.test
-        ranking_ds = ranking_dataset(ranking_rows, cfg, schema) if with_ranking else None
-        ranking = None
-        if cached is not None and with_ranking:
-            ranking = build_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows)
-            build_model(ranking, next(iter(ranking_ds)), strategy)
-        restore_parts(warm_checkpoint, retrieval=retrieval, ranking=ranking)
+        restore_parts(warm_checkpoint, retrieval=retrieval)
         log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
             f"{strategy.num_replicas_in_sync} replica(s)")
         val = retrieval_dataset(validation_rows, cfg, schema, False)[0] if validation_rows is not None else None
@@ -159,11 +129,11 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                    retrieval.checkpoint_parts()), "validation_history": r_state["history"]}
         if cached is None:  # the encoder was fine-tuned: the ranking model reads its new embeddings
             cached = encode_packed(text.adapter, text.packed_catalog)
-        k_state, calibration = {"history": {}, "steps": 0}, None
+        ranking, k_state, calibration, ranked = None, {"history": {}, "steps": 0}, None, None
         if with_ranking:
-            ranking, k_state, calibration = _train_ranking(
-                cfg, strategy, schema, vocabularies, catalog, cached, ranking, ranking_ds, fit_rows, ranking_rows,
-                calibration_rows, validation_rows, warm_checkpoint, model_dir, progress)
+            ranked = train_ranking(cfg, strategy, schema, vocabularies, catalog, cached, fit_rows, model_dir,
+                                   progress, warm_checkpoint)
+            ranking, k_state, calibration = ranked.model, ranked.state, ranked.calibration
     finally:
         _set_precision("none")
     baselines, selection = train_baselines(cfg, catalog, schema, split.train, fit_rows, validation)
@@ -178,7 +148,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                      **({"model_validation": model_validation_metrics(
                                          retrieval, catalog, schema, fit_rows, validation, cfg.retrieval.eval_ks)}
                                         if validation is not None and not cfg.evaluation.refit else {})},
-                       "ranking": (_ranking_metrics(ranking, schema, split, cfg, calibration)
+                       "ranking": ({**_ranking_metrics(ranking, schema, split, cfg, calibration),
+                                    "validation": ranked.validation}
                                    if ranking is not None else {"skipped": "not trained (retrieval only)"}),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
                        "train_seconds": round(time.time() - t0, 1),

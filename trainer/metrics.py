@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 TIE_TOLERANCE = 1e-6  # relative: scores this close to the target's count as ties
 
@@ -129,3 +130,92 @@ def ranks_with_exclusions(scores: np.ndarray, targets: np.ndarray, excluded: lis
 def mrr(ranks: np.ndarray) -> float:
     """Mean reciprocal rank of one relevant item per query (a miss, rank = n_items, adds ~0)."""
     return float(np.mean(1.0 / (np.asarray(ranks, np.float64) + 1.0))) if len(ranks) else float("nan")
+
+
+def _group_codes(groups) -> tuple[np.ndarray, int]:
+    """Dense codes 0..G-1 of `groups` (any hashable values, e.g. user ids) and G."""
+    codes, uniques = pd.factorize(np.asarray(groups, dtype=object))
+    return codes, len(uniques)
+
+
+def per_group_auc(labels: np.ndarray, scores: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray]:
+    """AUC of each group (e.g. user) and its row count; NaN where a group lacks a positive or a negative."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, np.float64)
+    codes, n_groups = _group_codes(groups)
+    order = np.argsort(codes, kind="mergesort")
+    bounds = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0, True])
+    out = np.full(n_groups, np.nan)
+    sizes = np.zeros(n_groups, np.int64)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        rows = order[start:stop]
+        g = codes[rows[0]]
+        sizes[g] = len(rows)
+        y = labels[rows]
+        if y.any() and not y.all():
+            out[g] = auc(y, scores[rows])
+    return out, sizes
+
+
+def group_auc(labels: np.ndarray, scores: np.ndarray, groups) -> dict:
+    """User-weighted AUC (gAUC): each group's AUC weighted by its row count, over the groups that have
+    both a positive and a negative row (`groups` and `rows` count those)."""
+    per, sizes = per_group_auc(labels, scores, groups)
+    used = ~np.isnan(per)
+    if not used.any():
+        return {"gauc": float("nan"), "groups": 0, "rows": 0}
+    return {"gauc": float(np.sum(per[used] * sizes[used]) / sizes[used].sum()), "groups": int(used.sum()),
+            "rows": int(sizes[used].sum())}
+
+
+def _weighted_auc_parts(labels: np.ndarray, scores: np.ndarray):
+    """Precomputation for `_weighted_auc`: each row's tied-score block and the blocks' label masks."""
+    _, block = np.unique(np.asarray(scores, np.float64), return_inverse=True)
+    return block, np.asarray(labels).astype(bool)
+
+
+def _weighted_auc(block: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """AUC with row weights (ties count 1/2), from `_weighted_auc_parts`."""
+    n_blocks = block.max() + 1 if len(block) else 0
+    pos = np.bincount(block, weights=weights * labels, minlength=n_blocks)
+    neg = np.bincount(block, weights=weights * ~labels, minlength=n_blocks)
+    below = np.cumsum(neg) - neg  # negatives strictly below each block
+    total = pos.sum() * neg.sum()
+    return float((np.sum(pos * below) + 0.5 * np.sum(pos * neg)) / total) if total > 0 else float("nan")
+
+
+def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, probs_a: np.ndarray,
+                     probs_b: np.ndarray, groups, n_resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Intervals of the differences a - b in gAUC, AUC and log loss, resampling groups (users) with
+    replacement: one RNG seed, the same resamples for both models, so the interval is of the paired
+    difference. `scores_*` rank (AUC, gAUC); `probs_*` are the probabilities log loss scores."""
+    labels = np.asarray(labels).astype(bool)
+    codes, n_groups = _group_codes(groups)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+                       for _ in range(n_resamples)]).astype(np.float64)  # [resamples, groups]
+    out = {}
+    per_a, sizes = per_group_auc(labels, scores_a, codes)
+    per_b, _ = per_group_auc(labels, scores_b, codes)
+    used = ~np.isnan(per_a) & ~np.isnan(per_b)
+    w = counts[:, used] * sizes[used]
+    diffs = {"gauc": (w @ per_a[used] - w @ per_b[used]) / np.maximum(w.sum(axis=1), 1e-12)}
+
+    def row_loss(p):
+        p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+        return -(labels * np.log(p) + ~labels * np.log(1 - p))
+
+    loss_sum = np.bincount(codes, weights=row_loss(probs_a) - row_loss(probs_b), minlength=n_groups)
+    diffs["logloss"] = (counts @ loss_sum) / (counts @ np.bincount(codes, minlength=n_groups))
+    parts_a, parts_b = _weighted_auc_parts(labels, scores_a), _weighted_auc_parts(labels, scores_b)
+    diffs["auc"] = np.array([_weighted_auc(*parts_a, c[codes]) - _weighted_auc(*parts_b, c[codes]) for c in counts])
+    point = {"gauc": group_auc(labels, scores_a, codes)["gauc"] - group_auc(labels, scores_b, codes)["gauc"],
+             "auc": auc(labels, scores_a) - auc(labels, scores_b),
+             "logloss": log_loss(labels, probs_a) - log_loss(labels, probs_b)}
+    tail = (1.0 - level) / 2.0
+    for name, d in diffs.items():
+        lo, hi = np.quantile(d, [tail, 1.0 - tail])
+        out[name] = {"difference": float(point[name]), "low": float(lo), "high": float(hi)}
+    out.update({"resamples": n_resamples, "seed": seed, "level": level, "groups": int(n_groups)})
+    return out

@@ -14,6 +14,7 @@ from features.protocol import EvaluationProtocol, ProtocolData, apply_protocol, 
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 from features.split import DataSplit
 from features.synthetic import generate_world
+from features.user_stats import USER_STATS, add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
 from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
@@ -104,6 +105,26 @@ class PreparedData:
         return apply_protocol(raw, protocol.validation(), history_length, self.schema, self.prior)
 
 
+def add_event_features(split: DataSplit, cfg: JobConfig, schema: FeatureSchema) -> DataSplit:
+    """The ranking model's per-event user features (counters, the history of non-clicks), from events
+    strictly before each row: a training row counts training events; a held-out row counts training
+    events and, with `history_at_test: streaming`, its user's earlier held-out events too."""
+    if not (cfg.ranking.user_stats or cfg.ranking.negative_history):
+        return split
+    train, test = split.train, split.test
+    both = pd.concat([train, test], ignore_index=True)
+    streaming = cfg.evaluation.history_at_test == "streaming"
+    known = np.r_[np.ones(len(train), bool), np.full(len(test), streaming)]
+    if cfg.ranking.negative_history:
+        train = add_negative_history(train, cfg.retrieval.history_length, schema)
+        test = add_negative_history(test, cfg.retrieval.history_length, schema, both[known])
+    if cfg.ranking.user_stats:
+        train = add_user_stats(train, cfg.ranking.recent_window, schema)
+        counted = add_user_stats(both, cfg.ranking.recent_window, schema, source=known)
+        test = test.assign(**{c: counted[c].to_numpy()[len(train):] for c in USER_STATS})
+    return split.with_frames(train, test)
+
+
 EXCLUDED = "_excluded_ad_ids"  # a held-out row's exclusions, carried through the negative sampler
 
 
@@ -127,7 +148,7 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
             "them; the models do not read it (evaluation.session_context: keep to override)")
         schema = dataclasses.replace(schema, context_integers=tuple(
             n for n in schema.context_integers if n not in dropped))
-    split = data.split
+    split = add_event_features(data.split, cfg, schema)
     if vocabularies is None:
         vocabularies = build_vocabularies(split.train, catalog, schema)
     split = split.with_frames(join_ad_features(split.train, catalog, schema),

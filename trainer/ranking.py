@@ -17,14 +17,26 @@ on held-out training rows, see trainer/calibration.py).
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from features.history import HISTORY
 from features.schema import FeatureSchema
+from features.user_stats import NEGATIVE_HISTORY, RECENT_CLICKS, USER_CLICKS, USER_EVENTS, USER_STATS
 from features.vocab import Vocabularies
 from trainer.calibration import Calibrator
 from trainer.config import RankingConfig
-from trainer.towers import CatalogText, CategoricalEmbedding, FeatureEmbeddings, XlaSwitch, embedding_dims, mlp
+from trainer.towers import (
+    CatalogText,
+    CategoricalEmbedding,
+    FeatureEmbeddings,
+    ItemStatsFeatures,
+    UserStatsFeatures,
+    XlaSwitch,
+    embedding_dims,
+    mlp,
+)
 
 MAX_POSITION = 20  # positions above this share one embedding
 
@@ -48,16 +60,30 @@ class PositionTower(tf.keras.layers.Layer):
 class RankingModel(tfrs.Model):
     """DCN-v2: x0 -> Cross x N and a deep MLP (stacked or parallel) -> CTR and CVR logits.
 
-    The ad's text embedding comes from the catalog during training, or is passed in as
-    `text_embedding` (the exported ranking graph computes it from raw text).
+    x0 concatenates the embeddings of the user, context and ad features, the projected ad text
+    embedding, and, when configured, what the user did before the event: the `history` of earlier
+    positives (`ranking.history`) and the `negative_history` of earlier non-clicks
+    (`ranking.negative_history`), each pooled as the mean of its ads' frozen text embeddings (through
+    the ad text's projection), the cosine between that mean and the ad's text, and log(1 + length);
+    the user's counters (`ranking.user_stats`, `features/user_stats.py`); and the ad's training click
+    rate and count (`ranking.item_stats`, out-of-fold for training rows: `ItemStatsFeatures`). The histories carry
+    no per-ad parameters: a history id embedding overfits on MovieLens (README, Ranking).
+    The ad's text embedding comes from the catalog's table (`catalog_text`, frozen embeddings) during
+    training, or is passed in as `text_embedding` (the exported ranking graph encodes unknown ads' text).
     `use_position`: train with the position tower (needs a position column).
     `use_conversion`: train the ESMM CVR head (needs a conversion column); otherwise pCVR is
     untrained and reported as such.
+    `id_counts`: training rows per vocabulary row (OOV first) of each id feature, for
+    `ranking.id_frequency_l2`; `click_prior`: the training click rate the user counters shrink to;
+    `history_length`: the width N of the history inputs (`retrieval.history_length`);
+    `item_statistics`: the (clicks, rows) tables of `trainer.towers.item_statistics` (`ranking.item_stats`).
     """
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RankingConfig,
                  catalog_text: CatalogText, jit_compile: bool = False, use_position: bool = True,
-                 use_conversion: bool = True):
+                 use_conversion: bool = True, id_counts: dict[str, np.ndarray] | None = None,
+                 click_prior: float = 0.5, history_length: int = 0,
+                 item_statistics: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         if cfg.architecture not in ("stacked", "parallel"):
             raise ValueError(f"ranking.architecture {cfg.architecture!r}: expected 'stacked' or 'parallel'")
@@ -68,10 +94,23 @@ class RankingModel(tfrs.Model):
                               cfg.embedding_dim, cfg.embedding_dim)
         if cfg.ad_categorical_dim:  # e.g. the ad topic: wide enough for a full-rank user x topic cross
             dims.update({n: cfg.ad_categorical_dim for n in schema.ad_categoricals})
+        row_l2 = None
+        if cfg.id_frequency_l2 and id_counts:
+            row_l2 = {n: cfg.id_frequency_l2 / np.maximum(np.asarray(c, np.float64), 1.0) for n, c in id_counts.items()}
         self.embeddings = FeatureEmbeddings(names, vocabularies, dims, schema.query_int_features,
-                                            l2=cfg.embedding_l2)
+                                            l2=cfg.embedding_l2, oov_rates={schema.user_id: cfg.user_id_dropout},
+                                            row_l2=row_l2)
         self.catalog_text = catalog_text
         self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
+        self.histories = (*((HISTORY,) if cfg.history else ()),
+                          *((NEGATIVE_HISTORY,) if cfg.negative_history else ()))
+        self.history_length = history_length if self.histories else 0  # the history inputs' width
+        self.user_stats = UserStatsFeatures(cfg.recent_window, click_prior, name="user_stats") \
+            if cfg.user_stats else None
+        self.item_stats = None
+        if cfg.item_stats and item_statistics is not None:
+            self.item_stats = ItemStatsFeatures(vocabularies[schema.ad_id], *item_statistics, click_prior,
+                                                name="item_stats")
         self.cross_layers = [tfrs.layers.dcn.Cross(projection_dim=cfg.cross_projection_dim or None,
                                                    name=f"cross_{i}") for i in range(cfg.cross_layers)]
         self.deep = mlp(cfg.deep_units, None, name="deep")
@@ -91,6 +130,28 @@ class RankingModel(tfrs.Model):
         self.task._autocast = False  # labels and loss stay float32 under mixed precision
         self.ctcvr_auc = tf.keras.metrics.AUC(name="ctcvr_auc")
 
+    @property
+    def user_inputs(self) -> tuple[str, ...]:
+        """The inputs beyond the query and ad features: `history` and/or the user counters."""
+        return (*self.histories, *(USER_STATS if self.user_stats is not None else ()))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every feature the served forward pass reads (the ranking signature adds the ad text)."""
+        return (*self.schema.query_features, *self.user_inputs, *self.schema.ad_string_features)
+
+    def set_statistics(self, click_prior: float, item_statistics: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """The data-derived constants (the click prior, the ads' click tables) from new training rows."""
+        if self.user_stats is not None:
+            self.user_stats.prior.assign(click_prior)
+        if self.item_stats is not None and item_statistics is not None:
+            self.item_stats.set_statistics(*item_statistics, click_prior)
+
+    def get_config(self) -> dict:
+        """Nothing for Keras to serialize: the model is rebuilt from the job's config and rows
+        (`trainer.builders.build_ranking`), its weights from checkpoints."""
+        return {}
+
     def build_from_batch(self, features) -> None:
         """Create every variable (no metric updates, safe in a cross-replica context)."""
         self.logits(features, with_position=True)
@@ -101,22 +162,44 @@ class RankingModel(tfrs.Model):
         parts = {"embeddings": self.embeddings, "text_projection": self.text_projection,
                  "cross_layers": self.cross_layers, "deep": self.deep, "heads": self.heads,
                  "ctr_calibrator": self.ctr_calibrator, "cvr_calibrator": self.cvr_calibrator}
-        if self.position_tower is not None:
-            parts["position_tower"] = self.position_tower
+        for name in ("position_tower", "user_stats", "item_stats"):
+            if getattr(self, name) is not None:
+                parts[name] = getattr(self, name)
         return parts
 
-    def logits(self, features, with_position: bool = False) -> dict[str, tf.Tensor]:
+    def logits(self, features, with_position: bool = False, training: bool = False) -> dict[str, tf.Tensor]:
         """{'ctr': served CTR logit (no position), 'cvr': CVR logit, 'ctr_train': with the position logit}."""
         text = features.get("text_embedding")
         if text is None:
             text = self.catalog_text(features[self.schema.ad_id])
-        both = self.interact(tf.concat([self.embeddings(features), self.text_projection(text)], axis=-1))
+        text = tf.cast(text, tf.float32)
+        parts = [self.embeddings(features, training=training), self.text_projection(text)]
+        for name in self.histories:
+            parts += self._history_features(features[name], text)
+        if self.user_stats is not None:
+            parts.append(self.user_stats(features[USER_EVENTS], features[USER_CLICKS], features[RECENT_CLICKS]))
+        if self.item_stats is not None:
+            parts.append(self.item_stats(features[self.schema.ad_id], features[self.schema.user_id], training=training))
+        dtype = parts[0].dtype  # the embeddings' compute dtype (bfloat16 under mixed precision)
+        both = self.interact(tf.concat([tf.cast(p, dtype) for p in parts], axis=-1))
         out = {"ctr": both[:, 0], "cvr": both[:, 1]}
         out["ctr_train"] = out["ctr"]
         if with_position and self.position_tower is not None:
             out["position"] = self.position_tower(features[self.schema.position], features)
             out["ctr_train"] = out["ctr"] + out["position"]
         return out
+
+    def _history_features(self, history, text):
+        """[projected mean text embedding of the history's ads, its cosine with the ad's text, log(1 + length)].
+
+        Ads outside the catalog add nothing to the mean (but count in the length); "" is padding."""
+        rows = self.catalog_text.lookup(history)
+        known = tf.cast(rows > 0, tf.float32)[:, :, None]
+        vectors = tf.math.l2_normalize(tf.cast(tf.gather(self.catalog_text.table, rows), tf.float32), -1)
+        mean = tf.reduce_sum(vectors * known, axis=1) / tf.maximum(tf.reduce_sum(known, axis=1), 1.0)
+        cosine = tf.reduce_sum(tf.math.l2_normalize(mean, -1) * tf.math.l2_normalize(text, -1), axis=-1, keepdims=True)
+        length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
+        return [self.text_projection(mean), cosine, tf.math.log1p(length)]
 
     def call(self, features):
         """The served (position-free, uncalibrated) CTR logit."""
@@ -141,7 +224,7 @@ class RankingModel(tfrs.Model):
         return tf.cast(self.heads(hidden), tf.float32)
 
     def compute_loss(self, features, training=False):
-        out = self.logits(features, with_position=True)
+        out = self.logits(features, with_position=True, training=training)
         click = tf.cast(features[self.schema.click], tf.float32)
         # [batch, 1]: Keras' BinaryCrossentropy averages over the last axis before its SUM reduction,
         # so 1-D [batch] tensors would give the batch MEAN (then divided by the batch again below).

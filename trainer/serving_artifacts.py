@@ -20,6 +20,7 @@ import pandas as pd
 
 from features.history import HISTORY, history_matrix
 from features.schema import FeatureSchema
+from features.user_stats import NEGATIVE_HISTORY
 from serving.config import (
     BATCHING_FILE,
     EXCLUDED_AD_IDS,
@@ -35,11 +36,17 @@ from serving.warmup import predict_request, write_warmup_file
 WARMUP_BATCH_SIZES = (1, 8)
 
 
-def signature_inputs(schema: FeatureSchema, model_name: str, history: bool = False) -> tuple[str, ...]:
-    """A model's signature inputs; `history`: retrieval and recommender also take the user's history."""
+def signature_inputs(schema: FeatureSchema, model_name: str, history: bool = False,
+                     ranking_user_inputs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A model's signature inputs; `history`: retrieval and recommender also take the user's history;
+    `ranking_user_inputs`: what the ranking model reads about the user's past (`history`, counters),
+    which the ranking and recommender signatures take too."""
     if model_name == "ranking":
-        return (*schema.query_features, *schema.ad_string_features, *schema.ad_text)
-    return (*schema.query_features, HISTORY) if history else tuple(schema.query_features)
+        return (*schema.query_features, *ranking_user_inputs, *schema.ad_string_features, *schema.ad_text)
+    names = (*schema.query_features, HISTORY) if history else tuple(schema.query_features)
+    if model_name == "recommender":
+        names += tuple(n for n in ranking_user_inputs if n not in names)
+    return names
 
 
 def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema,
@@ -55,7 +62,7 @@ def as_numpy_features(rows: pd.DataFrame, names, schema: FeatureSchema) -> dict[
     """Raw request values in the dtypes the signatures take (warmup requests, tests, benchmarks)."""
     out = {}
     for n in names:
-        if n == HISTORY:  # [batch, N] ad ids, padded with ""
+        if n in (HISTORY, NEGATIVE_HISTORY):  # [batch, N] ad ids, padded with ""
             out[n] = history_matrix(rows[n], len(rows[n].iloc[0]) if len(rows) else 0)
         elif schema.is_int_feature(n):
             out[n] = rows[n].to_numpy(dtype=np.int64)
@@ -64,11 +71,12 @@ def as_numpy_features(rows: pd.DataFrame, names, schema: FeatureSchema) -> dict[
     return out
 
 
-def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame, schema: FeatureSchema) -> Path:
+def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame, schema: FeatureSchema,
+                          ranking_user_inputs: tuple[str, ...] = ()) -> Path:
     """Warmup requests from `rows`; a `history` column (the job's per-event histories, as the
     training rows carry them when the retrieval model reads history) is sent to retrieval and
-    recommender."""
-    names = signature_inputs(schema, model_name, history=HISTORY in rows)
+    recommender; `ranking_user_inputs` (columns of `rows`) to ranking and recommender."""
+    names = signature_inputs(schema, model_name, history=HISTORY in rows, ranking_user_inputs=ranking_user_inputs)
     missing = [n for n in names if n not in rows]
     if missing:
         raise ValueError(f"warmup rows for {model_name!r} lack column(s) {missing}")

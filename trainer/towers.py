@@ -16,9 +16,13 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
     """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
 
     def __init__(self, vocabulary: list, dim: int, is_int: bool, l2: float = 0.0, oov_rate: float = 0.0,
-                 **kwargs):
+                 row_l2: np.ndarray | None = None, **kwargs):
         super().__init__(**kwargs)
         self.oov_rate = oov_rate  # training only: this share of values is looked up as unknown (OOV)
+        # Training only: a penalty row_l2[row] * |embedding|^2 for each looked-up value, averaged over the
+        # batch. With row_l2 = l2 / (the value's training count) every row gets the same total penalty per
+        # epoch, while its data gradient grows with its count: ids seen a few times stay near zero.
+        self.row_l2 = None if row_l2 is None else tf.constant(np.asarray(row_l2, np.float32))
         if is_int:
             self.lookup = tf.keras.layers.IntegerLookup(
                 vocabulary=np.asarray(vocabulary, dtype=np.int64), mask_token=None, num_oov_indices=1)
@@ -33,7 +37,11 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
         if training and self.oov_rate > 0:
             # Teaches the OOV row what an unknown value means (e.g. users who arrive after training).
             rows = tf.where(tf.random.uniform(tf.shape(rows)) < self.oov_rate, tf.zeros_like(rows), rows)
-        return self.embedding(rows)
+        out = self.embedding(rows)
+        if training and self.row_l2 is not None:
+            squared = tf.reduce_sum(tf.square(tf.cast(out, tf.float32)), axis=-1)
+            self.add_loss(tf.reduce_mean(tf.gather(self.row_l2, rows) * squared))
+        return out
 
 
 class FeatureEmbeddings(tf.keras.layers.Layer):
@@ -41,13 +49,14 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
 
     def __init__(self, names: tuple[str, ...], vocabularies, dims: dict[str, int],
                  int_features: tuple[str, ...] = (), l2: float = 0.0, oov_rates: dict[str, float] | None = None,
-                 **kwargs):
+                 row_l2: dict[str, np.ndarray] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.names = tuple(names)
         oov_rates = oov_rates or {}
+        row_l2 = row_l2 or {}
         self.tables = {
             n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, l2, oov_rates.get(n, 0.0),
-                                    name=f"emb_{n}")
+                                    row_l2.get(n), name=f"emb_{n}")
             for n in self.names
         }
 
@@ -209,6 +218,100 @@ class TransformerBlock(tf.keras.layers.Layer):
         attended = self.attention(x, x, attention_mask=mask, training=training)
         x = self.norm_attention(x + self.dropout(attended, training=training))
         return self.norm_feed_forward(x + self.dropout(self.feed_forward(x), training=training))
+
+
+class UserStatsFeatures(tf.keras.layers.Layer):
+    """The user's counters before the event (`features/user_stats.py`) -> [log(1 + events) / 5,
+    logit of the smoothed click rate over all earlier events, logit of the smoothed rate over the last
+    `window`, log(1 + min(events, window)) / 5].
+
+    Rates are shrunk to `prior` (the training click rate, a non-trainable weight so checkpoints carry
+    it) with `strength` / `recent_strength` pseudo-events: a user with no history gets the prior.
+    """
+
+    def __init__(self, window: int, prior: float, strength: float = 10.0, recent_strength: float = 2.0, **kwargs):
+        super().__init__(dtype="float32", **kwargs)  # counts and rates stay float32 under mixed precision
+        self.window = float(window)
+        self.strength, self.recent_strength = float(strength), float(recent_strength)
+        self.prior = self.add_weight(name="click_prior", shape=(), trainable=False,
+                                     initializer=tf.keras.initializers.Constant(float(prior)))
+
+    def call(self, events, clicks, recent_clicks):
+        events, clicks, recent = (tf.cast(v, tf.float32) for v in (events, clicks, recent_clicks))
+        recent_events = tf.minimum(events, self.window)
+        prior = tf.clip_by_value(self.prior, 1e-3, 1.0 - 1e-3)
+
+        def logit(hits, n, strength):
+            rate = (hits + strength * prior) / (n + strength)
+            return tf.math.log(rate) - tf.math.log1p(-rate)
+
+        return tf.stack([tf.math.log1p(events) / 5.0, logit(clicks, events, self.strength),
+                         logit(recent, recent_events, self.recent_strength),
+                         tf.math.log1p(recent_events) / 5.0], axis=-1)
+
+
+class ItemStatsFeatures(tf.keras.layers.Layer):
+    """Ad id -> [logit of the ad's smoothed training click rate, log(1 + its training rows) / 5].
+
+    The statistics are tables in the graph, built from the training rows (`item_statistics`): row 0 of
+    `clicks` / `rows` [folds + 1, vocabulary + 1] over all of them, row f + 1 over the rows outside fold
+    f. A training row reads its out-of-fold row, its fold a hash of its user and ad ids, so its own label
+    never feeds its feature; served rows read the statistics of every training row. Ads outside the
+    vocabulary get the prior and a count of 0.
+    """
+
+    def __init__(self, ad_vocabulary: list, clicks: np.ndarray, rows: np.ndarray, prior: float,
+                 strength: float = 5.0, **kwargs):
+        super().__init__(dtype="float32", **kwargs)  # counts and rates stay float32 under mixed precision
+        self.folds = clicks.shape[0] - 1
+        self.strength = float(strength)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=[str(v) for v in ad_vocabulary], mask_token=None,
+                                                   num_oov_indices=1)
+        self.clicks = self.add_weight(name="clicks", shape=clicks.shape, trainable=False,
+                                      initializer=tf.keras.initializers.Constant(clicks.astype(np.float32)))
+        self.rows = self.add_weight(name="rows", shape=rows.shape, trainable=False,
+                                    initializer=tf.keras.initializers.Constant(rows.astype(np.float32)))
+        self.prior = self.add_weight(name="click_prior", shape=(), trainable=False,
+                                     initializer=tf.keras.initializers.Constant(float(prior)))
+
+    def set_statistics(self, clicks: np.ndarray, rows: np.ndarray, prior: float) -> None:
+        """New tables (a warm start on new rows: the statistics follow the data, not the checkpoint)."""
+        self.clicks.assign(clicks.astype(np.float32))
+        self.rows.assign(rows.astype(np.float32))
+        self.prior.assign(float(prior))
+
+    def call(self, ad_ids, user_ids, training=None):
+        index = self.lookup(ad_ids)
+        fold = fold_of(user_ids, ad_ids, self.folds) + 1 if training else tf.zeros_like(index)
+        at = tf.stack([fold, index], axis=-1)
+        clicks, rows = tf.gather_nd(self.clicks, at), tf.gather_nd(self.rows, at)
+        prior = tf.clip_by_value(self.prior, 1e-3, 1.0 - 1e-3)
+        rate = (clicks + self.strength * prior) / (rows + self.strength)
+        return tf.stack([tf.math.log(rate) - tf.math.log1p(-rate), tf.math.log1p(rows) / 5.0], axis=-1)
+
+
+def fold_of(user_ids, ad_ids, folds: int):
+    """A row's fold for out-of-fold statistics: a hash of its user and ad ids (the same in and out of graphs)."""
+    return tf.strings.to_hash_bucket_fast(tf.strings.join([user_ids, ad_ids], separator="\x1f"), folds)
+
+
+def item_statistics(ad_vocabulary: list, user_ids, ad_ids, clicks, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `ItemStatsFeatures` tables [folds + 1, vocabulary + 1] (clicks, rows) of training rows."""
+    index = {str(v): i + 1 for i, v in enumerate(ad_vocabulary)}
+    ads = np.asarray([str(a) for a in ad_ids], dtype=object)
+    column = np.array([index.get(a, 0) for a in ads], dtype=np.int64)
+    fold = fold_of(tf.constant(np.asarray([str(u) for u in user_ids], dtype=object)), tf.constant(ads), folds).numpy()
+    size = len(ad_vocabulary) + 1
+    y = np.asarray(clicks, np.float64) > 0
+    total_clicks = np.bincount(column, weights=y, minlength=size)
+    total_rows = np.bincount(column, minlength=size).astype(np.float64)
+    out_clicks, out_rows = [total_clicks], [total_rows]
+    scale = folds / (folds - 1)  # out-of-fold counts on the scale of all training rows, as served
+    for f in range(folds):
+        inside = fold == f
+        out_clicks.append(scale * (total_clicks - np.bincount(column[inside], weights=y[inside], minlength=size)))
+        out_rows.append(scale * (total_rows - np.bincount(column[inside], minlength=size)))
+    return np.stack(out_clicks), np.stack(out_rows)
 
 
 class XlaSwitch:
