@@ -35,6 +35,8 @@ METHODS = (("adrec two-tower", "model"), ("EASE", "ease"), ("ItemKNN", "itemknn"
 SLICES = (("all", ""), ("warm ads", "_warm"), ("cold-start ads", "_cold"), ("seen users", "_seen_users"),
           ("unseen users", "_unseen_users"))
 COLUMNS = (("R@10", "recall@10"), ("R@100", "recall@100"), ("N@10", "ndcg@10"))
+# Per user, where each user's queries share one ranked list: the columns of published random-split results.
+USER_COLUMNS = (("R@20", "user_recall@20"), ("R@50", "user_recall@50"), ("N@100", "user_ndcg@100"))
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
 
@@ -66,6 +68,12 @@ def format_table(results: dict[str, dict]) -> str:
                 continue
             cells = "".join(f"{r[key + suffix][m]:7.3f}" for _, suffix in slices for _, m in COLUMNS)
             lines.append(f"  {label:26s}{cells}")
+        if all(m in r["model"] for _, m in USER_COLUMNS):
+            lines.append("  per user (hits / min(K, held-out items of the user), averaged over users):")
+            lines.append(f"  {'':26s}" + "".join(f"{c:>7s}" for c, _ in USER_COLUMNS))
+            for label, key in METHODS:
+                if key in r:
+                    lines.append(f"  {label:26s}" + "".join(f"{r[key][m]:7.3f}" for _, m in USER_COLUMNS))
         validation = validation_recalls(r)
         if validation:
             lines.append("  validation split (what settings were chosen on), Recall@100: "
@@ -95,8 +103,9 @@ def ratio(r: dict, a: str, b: str, metric: str) -> str:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    rows = ["| protocol | method | Recall@10 | Recall@100 | NDCG@10 | cold-start ads R@100 | unseen users R@100 |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| protocol | method | Recall@10 | Recall@100 | NDCG@10 | cold-start ads R@100 | unseen users R@100 "
+            "| per user R@20 / R@50 / NDCG@100 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         for label, key in METHODS:
             if key not in r:
@@ -104,8 +113,10 @@ def markdown_table(results: dict[str, dict]) -> str:
             m = r[key]
             cold, unseen = (_slice_recall(r, key + suffix) for suffix in ("_cold", "_unseen_users"))
             bold = "**" if key == "model" else ""
+            per_user = (" / ".join(f"{m[c]:.3f}" for _, c in USER_COLUMNS)
+                        if all(c in m for _, c in USER_COLUMNS) else "–")
             rows.append(f"| {name} | {bold}{label}{bold} | {m['recall@10']:.3f} | {m['recall@100']:.3f} | "
-                        f"{m['ndcg@10']:.3f} | {cold} | {unseen} |")
+                        f"{m['ndcg@10']:.3f} | {cold} | {unseen} | {per_user} |")
     return "\n".join(rows)
 
 

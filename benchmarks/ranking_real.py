@@ -120,7 +120,6 @@ def _run(args, results) -> int:
         print(text, file=results, flush=True)
 
     import tensorflow as tf
-    from movielens_retrieval import _apply
 
     from trainer.builders import build_text_assets
     from trainer.config import config_to_dict, load_config
@@ -132,14 +131,13 @@ def _run(args, results) -> int:
     from trainer.ranking_stage import train_ranking
     from trainer.text_encoder import encode_packed
 
-    cfg = load_config(args.config)
-    for assignment in args.set:
-        _apply(cfg, assignment)
+    cfg = load_config(args.config, args.set)
     started = time.time()
     data_cfg = copy.deepcopy(cfg)
     data_cfg.ranking.user_stats = True  # the baselines read the user counters whether the model does or not
-    catalog, schema, split, vocabularies = prepare_data(data_cfg)
-    train, test = split.train, split.test
+    data = prepare_data(data_cfg)
+    catalog, schema, vocabularies = data.catalog, data.schema, data.vocabularies
+    train, test = data.split.train, data.split.test
     strategy = tf.distribute.get_strategy()
     text = build_text_assets(cfg, catalog, schema)
     cache = Path(args.text_cache) if args.text_cache else None

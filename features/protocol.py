@@ -161,3 +161,11 @@ def leaking_context(split: DataSplit, protocol: EvaluationProtocol, schema: Feat
         return time_context, overlap
     return (), overlap
 
+
+
+def one_list_per_user(protocol: EvaluationProtocol, schema: FeatureSchema) -> bool:
+    """Whether every held-out query of a user is ranked from one list: the same history (`train_only`)
+    and no per-query context the model reads. Then the per-user metrics of published random-split
+    results are exact (`trainer.metrics.per_user_metrics`)."""
+    return protocol.history_at_test == "train_only" and not schema.context_integers \
+        and not schema.context_categoricals

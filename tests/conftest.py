@@ -19,6 +19,8 @@ def tiny_config(tmp: Path, **overrides):
     cfg.export.export_dir = str(tmp / "models")
     for section, values in overrides.items():
         for key, value in values.items():
+            if not hasattr(getattr(cfg, section), key):  # a stale key would otherwise pass silently
+                raise KeyError(f"tiny_config: {section} has no key {key!r}")
             setattr(getattr(cfg, section), key, value)
     return cfg
 

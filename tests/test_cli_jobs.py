@@ -95,7 +95,7 @@ def test_data_synthetic_takes_overrides(tmp_path, capsys):
 
 # A seconds-long world and one epoch each: this test is about where the output goes.
 FAST = ["data.synthetic={n_users: 60, n_ads: 40, n_impressions: 2000}", "retrieval.epochs=1", "ranking.epochs=1",
-        "retrieval.id_only_baseline=false", "retrieval.history_length=0"]
+        "evaluation.baselines=[most_popular]", "retrieval.history_length=0"]
 
 
 def test_train_prints_only_the_metrics_json_on_stdout_and_logs_on_stderr(tmp_path):

@@ -88,7 +88,7 @@ def test_users_table_columns_reach_the_models_through_the_ml_100k_spec(tmp_path)
                                              for u in range(1, 56) for m in rng.choice(40, 20, replace=False) + 1))
     cfg = tiny_config(tmp_path, data={"source": "spec", "spec": str(ROOT / "configs/data/ml-100k.yaml"),
                                       "root": str(tmp_path)},
-                      retrieval={"epochs": 1, "batch_size": 128, "id_only_baseline": False},
+                      retrieval={"epochs": 1, "batch_size": 128}, evaluation={"baselines": ("most_popular",)},
                       ranking={"epochs": 1, "batch_size": 256})
     trained = run_training(cfg, progress=False)
     users = ("age", "gender", "occupation", "zip_code")

@@ -124,7 +124,7 @@ def test_adrec_train_on_implicit_feedback_trains_ranking_on_sampled_negatives_an
     write_implicit_movielens(data)
     metrics_file = tmp_path / "metrics.json"
     sets = ["encoder.preset=tiny", "encoder.sequence_length=16", "retrieval.epochs=2", "retrieval.batch_size=128",
-            "retrieval.id_only_baseline=false", "ranking.epochs=2", "ranking.batch_size=256",
+            "evaluation.baselines=[most_popular]", "ranking.epochs=2", "ranking.batch_size=256",
             "ranking.sampled_negatives=3", f"training.model_dir={tmp_path / 'run'}",
             f"export.export_dir={tmp_path / 'models'}", "export.top_k=20", "export.retrieve_n=20",
             "export.recommend_k=5"]

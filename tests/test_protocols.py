@@ -152,3 +152,21 @@ def test_every_method_gets_the_same_rows_histories_and_exclusions(tmp_path):
     for i, row in enumerate(held_out_positives):
         assert set(queries.excluded(i)) == {int(a[1:]) for a in data.excluded[row]}
         assert len(data.excluded[row]) > 0 or queries.users[i] == -1
+
+
+def test_per_user_metrics_normalise_by_the_users_held_out_count_as_published_random_split_results_do():
+    from features.protocol import EvaluationProtocol, one_list_per_user
+    from features.schema import FeatureSchema
+    from trainer.metrics import per_user_metrics
+
+    # user a: 3 held-out items ranked 0, 4 and 30; user b: 1 item ranked 1.
+    out = per_user_metrics(np.array([0, 4, 30, 1]), np.array(["a", "a", "a", "b"]), (2, 5))
+    assert out["user_recall@2"] == pytest.approx((1 / 2 + 1 / 1) / 2)  # a: 1 hit of min(2, 3); b: its one
+    assert out["user_recall@5"] == pytest.approx((2 / 3 + 1) / 2)
+    ideal_a = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    ndcg_a = (1 + 1 / np.log2(6)) / ideal_a
+    assert out["user_ndcg@5"] == pytest.approx((ndcg_a + 1 / np.log2(3)) / 2)
+    plain = FeatureSchema(context_integers=(), context_categoricals=())
+    assert one_list_per_user(EvaluationProtocol(protocol="random", history_at_test="train_only"), plain)
+    assert not one_list_per_user(EvaluationProtocol(protocol="time", history_at_test="streaming"), plain)
+    assert not one_list_per_user(EvaluationProtocol(protocol="random", history_at_test="train_only"), FeatureSchema())

@@ -21,7 +21,7 @@ def trained_past(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("ranking_past"),
                       ranking={"history": True, "negative_history": True, "user_stats": True,
                                "user_id_dropout": 0.3, "epochs": 2},
-                      retrieval={"epochs": 1, "id_only_baseline": False})
+                      retrieval={"epochs": 1}, evaluation={"baselines": ("most_popular",)})
     cfg.data.synthetic = type(cfg.data.synthetic)(n_users=150, n_advertisers=15, n_ads=80, n_impressions=6000)
     return run_training(cfg, progress=False)
 

@@ -18,7 +18,7 @@ from features.history import HISTORY, history_matrix
 from features.interactions import PAD_ROW, Interactions, Queries, exclusion_lists
 from features.schema import FeatureSchema
 from trainer.baselines.base import Scorer, rank_queries
-from trainer.metrics import mrr, retrieval_metrics
+from trainer.metrics import mrr, per_user_metrics, retrieval_metrics
 from trainer.progress import log
 
 
@@ -122,16 +122,22 @@ def fit_baselines(names: tuple[str, ...], train: Interactions, fit_train: Intera
 
 
 def compare(scorers: dict[str, Scorer], queries: Queries, popularity: np.ndarray, slices: dict[str, np.ndarray],
-            ks: tuple[int, ...]) -> dict:
-    """Ranks of every method on `queries`; metrics overall and on each slice (a boolean mask per query)."""
+            ks: tuple[int, ...], users: np.ndarray | None = None) -> dict:
+    """Ranks of every method on `queries`; metrics overall and on each slice (a boolean mask per query).
+    With `users` (one per query) also the per-user metrics (`per_user_metrics`)."""
     out = {}
+
+    def metrics(ranks, mask=slice(None)):
+        per_user = per_user_metrics(ranks[mask], users[mask], tuple(sorted({*ks, 10}))) if users is not None else {}
+        return {**metrics_of(ranks[mask], ks), **per_user}
+
     for name, scorer in scorers.items():
         started = time.time()
         ranks = rank_queries(scorer, queries, popularity)
-        out[name] = metrics_of(ranks, ks)
+        out[name] = metrics(ranks)
         out[name]["score_seconds"] = round(time.time() - started, 1)
         for slice_name, mask in slices.items():
-            out[f"{name}_{slice_name}"] = metrics_of(ranks[mask], ks)
+            out[f"{name}_{slice_name}"] = metrics(ranks, mask)
     return out
 
 
@@ -143,9 +149,10 @@ def metrics_of(ranks: np.ndarray, ks: tuple[int, ...]) -> dict:
 
 def evaluate_retrieval(model, catalog: pd.DataFrame, schema: FeatureSchema, train_rows: pd.DataFrame,
                        test_rows: pd.DataFrame, excluded: list[np.ndarray], ks: tuple[int, ...],
-                       baselines: dict[str, Scorer] | None = None) -> dict:
+                       baselines: dict[str, Scorer] | None = None, per_user: bool = False) -> dict:
     """Recall@K, NDCG@K and MRR of the held-out positives over the whole catalog, for the model and each
-    fitted baseline, overall and on warm / cold-start ads and seen / unseen users.
+    fitted baseline, overall and on warm / cold-start ads and seen / unseen users; with `per_user` (for
+    protocols where `one_list_per_user` holds) also the per-user Recall@K and NDCG@K.
 
     Each held-out positive is one query (its user, context and history) with one relevant ad; an ad its
     exclusions remove ranks nowhere, and an excluded target counts as a miss. Most-popular is always
@@ -168,7 +175,8 @@ def evaluate_retrieval(model, catalog: pd.DataFrame, schema: FeatureSchema, trai
            "test_positives_with_history": int((queries.history_lengths() > 0).sum()),
            "excluded_targets": int(sum(t in set(queries.excluded(i)) for i, t in enumerate(queries.targets)))}
     slices = {"warm": ~cold, "cold": cold, "seen_users": ~unseen, "unseen_users": unseen}
-    out.update(compare(scorers, queries, popularity, slices, ks))
+    users = queries.frame[schema.user_id].to_numpy() if per_user else None
+    out.update(compare(scorers, queries, popularity, slices, ks, users))
     return out
 
 

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from features.protocol import one_list_per_user
 from features.schema import FeatureSchema
 from trainer.builders import MASKED_LM_DIR, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
@@ -143,7 +144,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                             history={"retrieval": r_state["history"], "ranking": k_state["history"]})
     retrieval_rows = split.train if validation is None or cfg.evaluation.refit else fit_rows
     trained.metrics = {"retrieval": {**evaluate_retrieval(retrieval, catalog, schema, retrieval_rows, split.test,
-                                                          data.excluded, cfg.retrieval.eval_ks, baselines),
+                                                          data.excluded, cfg.retrieval.eval_ks, baselines,
+                                                          one_list_per_user(cfg.evaluation, schema)),
                                      "protocol": config_to_dict(cfg.evaluation), "baseline_selection": selection,
                                      **({"model_validation": model_validation_metrics(
                                          retrieval, catalog, schema, fit_rows, validation, cfg.retrieval.eval_ks)}

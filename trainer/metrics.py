@@ -50,6 +50,29 @@ def retrieval_metrics(ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float
     return {**recall_at_k(ranks, ks), **ndcg_at_k(ranks, ks)}
 
 
+def per_user_metrics(ranks: np.ndarray, users: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Recall@K and NDCG@K per user, averaged over users: the convention of published random-split results
+    (Liang et al. 2018, Steck 2019), where all of a user's held-out items are relevant to one ranked list.
+
+    Recall@K = hits / min(K, n_u) and NDCG@K's ideal list puts min(K, n_u) hits on top, so a user with
+    more held-out items than K can still score 1. Computed from per-query ranks, which is exact only when
+    every query of a user is ranked from the same list (the same history and no per-query context).
+    """
+    ranks = np.asarray(ranks)
+    if len(ranks) == 0:
+        return {f"user_{m}@{k}": float("nan") for k in ks for m in ("recall", "ndcg")}
+    _, inverse = np.unique(np.asarray(users).astype(str), return_inverse=True)
+    n_u = np.bincount(inverse)
+    gain = 1.0 / np.log2(ranks.astype(np.float64) + 2.0)
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.minimum(k, n_u) - 1]
+        out[f"user_recall@{k}"] = float(np.mean(np.bincount(inverse, weights=hit) / np.minimum(k, n_u)))
+        out[f"user_ndcg@{k}"] = float(np.mean(np.bincount(inverse, weights=np.where(hit, gain, 0.0)) / ideal))
+    return out
+
+
 def popularity_ranks(train_counts: np.ndarray, target_columns: np.ndarray) -> np.ndarray:
     """Ranks under a most-popular ranker, the same list for every user."""
     return ranks_of_targets(np.broadcast_to(train_counts, (len(target_columns), len(train_counts))),
