@@ -146,13 +146,15 @@ def main(argv=None) -> int:
 
     from trainer.config import config_to_dict, load_config
     from trainer.job import run_training
+    from trainer.progress import stdout_to_stderr
 
     results, walls = {}, {}
     started = time.time()
     for name in args.protocols:
         cfg = load_config(Path(args.config_dir) / f"{name}.yaml", args.set)
         t0 = time.time()
-        trained = run_training(cfg, progress=not args.quiet, with_ranking=False)
+        with stdout_to_stderr():  # Keras' epoch lines are logs; stdout holds the table alone
+            trained = run_training(cfg, progress=not args.quiet, with_ranking=False)
         walls[name] = round(time.time() - t0, 1)
         results[name] = trained.metrics["retrieval"]
         print(format_table({name: results[name]}), file=sys.stderr, flush=True)
