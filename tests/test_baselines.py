@@ -208,6 +208,15 @@ def test_select_and_fit_picks_the_best_validation_entry_and_refits_it_on_all_row
     json.dumps(report)
 
 
+def test_select_and_fit_keeps_the_winning_candidate_when_there_is_nothing_more_to_refit_on():
+    fit_train, validation = cyclic_walks(30, 8, seed=1)
+    Shift.refits.clear()
+    scorer, report = select_and_fit(Shift, fit_train, validation, fit_train, metric="ndcg@10")
+    assert Shift.refits == [] and scorer.params == {"shift": 1}
+    assert report["refit_params"] is None and report["refit_s"] == 0.0
+    json.dumps(report)
+
+
 def test_sasrec_learns_a_cyclic_walk_deterministically():
     train, test = cyclic_walks(48, 24)
     _, validation = cyclic_walks(16, 12, seed=2)

@@ -4,7 +4,8 @@ Every candidate of a method's `grid()` is fitted on the rows left after carving 
 split, ranked on the validation queries exactly as the test queries will be (`rank_queries`), and
 the best by one metric wins (ties: the first in the grid). The winner is refitted from scratch on
 all training rows with its `tuned_params()` (e.g. the epoch count early stopping chose), so the
-test rows never take part in a choice.
+test rows never take part in a choice. When the rows to refit on are the candidates' own rows
+(no refit), the winning candidate itself is kept: fitting it again would learn the same thing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def select_and_fit(scorer_cls: type[Scorer], fit_train: Interactions, validation
     """
     popularity = fit_train.item_counts() if popularity is None else popularity
     ks = tuple(sorted({*VALIDATION_KS, int(metric.split("@")[1])}))
-    candidates, best = [], None
+    candidates, best, best_scorer = [], None, None
     for i, params in enumerate(scorer_cls.grid()):
         scorer = scorer_cls(**params)
         t0 = time.perf_counter()
@@ -53,7 +54,14 @@ def select_and_fit(scorer_cls: type[Scorer], fit_train: Interactions, validation
         value = metrics[metric]
         if best is None or (not math.isnan(value) and not value <= candidates[best]["validation"][metric]):
             best = i
+            best_scorer = scorer if full_train is fit_train else None  # one fitted model kept at a time
+        del scorer
     chosen = candidates[best]
+    if best_scorer is not None:
+        log(f"{scorer_cls.name}: chose {chosen['params']}, kept as fitted (no refit: the same training rows)",
+            sys.stderr)
+        return best_scorer, {"scorer": scorer_cls.name, "metric": metric, "candidates": candidates,
+                             "chosen": chosen["params"], "refit_params": None, "refit_s": 0.0}
     final = scorer_cls(**chosen["tuned_params"])
     t0 = time.perf_counter()
     final.fit(full_train)
