@@ -78,10 +78,13 @@ def format_table(results: dict[str, dict]) -> str:
         if validation:
             lines.append("  validation split (what settings were chosen on), Recall@100: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
-        best = max((k for _, k in METHODS if k in r and k != "model"), key=lambda k: r[k]["recall@100"], default=None)
-        if best:
-            lines.append(f"  model / best baseline ({best}): Recall@100 {ratio(r, 'model', best, 'recall@100')}, "
-                         f"NDCG@10 {ratio(r, 'model', best, 'ndcg@10')}")
+        baselines = [k for _, k in METHODS if k in r and k != "model"]
+        if baselines:
+            parts = []
+            for label, metric in (("Recall@100", "recall@100"), ("NDCG@10", "ndcg@10")):
+                best = max(baselines, key=lambda k: r[k][metric])
+                parts.append(f"{label} {ratio(r, 'model', best, metric)} ({best})")
+            lines.append("  model / best baseline on each metric: " + ", ".join(parts))
         lines.append("")
     return "\n".join(lines)
 
