@@ -21,11 +21,10 @@ import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from serving.config import EXCLUDED_AD_IDS, NEGATIVE_HISTORY, USER_COUNTERS
-from serving.server import MAX_MESSAGE_BYTES
+from serving.contract import EXCLUDED_AD_IDS, HISTORY, MAX_MESSAGE_BYTES, NEGATIVE_HISTORY
+from serving.contract import USER_STATS as USER_COUNTERS
 
 RECONNECT_BACKOFF_MAX_MS = 1000
-HISTORY = "history"  # the retrieval/recommender input with the user's recent positive ad ids
 
 
 class RequestError(ValueError):

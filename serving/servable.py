@@ -13,10 +13,10 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the ranking graph tokenizes with TF Text ops)
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from serving.contract import SIGNATURE_KEY
 from serving.warmup import read_warmup_file
 
 SERVE_TAG = "serve"
-DEFAULT_SIGNATURE = "serving_default"
 
 
 class ServableError(RuntimeError):
@@ -67,7 +67,7 @@ class Servable:
         return {k: v for k, v in self.meta_graph.signature_def.items() if not k.startswith("__")}
 
     def signature(self, signature_name: str = ""):
-        key = signature_name or DEFAULT_SIGNATURE
+        key = signature_name or SIGNATURE_KEY
         if key not in self.signatures:
             raise KeyError(key)
         return self.signatures[key]
