@@ -31,8 +31,9 @@ def _descriptor_set() -> bytes:
         return protoc.compile_descriptor_set()
     except ImportError as err:
         raise ImportError("serving/_proto/ is generated from serving/protos/ when adrec is installed "
-                          "(pip install ., make setup); in a checkout used without installing it, "
-                          "install grpcio-tools or run `python -m serving.protoc` once") from err
+                          "(pip install ., make setup); a checkout used without installing it needs "
+                          "grpcio-tools (dev extra) to compile them on import, or once with "
+                          "`python -m serving.protoc`") from err
 
 
 DESCRIPTOR_SET = _descriptor_set()
