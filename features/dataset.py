@@ -46,4 +46,7 @@ def make_dataset(frame: pd.DataFrame, columns: tuple[str, ...], batch_size: int,
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    # No autotuning: on 2 CPU cores its model thread was seen to deadlock the destruction of an
+    # epoch's iterator (fit hung for good between epochs); a fixed prefetch costs nothing here.
+    options.autotune.enabled = False
+    return ds.with_options(options).prefetch(2)

@@ -4,7 +4,7 @@ to stay near a minute on 2 CPU cores; benchmarks/ranking_quality.py runs the ful
 Two honest comparisons on the held-out impressions: the training-time logit (position tower at the
 logged position) against the oracle true p_click, which knows the position; the served pCTR
 (position dropped, calibrated) against the oracle true relevance, which does not. The margins here
-are looser than the full-size benchmark's, measured on this smaller world (README, Ranking)."""
+are looser than the full-size benchmark's, measured on this smaller world (docs/evaluation.md)."""
 
 import dataclasses
 import os

@@ -67,7 +67,7 @@ class RankingModel(tfrs.Model):
     the ad text's projection), the cosine between that mean and the ad's text, and log(1 + length);
     the user's counters (`ranking.user_stats`, `features/user_stats.py`); and the ad's training click
     rate and count (`ranking.item_stats`, out-of-fold for training rows: `ItemStatsFeatures`). The histories carry
-    no per-ad parameters: a history id embedding overfits on MovieLens (README, Ranking).
+    no per-ad parameters: a history id embedding overfits on MovieLens (docs/evaluation.md).
     The ad's text embedding comes from the catalog's table (`catalog_text`, frozen embeddings) during
     training, or is passed in as `text_embedding` (the exported ranking graph encodes unknown ads' text).
     `use_position`: train with the position tower (needs a position column).

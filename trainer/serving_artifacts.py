@@ -6,7 +6,7 @@
 - per export directory: `models.config` (all three models, latest version),
   `batching_parameters.txt` and `monitoring.config` (Prometheus), written atomically.
 
-The README shows the `docker run tensorflow/serving` line that uses them as they are.
+docs/serving.md shows the `docker run tensorflow/serving` line that uses them as they are.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class ItemKNN(Scorer):
 
     @classmethod
     def grid(cls) -> list[dict]:
-        return [{"shrink": s, "neighbors": k} for s in (0.0, 10.0, 50.0, 100.0) for k in (100, 500, None)]
+        return [{"shrink": s, "neighbors": k} for s in (0.0, 10.0, 100.0) for k in (100, 500, None)]
 
     def fit(self, train: Interactions, validation: Queries | None = None) -> None:
         self.n_items = train.n_items
