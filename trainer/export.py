@@ -36,6 +36,7 @@ from serving.config import EXCLUDED_AD_IDS
 from trainer import serving_artifacts
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
+from trainer.progress import Progress
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
 
@@ -348,16 +349,20 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     }
     rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}
+    shown = Progress(f"exporting version {version}", total=len(builders), unit="SavedModels").start()
     try:
         for name, (build, outputs) in builders.items():
+            shown.advance(0, note=name)
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
             staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs), warmup), target)
+            shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)
         for tmp, target in staged.values():
             os.replace(tmp, target)
     finally:
+        shown.close()
         for tmp, _ in staged.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
