@@ -84,13 +84,22 @@ def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
     return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
 
 
+class BruteForceIndex(tfrs.layers.factorized_top_k.BruteForce):
+    """TFRS's brute-force top-K index, with a `get_config`: its query model is a Keras model (saved as
+    the index's sublayer, not as configuration), which TFRS's own default config cannot serialize and
+    warns about on every save. The candidates are data, set by `index()`."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "k": int(self._k)}
+
+
 class RetrievalServable(tf.Module):
     def __init__(self, trained: TrainedModels, k: int):
         super().__init__()
         schema = trained.schema
         self.query_tower = trained.retrieval.query_tower
         k = min(k, len(trained.catalog))
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=k)
+        self.index = BruteForceIndex(self.query_tower, k=k)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
                          tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
         specs = _query_specs(schema, self.query_tower.history_length)
@@ -201,7 +210,7 @@ class RecommenderServable(tf.Module):
         k = min(k, n)
         self.query_tower = trained.retrieval.query_tower
         self.ranking = trained.ranking
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=n)
+        self.index = BruteForceIndex(self.query_tower, k=n)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
                          tf.range(size, dtype=tf.int32))
         self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)

@@ -64,6 +64,13 @@ class BertEncoderAdapter(tf.keras.layers.Layer):
         self.fine_tune = fine_tune
         self.output_dim = backbone.hidden_dim
 
+    def get_config(self) -> dict:
+        """`fine_tune`, and the backbone's own (Keras 3) config for reference: tf_keras cannot rebuild a
+        Keras 3 model, and its weights are saved through this adapter's variables, so `from_config`
+        cannot rebuild the adapter (`trainer.text_encoder.load_backbone` builds the backbone)."""
+        return {**super().get_config(), "fine_tune": bool(self.fine_tune), "output_dim": int(self.output_dim),
+                "backbone": {"class_name": type(self.backbone).__name__, "config": self.backbone.get_config()}}
+
     @property
     def trainable_weights(self):
         if not (self.trainable and self.fine_tune):
