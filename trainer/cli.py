@@ -96,6 +96,9 @@ def _parse_features(pairs: list[str]) -> dict:
 
 
 def _cmd_recommend(args) -> int:
+    from trainer.quiet import quiet_import
+
+    quiet_import("serving.client")  # should the client load TensorFlow, without its banners
     from serving.client import RecommendationClient
 
     features = _parse_features(args.feature)
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from trainer.quiet import quiet_environment, quiet_tensorflow
 
-    quiet_environment()  # every command: `recommend` may load TensorFlow through the client
+    quiet_environment()  # every command (`recommend` may load TensorFlow through the client)
     if args.command in TF_COMMANDS:
         quiet_tensorflow()
     from trainer.progress import set_progress

@@ -20,6 +20,7 @@ Importing this module imports nothing heavy (`adrec --help` must not load Tensor
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -76,16 +77,19 @@ def native_stderr_filtered(patterns=IMPORT_NOISE):
                 kept = kept[os.write(2, kept):]
 
 
-def quiet_tensorflow() -> None:
-    """Quiet defaults, then `import tensorflow` without its load-time noise (see the module docstring).
-
-    A no-op when TensorFlow is already imported; with `TF_CPP_MIN_LOG_LEVEL=0` (INFO shown) nothing
-    is filtered."""
+def quiet_import(module: str):
+    """Quiet defaults, then `importlib.import_module(module)` without TensorFlow's load-time noise,
+    should the module load TensorFlow (see the module docstring). With `TF_CPP_MIN_LOG_LEVEL=0`
+    (INFO shown) nothing is filtered."""
     quiet_environment()
-    if "tensorflow" in sys.modules:
-        return
+    if module in sys.modules:
+        return sys.modules[module]
     if tf_log_level() < 1:
-        import tensorflow  # noqa: F401
-        return
+        return importlib.import_module(module)
     with native_stderr_filtered():
-        import tensorflow  # noqa: F401
+        return importlib.import_module(module)
+
+
+def quiet_tensorflow() -> None:
+    """Quiet defaults, then `import tensorflow` without its load-time noise; a no-op once imported."""
+    quiet_import("tensorflow")
