@@ -47,6 +47,7 @@ from serving.contract import (
 from trainer import serving_artifacts
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
+from trainer.progress import Progress
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
 
@@ -92,13 +93,22 @@ def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
     return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
 
 
+class BruteForceIndex(tfrs.layers.factorized_top_k.BruteForce):
+    """TFRS's brute-force top-K index, with a `get_config`: its query model is a Keras model (saved as
+    the index's sublayer, not as configuration), which TFRS's own default config cannot serialize and
+    warns about on every save. The candidates are data, set by `index()`."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "k": int(self._k)}
+
+
 class RetrievalServable(tf.Module):
     def __init__(self, trained: TrainedModels, k: int):
         super().__init__()
         schema = trained.schema
         self.query_tower = trained.retrieval.query_tower
         k = min(k, len(trained.catalog))
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=k)
+        self.index = BruteForceIndex(self.query_tower, k=k)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
                          tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
         specs = _query_specs(schema, self.query_tower.history_length)
@@ -209,7 +219,7 @@ class RecommenderServable(tf.Module):
         k = min(k, n)
         self.query_tower = trained.retrieval.query_tower
         self.ranking = trained.ranking
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=n)
+        self.index = BruteForceIndex(self.query_tower, k=n)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
                          tf.range(size, dtype=tf.int32))
         self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
@@ -351,17 +361,21 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     }
     rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}
+    shown = Progress(f"exporting version {version}", total=len(builders), unit="SavedModels").start()
     try:
         for name, build in builders.items():
+            shown.advance(0, note=name)
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
             metadata = _metadata(trained, name, version, list(OUTPUTS[name]))
             staged[name] = (_stage(build(), target, metadata, warmup), target)
+            shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)
         for tmp, target in staged.values():
             os.replace(tmp, target)
     finally:
+        shown.close()
         for tmp, _ in staged.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
