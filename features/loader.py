@@ -206,7 +206,7 @@ def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFra
 def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str, str], check_chunk) -> pd.DataFrame:
     counts = getattr(report, table)
     kept = []
-    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows):
+    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows, table):
         if chunk.file not in counts.files:
             counts.files.append(chunk.file)
         require_columns(chunk.frame, needed, chunk.file)
