@@ -208,7 +208,7 @@ def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str
           on_chunk: Callable[[str, int], None] | None = None) -> pd.DataFrame:
     counts = getattr(report, table)
     kept = []
-    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows):
+    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows, table):
         if chunk.file not in counts.files:
             counts.files.append(chunk.file)
         require_columns(chunk.frame, needed, chunk.file)
