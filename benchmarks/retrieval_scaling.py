@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_report import write_report
+from bench_report import write_report  # first: it sets the quiet defaults before TensorFlow loads
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+# isort: split
 import numpy as np
 import tensorflow as tf
 

@@ -6,7 +6,8 @@ import os
 # Both must be decided before TensorFlow is first imported.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ log lines off unless the user sets a level (trainer/quiet.py says why).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from features.loader import LoadedData, load_dataset  # noqa: E402
 from features.schema import DEFAULT_SCHEMA, FeatureSchema  # noqa: E402

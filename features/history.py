@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
+from serving.contract import HISTORY, PAD_AD_ID  # HISTORY: the column (and models' input) holding the history
 
-HISTORY = "history"  # the column (and the exported models' input) holding the history
-PAD = ""
+PAD = PAD_AD_ID
 RULES = ("before", "all")
 
 

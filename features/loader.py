@@ -12,6 +12,7 @@ the users table's mean, and the report counts such rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -203,10 +204,11 @@ def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFra
     return out
 
 
-def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str, str], check_chunk) -> pd.DataFrame:
+def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str, str], check_chunk,
+          on_chunk: Callable[[str, int], None] | None = None) -> pd.DataFrame:
     counts = getattr(report, table)
     kept = []
-    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows):
+    for chunk in read_table(getattr(spec, table), spec.root_dir, spec.chunk_rows, table):
         if chunk.file not in counts.files:
             counts.files.append(chunk.file)
         require_columns(chunk.frame, needed, chunk.file)
@@ -214,6 +216,8 @@ def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str
         part = check_chunk(chunk.frame.reset_index(drop=True))
         counts.kept += len(part)
         kept.append(part)
+        if on_chunk is not None:
+            on_chunk(table, len(chunk.frame))
     if counts.read == 0:
         raise DataValidationError(f"{table}: the file(s) {counts.files} hold no data rows", report=report)
     if counts.kept == 0:
@@ -221,20 +225,23 @@ def _read(spec: DataSpec, report: ValidationReport, table: str, needed: dict[str
     return pd.concat(kept, ignore_index=True)
 
 
-def load_dataset(spec: DataSpec) -> LoadedData:
-    """Read, validate and type the catalog and logs a spec names; see `LoadedData.report`."""
+def load_dataset(spec: DataSpec, on_chunk: Callable[[str, int], None] | None = None) -> LoadedData:
+    """Read, validate and type the catalog and logs a spec names; see `LoadedData.report`.
+
+    `on_chunk(table, rows)` is called after each chunk is read and checked ("catalog", "users",
+    "logs"; the chunk's source rows): a caller's progress display."""
     report = ValidationReport(spec_name=spec.name, root=str(spec.root_dir))
     seen: set[str] = set()
     catalog = _read(spec, report, "catalog", _catalog_columns(spec),
-                    lambda f: _check_catalog_chunk(spec, report, f, seen))
+                    lambda f: _check_catalog_chunk(spec, report, f, seen), on_chunk)
     catalog_ids = set(catalog["ad_id"])
     users = None
     if spec.has_users:
         seen_users: set[str] = set()
         users = _read(spec, report, "users", _users_columns(spec),
-                      lambda f: _check_users_chunk(spec, report, f, seen_users)).set_index("user_id")
+                      lambda f: _check_users_chunk(spec, report, f, seen_users), on_chunk).set_index("user_id")
     logs = _read(spec, report, "logs", _log_columns(spec),
-                 lambda f: _check_log_chunk(spec, report, f, catalog_ids, users))
+                 lambda f: _check_log_chunk(spec, report, f, catalog_ids, users), on_chunk)
     skipped = sum(report.logs.skipped.values())
     if skipped > spec.max_skipped_fraction * report.logs.read:
         raise DataValidationError(

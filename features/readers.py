@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from features.spec import TableSpec
+from features.spec import DataSpecError, TableSpec
 
 FILE_COL = "_file"
 LINE_COL = "_line"
@@ -44,15 +44,24 @@ class Chunk:
     file: str
 
 
-def resolve_files(table: TableSpec, root: Path) -> list[Path]:
-    """Expand each entry (a path or a glob, relative to root) in order; every entry must match."""
+class DataFileError(DataReadError, DataSpecError):
+    """A `files` entry of a data spec matches no file, or a directory: named by its key (`logs.files[0]`)."""
+
+
+def resolve_files(table: TableSpec, root: Path, key: str = "files") -> list[Path]:
+    """Expand each entry (a path or a glob, relative to root) in order; every entry must match, and
+    only regular files (a directory is refused). `key` names the table's `files` in errors."""
     out: list[Path] = []
-    for pattern in table.files:
+    for i, pattern in enumerate(table.files):
         full = Path(pattern).expanduser()
         full = full if full.is_absolute() else root / full
         matches = sorted(Path(p) for p in glob.glob(str(full)))
         if not matches:
-            raise DataReadError(f"no file matches {pattern!r} (looked for {full})")
+            raise DataFileError(f"{key}[{i}]: no file matches {pattern!r} (looked for {full})")
+        not_files = [m for m in matches if not m.is_file()]
+        if not_files:
+            raise DataFileError(f"{key}[{i}]: {pattern!r} matches {str(not_files[0])!r}, which is not a file "
+                                "(a directory? name the files in it, e.g. 'dir/*.csv')")
         out.extend(m for m in matches if m not in out)
     return out
 
@@ -144,9 +153,11 @@ def movielens_100k_items(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def read_table(table: TableSpec, root: Path, chunk_rows: int) -> Iterator[Chunk]:
-    """Stream every file of a table, in order, as chunks of at most `chunk_rows` source rows."""
-    for path in resolve_files(table, root):
+def read_table(table: TableSpec, root: Path, chunk_rows: int, name: str = "table") -> Iterator[Chunk]:
+    """Stream every file of a table, in order, as chunks of at most `chunk_rows` source rows.
+
+    `name` (logs, catalog, users) names the table's keys in errors."""
+    for path in resolve_files(table, root, f"{name}.files"):
         fmt = _format_of(table, path)
         if fmt == "parquet":
             frames = _read_parquet(path, chunk_rows)

@@ -31,7 +31,9 @@ policy: {bad_timestamp: fail}  # per problem: fail | skip (skip counts and repor
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +163,8 @@ def _check(spec: DataSpec, where: str) -> None:
             raise DataSpecError(f"{where}.{table}.files: at least one file or glob is required")
         if t.format not in TABLE_FORMATS:
             raise DataSpecError(f"{where}.{table}.format: expected one of {list(TABLE_FORMATS)}, got {t.format!r}")
+    for table in ("logs", "catalog", "users"):
+        _check_text_options(getattr(spec, table), f"{where}.{table}")
     _check_users(spec, where)
     labels = c.labels
     if bool(labels.click) + bool(labels.rating) + labels.implicit != 1:
@@ -179,6 +183,34 @@ def _check(spec: DataSpec, where: str) -> None:
                                 "map them through their role (user_id, ad_id, labels, ...) instead")
     if spec.chunk_rows < 1:
         raise DataSpecError(f"{where}.chunk_rows: expected a positive integer, got {spec.chunk_rows}")
+    # A NaN guard compares False with everything and would turn the guard off.
+    if not 0 <= spec.max_skipped_fraction <= 1:
+        raise DataSpecError(f"{where}.max_skipped_fraction: expected a fraction in [0, 1], "
+                            f"got {spec.max_skipped_fraction!r}")
+    if labels.rating:
+        if not math.isfinite(labels.threshold):
+            raise DataSpecError(f"{where}.columns.labels.threshold: expected a finite number, got {labels.threshold!r}")
+        if not labels.rating_min <= labels.rating_max:  # NaN fails too
+            raise DataSpecError(f"{where}.columns.labels.rating_min: expected a number <= rating_max "
+                                f"({labels.rating_max!r}), got {labels.rating_min!r}")
+
+
+def _check_text_options(table: TableSpec, where: str) -> None:
+    """`encoding` and `sep` of a table, refused here rather than as a traceback from pandas."""
+    try:
+        text_encoding = getattr(codecs.lookup(table.encoding), "_is_text_encoding", True)
+    except LookupError:
+        raise DataSpecError(f"{where}.encoding: unknown text encoding {table.encoding!r} "
+                            "(e.g. utf-8, latin-1, cp1252)") from None
+    if not text_encoding:
+        raise DataSpecError(f"{where}.encoding: {table.encoding!r} is not a text encoding (e.g. utf-8, latin-1)")
+    if not table.sep:
+        raise DataSpecError(f"{where}.sep: expected a separator of one or more characters, got ''")
+    if any(ch in table.sep for ch in "\r\n"):
+        raise DataSpecError(f"{where}.sep: a line break cannot separate fields, got {table.sep!r}")
+    if table.quoting and '"' in table.sep:
+        raise DataSpecError(f"{where}.sep: {table.sep!r} holds the quote character '\"'; set `quoting: false` "
+                            "to split on it")
 
 
 def _check_users(spec: DataSpec, where: str) -> None:

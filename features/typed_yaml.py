@@ -49,7 +49,10 @@ def coerce(cls, value, where: str, error: type[Exception],
                 raise error(f"{where}: expected a mapping, got {type(value).__name__}")
             return dict(value)
         if cls is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise error(f"{where}: expected a finite number, got {value!r}") from None
         if cls in (int, float, str, bool) and not (isinstance(value, cls)
                                                    and not (cls is int and isinstance(value, bool))):
             raise error(f"{where}: expected {cls.__name__}, got {value!r}")
@@ -58,14 +61,51 @@ def coerce(cls, value, where: str, error: type[Exception],
     return build(cls, value, where)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice (plain `yaml.safe_load` keeps the last silently)."""
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping holding the same key twice, naming both lines.
+
+    Keys brought in by a merge (`<<: *anchor`) may be overridden, as YAML intends; only the
+    keys written in the mapping itself must be unique.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(f"duplicate key {key!r} on line {line} (first on line {first}); "
+                                            "a key may appear once per mapping")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str):
+    """`yaml.safe_load`, refusing duplicate mapping keys (`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path, error: type[Exception], what: str):
-    """`yaml.safe_load` of a file that must exist; errors name the file."""
+    """`yaml.safe_load` of a file that must exist, duplicate keys refused; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise error(f"{path}: not UTF-8 text: {err}") from err
+    except DuplicateKeyError as err:
+        raise error(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {err}") from err

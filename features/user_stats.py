@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from serving.contract import NEGATIVE_HISTORY, USER_STATS  # the exported models' input names
+
 if TYPE_CHECKING:  # features.schema imports the column names below
     from features.schema import FeatureSchema
 
-USER_EVENTS = "user_events"  # earlier events of the user
-USER_CLICKS = "user_clicks"  # clicks among them
-RECENT_CLICKS = "user_recent_clicks"  # clicks among the user's last `window` earlier events
-USER_STATS = (USER_EVENTS, USER_CLICKS, RECENT_CLICKS)
-NEGATIVE_HISTORY = "negative_history"  # the user's last N non-clicked ad ids before the event, most recent first
+# Earlier events of the user, clicks among them, clicks among the user's last `window` earlier events.
+USER_EVENTS, USER_CLICKS, RECENT_CLICKS = USER_STATS
 
 
 def add_user_stats(logs: pd.DataFrame, window: int, schema: FeatureSchema,

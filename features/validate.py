@@ -142,28 +142,68 @@ def parse_ids(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Ids as stripped strings (integral floats lose their '.0'); returns (ids, is_null)."""
     if pd.api.types.is_float_dtype(series):
         ints = series.dropna()
-        if (ints == ints.round()).all():
+        if (ints == ints.round()).all() and (ints.abs() < 2**53).all():  # exact in float64
             series = series.astype("Int64")
     ids = series.astype("string").str.strip()
     null = ids.isna() | (ids == "")
     return ids.fillna("").astype(object), null
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INTEGER_TEXT = r"[+-]?\d+"
+
+
 def parse_numbers(series: pd.Series, integer: bool = False) -> tuple[pd.Series, pd.Series]:
+    """-> (values, is_bad). Numbers must be finite; with `integer`, integral and within int64,
+    returned as exact int64 (a bad row holds 0): nothing beyond int64 wraps to a negative value,
+    and an integer written in digits is never rounded through float64."""
+    if integer:
+        return _parse_integers(series)
     if pd.api.types.is_bool_dtype(series):
         series = series.astype("int64")
     values = pd.to_numeric(series, errors="coerce")
     bad = values.isna() | ~np.isfinite(values.astype("float64"))
-    if integer:
-        bad |= values.fillna(0) != values.fillna(0).round()
     return values, bad
 
 
+def _parse_integers(series: pd.Series) -> tuple[pd.Series, pd.Series]:
+    if pd.api.types.is_bool_dtype(series):
+        series = series.astype("int64")
+    if pd.api.types.is_integer_dtype(series) and not pd.api.types.is_extension_array_dtype(series):
+        if series.dtype == np.uint64:  # Parquet uint64: above int64's maximum is out of range
+            bad = pd.Series(series.to_numpy() > np.uint64(INT64_MAX), index=series.index)
+            return series.where(~bad, 0).astype("int64"), bad
+        return series.astype("int64"), pd.Series(False, index=series.index)
+    text = series.astype("string").str.strip()
+    digits = text.str.fullmatch(_INTEGER_TEXT).fillna(False).astype(bool)
+    exact = pd.Series([int(t) for t in text[digits]], index=text.index[digits], dtype=object)
+    bad_exact = pd.Series([not INT64_MIN <= v <= INT64_MAX for v in exact], index=exact.index, dtype=bool)
+    # Anything else ("3.0", "1e3", a Parquet float): integral and within int64 as a float.
+    rest = pd.to_numeric(series.where(~digits), errors="coerce").astype("float64")
+    bad = ~digits & (rest.isna() | ~np.isfinite(rest) | (rest != rest.round())
+                     | (rest < -(2.0**63)) | (rest >= 2.0**63))
+    bad[bad_exact.index] = bad_exact
+    values = pd.Series(0, index=series.index, dtype="int64")
+    good_exact = exact[~bad_exact]
+    values[good_exact.index] = good_exact.astype("int64")
+    good_rest = ~digits & ~bad
+    values[good_rest] = rest[good_rest].astype("int64")
+    return values, bad
+
+
+def _outside_unix_range(dt: pd.Series) -> pd.Series:
+    """Parsed date-times before 1970-01-01 or from 2100-01-01 on (UTC)."""
+    lo, hi = pd.Timestamp(UNIX_MIN, unit="s", tz="UTC"), pd.Timestamp(UNIX_MAX, unit="s", tz="UTC")
+    return dt.notna() & ((dt < lo) | (dt >= hi))
+
+
 def parse_timestamps(series: pd.Series, fmt: str) -> tuple[pd.Series, pd.Series, str]:
-    """-> (unix seconds as int64, is_bad, the expected form in words)."""
+    """-> (unix seconds as int64, is_bad, the expected form in words).
+
+    Every form must fall in 1970-01-01 .. 2100-01-01 (UTC); outside it the row is `bad_timestamp`."""
     if pd.api.types.is_datetime64_any_dtype(series):
         dt = pd.to_datetime(series, utc=True)
-        expected = "a timestamp"
+        expected = "a timestamp (1970..2100)"
     elif fmt in ("unix", "unix_ms"):
         values, bad = parse_numbers(series)
         seconds = values / 1000.0 if fmt == "unix_ms" else values
@@ -172,14 +212,32 @@ def parse_timestamps(series: pd.Series, fmt: str) -> tuple[pd.Series, pd.Series,
         out = seconds.where(~bad, 0).astype("float64").floordiv(1).astype("int64")
         return out, bad, f"unix {unit} (a number, 1970..2100)"
     elif fmt == "iso":
-        dt = pd.to_datetime(series, errors="coerce", utc=True, format="ISO8601")
-        expected = "an ISO 8601 date-time"
+        dt = _to_datetime(series, format="ISO8601")
+        expected = "an ISO 8601 date-time (1970..2100)"
     else:
-        dt = pd.to_datetime(series, errors="coerce", utc=True, format=fmt)
-        expected = f"a date-time in the form {fmt!r}"
-    bad = dt.isna()
+        dt = _to_datetime(series, format=fmt)
+        expected = f"a date-time in the form {fmt!r} (1970..2100)"
+    bad = dt.isna() | _outside_unix_range(dt)
+    dt = dt.where(~bad, pd.Timestamp(0, tz="UTC"))
     seconds = (dt.dt.tz_convert(None) - pd.Timestamp(0)) // pd.Timedelta(seconds=1)
-    return seconds.where(~bad, 0).astype("int64"), bad, expected
+    return seconds.astype("int64"), bad, expected
+
+
+def _to_datetime(series: pd.Series, format: str) -> pd.Series:
+    """Text -> UTC date-times (NaT where unparseable); a whole-column failure pandas raises for
+    (e.g. mixed offsets it cannot unify) becomes per-value parsing."""
+    try:
+        return pd.to_datetime(series, errors="coerce", utc=True, format=format)
+    except (ValueError, OverflowError):
+        return pd.Series([_one_datetime(v, format) for v in series], index=series.index,
+                         dtype="datetime64[ns, UTC]")
+
+
+def _one_datetime(value, format: str):
+    try:
+        return pd.to_datetime(value, utc=True, format=format)
+    except (ValueError, OverflowError, TypeError):
+        return pd.NaT
 
 
 def parse_text(series: pd.Series, column: str, report: ValidationReport) -> pd.Series:

@@ -1,6 +1,7 @@
 """gRPC serving: a TF Serving-compatible embedded server and a thin recommendation client.
 
-Never imports `trainer`: a serving host needs only this package and TensorFlow.
+Never imports `trainer`: a serving host needs only this package and TensorFlow, and the client
+(`serving.client`, with `serving.contract` and `serving.wire`) only grpcio, protobuf and numpy.
 """
 
 import os

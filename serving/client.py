@@ -1,5 +1,8 @@
 """A thin gRPC client for TF Serving's PredictionService (ours or `tensorflow/serving`).
 
+Needs grpcio, protobuf and numpy only (`pip install 'adrec[client]'`): no TensorFlow, no pandas
+(DataFrames and Series are accepted when the caller has pandas).
+
 Every call has a deadline (`timeout`, covering its retries); UNAVAILABLE (server starting,
 restarting, unreachable) is retried with exponential backoff and jitter, at most
 `max_attempts` times; every other error is raised at once. TLS with `root_certificates`.
@@ -7,7 +10,9 @@ restarting, unreachable) is retried with exponential backoff and jitter, at most
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -16,16 +21,23 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pandas as pd
-import tensorflow as tf
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from serving.config import EXCLUDED_AD_IDS, NEGATIVE_HISTORY, USER_COUNTERS
-from serving.server import MAX_MESSAGE_BYTES
+from serving import wire
+from serving.contract import (
+    AD_ID_LISTS,
+    CLIENT_MAX_BATCH_SIZE,
+    EXCLUDED_AD_IDS,
+    HISTORY,
+    MAX_MESSAGE_BYTES,
+    NEGATIVE_HISTORY,
+    PAD_AD_ID,
+    PREDICTION_SERVICE,
+    RECOMMENDER,
+    SIGNATURE_KEY,
+    USER_STATS,
+)
 
 RECONNECT_BACKOFF_MAX_MS = 1000
-HISTORY = "history"  # the retrieval/recommender input with the user's recent positive ad ids
 
 
 class RequestError(ValueError):
@@ -74,10 +86,10 @@ class RecommendationClient:
     or under the server's limit).
     """
 
-    def __init__(self, address: str, model_name: str = "recommender",
-                 signature_name: str = "serving_default", timeout: float = 10.0,
+    def __init__(self, address: str, model_name: str = RECOMMENDER,
+                 signature_name: str = SIGNATURE_KEY, timeout: float = 10.0,
                  root_certificates: str | Path | bytes | None = None, server_name: str | None = None,
-                 retry: RetryPolicy | None = None, max_batch_size: int = 256):
+                 retry: RetryPolicy | None = None, max_batch_size: int = CLIENT_MAX_BATCH_SIZE):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.address = address
@@ -100,9 +112,8 @@ class RecommendationClient:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(pem), options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
-        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._inputs: dict[str, dict[str, tf.DType]] = {}
+        self._rpc = wire.stubs(self._channel)
+        self._inputs: dict[str, dict[str, str]] = {}
         self._shapes: dict[str, dict[str, list[int]]] = {}
         self._stats_lock = threading.Lock()
         self.calls = 0
@@ -129,10 +140,17 @@ class RecommendationClient:
                     self.retries += 1
                 time.sleep(pause)
 
-    def health(self, service: str = "tensorflow.serving.PredictionService") -> str:
+    def health(self, service: str = PREDICTION_SERVICE) -> str:
         """The server's grpc.health.v1 status for `service`: 'SERVING', 'NOT_SERVING', ..."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        response = self._call(self._rpc["Check"], wire.HealthCheckRequest(service=service))
+        return wire.enum_name(response, "status", response.status)
+
+    def model_status(self, model_name: str | None = None) -> dict[int, str]:
+        """ModelService.GetModelStatus: each version's state ('AVAILABLE', 'LOADING', ...), newest first."""
+        request = wire.GetModelStatusRequest()
+        request.model_spec.name = model_name or self.model_name
+        response = self._call(self._rpc["GetModelStatus"], request)
+        return {s.version: wire.enum_name(s, "state", s.state) for s in response.model_version_status}
 
     def close(self) -> None:
         self._channel.close()
@@ -143,21 +161,24 @@ class RecommendationClient:
     def __exit__(self, *exc):
         self.close()
 
-    def signature_inputs(self, model_name: str | None = None) -> dict[str, tf.DType]:
-        """Input names and dtypes of the model's signature, from GetModelMetadata (cached)."""
+    def signature_inputs(self, model_name: str | None = None) -> dict[str, str]:
+        """Input names and dtypes (TF dtype names: 'string', 'int64', ...) of the model's signature,
+        from GetModelMetadata (cached)."""
         model_name = model_name or self.model_name
         if model_name not in self._inputs:
-            request = get_model_metadata_pb2.GetModelMetadataRequest()
+            request = wire.GetModelMetadataRequest()
             request.model_spec.name = model_name
             request.metadata_field.append("signature_def")
-            response = self._call(self._stub.GetModelMetadata, request)
-            sig_map = get_model_metadata_pb2.SignatureDefMap()
-            response.metadata["signature_def"].Unpack(sig_map)
+            response = self._call(self._rpc["GetModelMetadata"], request)
+            packed = response.metadata["signature_def"]
+            if not packed.type_url.endswith("/" + wire.SignatureDefMap.DESCRIPTOR.full_name):
+                raise RequestError(f"model {model_name!r}: metadata holds {packed.type_url!r}, not a SignatureDefMap")
+            sig_map = wire.SignatureDefMap.FromString(packed.value)
             if self.signature_name not in sig_map.signature_def:
                 raise RequestError(f"model {model_name!r} has no signature {self.signature_name!r}; "
                                    f"it has {sorted(sig_map.signature_def)}")
             sig = sig_map.signature_def[self.signature_name]
-            self._inputs[model_name] = {k: tf.dtypes.as_dtype(v.dtype) for k, v in sig.inputs.items()}
+            self._inputs[model_name] = {k: wire.dtype_name(v.dtype) for k, v in sig.inputs.items()}
             self._shapes[model_name] = {k: [d.size for d in v.tensor_shape.dim] for k, v in sig.inputs.items()}
         return self._inputs[model_name]
 
@@ -175,7 +196,7 @@ class RecommendationClient:
         """`predict`, plus the model version that answered."""
         model_name = model_name or self.model_name
         specs = self.signature_inputs(model_name)
-        request = predict_pb2.PredictRequest()
+        request = wire.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = self.signature_name
         inputs = dict(inputs)
@@ -187,9 +208,12 @@ class RecommendationClient:
             elif not isinstance(given, np.ndarray):
                 inputs[EXCLUDED_AD_IDS] = _padded_ad_ids([_ad_id_list(e, EXCLUDED_AD_IDS) for e in given])
         for name, values in inputs.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype=specs.get(name)))
-        response = self._call(self._stub.Predict, request)
-        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}, response.model_spec.version.value
+            try:
+                request.inputs[name].CopyFrom(wire.make_tensor_proto(values, specs.get(name)))
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"input {name!r}: {err}") from err
+        response = self._call(self._rpc["Predict"], request)
+        return {k: wire.make_ndarray(v) for k, v in response.outputs.items()}, response.model_spec.version.value
 
     def _request_batch(self, rows: list[Mapping[str, object]], model_name: str | None) -> dict:
         specs = self.signature_inputs(model_name)
@@ -207,32 +231,32 @@ class RecommendationClient:
                                              shapes.get(name, [-1, -1])[-1])
                 continue
             missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
-            if name in USER_COUNTERS:  # unknown counters: a user with no earlier events, like an empty history
+            if name in USER_STATS:  # unknown counters: a user with no earlier events, like an empty history
                 batch[name] = np.array([0 if i in set(missing) else int(r[name]) for i, r in enumerate(rows)],
                                        dtype=np.int64)
                 continue
             if missing:
-                needed = sorted(set(specs) - {HISTORY, NEGATIVE_HISTORY, EXCLUDED_AD_IDS, *USER_COUNTERS})
+                needed = sorted(set(specs) - {*AD_ID_LISTS, *USER_STATS})
                 raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
                                    f"the model needs {needed}")
             values = [r[name] for r in rows]
             try:
-                if dtype == tf.string:
+                if dtype == "string":
                     batch[name] = np.array([str(v).encode("utf-8") for v in values], dtype=object)
                 else:
-                    batch[name] = np.array(values, dtype=dtype.as_numpy_dtype)
+                    batch[name] = np.array(values, dtype=wire.numpy_dtype(dtype))
             except (TypeError, ValueError) as err:
-                raise RequestError(f"feature {name!r} must be {dtype.name}: {err}") from err
+                raise RequestError(f"feature {name!r} must be {dtype}: {err}") from err
         return batch
 
-    def recommend_batch(self, requests: Sequence[tuple] | pd.DataFrame, k: int = 10,
+    def recommend_batch(self, requests, k: int = 10,
                         exclude: Sequence[Sequence[str]] | None = None) -> list[list[RecommendedAd]]:
         """Ranked ads for many users: (user, context) or (user, context, history) tuples, or a
         DataFrame with one row per request (columns = feature names, optionally `history` and
         `excluded_ad_ids`), sent in Predict calls of at most `max_batch_size` rows. A history is a
         list of the user's recently clicked ad ids, most recent first; missing means empty.
         `exclude`: one list of ad ids per request that must not come back (shown, capped)."""
-        if isinstance(requests, pd.DataFrame):
+        if hasattr(requests, "columns") and hasattr(requests, "to_dict"):  # a pandas DataFrame
             rows = requests.to_dict("records")
         else:
             rows = [{**_as_dict(r[0]), **_as_dict(r[1]), **({HISTORY: r[2]} if len(r) > 2 else {})}
@@ -256,7 +280,7 @@ class RecommendationClient:
         for b in range(len(out["ad_ids"])):
             ads = []
             for r, ad in enumerate(out["ad_ids"][b][:k]):
-                if not ad:  # the recommender's padding: fewer than k ads remained after exclusions
+                if ad == PAD_AD_ID.encode():  # the recommender's padding: fewer than k ads remained after exclusions
                     continue
                 scores = {key: float(v[b][r]) for key, v in out.items()
                           if key != "ad_ids" and v.ndim == 2}
@@ -282,7 +306,12 @@ class RecommendationClient:
         return self.recommend_batch([request], k, [list(exclude)])[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                     k: int = 10, history: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> pd.DataFrame:
+                     k: int = 10, history: Sequence[str] | None = None, exclude: Sequence[str] = ()):
+        """`recommend` as a pandas DataFrame (rank, ad_id, score and every output score); needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("recommend_df needs pandas (pip install pandas); recommend() does not") from err
         ads = self.recommend(user, context, k, history=history, exclude=exclude)
         return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
                              for a in ads])
@@ -295,15 +324,16 @@ def _ad_id_list(value, name: str) -> list[str]:
         return []
     if isinstance(value, str | bytes):
         raise RequestError(f"{name!r} must be a list of ad ids, got a single string {value!r}")
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value if v is not None and v != ""]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value
+            if v is not None and v not in (PAD_AD_ID, PAD_AD_ID.encode())]
 
 
 def _padded_ad_ids(lists: list[list[str]], width: int | None = None) -> np.ndarray:
-    """[batch, width] utf-8 ad ids padded with b"" and cut to `width` (the first entries kept);
+    """[batch, width] utf-8 ad ids padded with PAD_AD_ID and cut to `width` (the first entries kept);
     without a width, the longest list's (at least 1)."""
     if width is None or width < 0:
         width = max([1, *(len(v) for v in lists)])
-    out = np.full((len(lists), width), b"", dtype=object)
+    out = np.full((len(lists), width), PAD_AD_ID.encode(), dtype=object)
     for i, values in enumerate(lists):
         values = values[:width]
         out[i, :len(values)] = [v.encode("utf-8") for v in values]
@@ -311,7 +341,7 @@ def _padded_ad_ids(lists: list[list[str]], width: int | None = None) -> np.ndarr
 
 
 def _as_dict(values) -> dict:
-    if isinstance(values, pd.Series):
+    if hasattr(values, "to_dict") and not isinstance(values, Mapping):  # a pandas Series
         return values.to_dict()
     return dict(values or {})
 
@@ -319,7 +349,10 @@ def _as_dict(values) -> dict:
 def _is_missing(value) -> bool:
     if value is None:
         return True
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):  # arrays and other non-scalars
-        return False
+    pd = sys.modules.get("pandas")  # values from a DataFrame may be pd.NA / NaT: pandas knows them
+    if pd is not None:
+        try:
+            return bool(pd.isna(value))
+        except (TypeError, ValueError):  # arrays and other non-scalars
+            return False
+    return isinstance(value, float | np.floating) and math.isnan(value)

@@ -21,13 +21,6 @@ BATCHING_FILE = "batching_parameters.txt"
 MONITORING_FILE = "monitoring.config"
 CONTAINER_MODELS_ROOT = PurePosixPath("/models")
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
-# The recommender's exclusion input: [batch, M] ad ids it must not return, padded with "".
-EXCLUDED_AD_IDS = "excluded_ad_ids"
-# The ranking and recommender inputs with the user's counters before the request (features/user_stats.py,
-# when the model was trained with ranking.user_stats): events, clicks among them, clicks among the last few.
-USER_COUNTERS = ("user_events", "user_clicks", "user_recent_clicks")
-# Their input with the user's last N non-clicked ad ids (ranking.negative_history), like `history`.
-NEGATIVE_HISTORY = "negative_history"
 
 
 class ModelConfigError(ValueError):

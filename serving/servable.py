@@ -12,11 +12,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the ranking graph tokenizes with TF Text ops)
 from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.python.util import deprecation
 
+from serving.contract import SIGNATURE_KEY
 from serving.warmup import read_warmup_file
 
 SERVE_TAG = "serve"
-DEFAULT_SIGNATURE = "serving_default"
 
 
 class ServableError(RuntimeError):
@@ -44,7 +45,9 @@ class Servable:
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
         try:
-            with self.graph.as_default():
+            # The TF1 loader is deliberate (it is how tensorflow_model_server loads a model); its
+            # deprecation notice would otherwise be printed on every server start.
+            with self.graph.as_default(), deprecation.silence():
                 self.meta_graph = tf.compat.v1.saved_model.loader.load(
                     self.session, [SERVE_TAG], str(self.path))
         except Exception as err:
@@ -67,7 +70,7 @@ class Servable:
         return {k: v for k, v in self.meta_graph.signature_def.items() if not k.startswith("__")}
 
     def signature(self, signature_name: str = ""):
-        key = signature_name or DEFAULT_SIGNATURE
+        key = signature_name or SIGNATURE_KEY
         if key not in self.signatures:
             raise KeyError(key)
         return self.signatures[key]

@@ -35,14 +35,17 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis.status_pb2 import StatusProto
 
 from serving.config import ModelConfigError, read_model_config
+from serving.contract import (
+    HEALTH_SERVICES,
+    MAX_ELEMENTS_PER_INPUT,
+    MAX_MESSAGE_BYTES,
+    SIGNATURE_KEY,
+)
+from serving.contract import SERVER_MAX_BATCH_SIZE as DEFAULT_MAX_BATCH_SIZE
 from serving.registry import ModelRegistry
 from serving.servable import ServableError
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_BATCH_SIZE = 1024
-MAX_ELEMENTS_PER_INPUT = 1 << 24  # a declared shape above this is refused before decoding
 LOOPBACK = "127.0.0.1"
-HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 def _requested_version(model_spec) -> int | None:
     return model_spec.version.value if model_spec.HasField("version") else None
@@ -117,7 +120,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
 
     def _predict(self, servable, request, context):
-        signature_name = request.model_spec.signature_name or "serving_default"
+        signature_name = request.model_spec.signature_name or SIGNATURE_KEY
         try:
             in_infos, _ = servable.signature(signature_name)
         except KeyError:

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from serving.contract import SIGNATURE_KEY
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 
@@ -24,7 +26,7 @@ def warmup_path(version_dir: str | Path) -> Path:
 
 
 def predict_request(model_name: str, inputs: Mapping[str, np.ndarray],
-                    signature_name: str = "serving_default") -> predict_pb2.PredictRequest:
+                    signature_name: str = SIGNATURE_KEY) -> predict_pb2.PredictRequest:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name

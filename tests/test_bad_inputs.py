@@ -9,6 +9,7 @@ size limit (tests/test_serving.py::test_bad_requests_get_the_right_status).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
@@ -27,7 +29,7 @@ from features.spec import DataSpecError, load_spec
 from features.validate import DataValidationError
 from serving.client import RecommendationClient, RequestError
 from serving.server import EmbeddedModelServer, discover_models
-from tests.test_data_validation import CATALOG, LOGS, USERS, _spec, _users_spec
+from tests.test_data_validation import CATALOG, COLUMNS, LOGS, USERS, _spec, _users_spec
 from trainer.config import ConfigError, RetrievalConfig, load_config
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
@@ -53,10 +55,27 @@ class DataCase:
     title_len: int | None = None  # the length of the first catalog title once loaded
     users_table: str | None = None  # a users table (tests/test_data_validation.py's USERS spec) when given
     users_skipped: dict | None = None  # users table rows skipped, by reason
+    spec_extra: dict | None = None  # top-level spec keys replaced (tests/test_data_validation.py's _spec)
+    files: dict | None = None  # table -> its spec's `files`, replacing logs.csv / catalog.csv
 
 
 _EXTRA_FIRST = LOGS.replace("u1,a1,1700000000,1,1", "u1,a1,1700000000,1,1,zz,yy")
 _EXTRA_LATER = LOGS.replace("u3,a3,1700000200,1,1", "u3,a3,1700000200,1,1,zz,yy")
+
+
+def _ts_format(fmt: str) -> dict:
+    return {"columns": {**COLUMNS, "timestamp": {"column": "ts", "format": fmt}}}
+
+
+def _timestamps(*values: str) -> str:
+    """LOGS with its four timestamps replaced, in order."""
+    out = LOGS
+    for old, new in zip(("1700000000", "1700000100", "1700000200", "1700000300"), values, strict=True):
+        out = out.replace(old, new)
+    return out
+
+
+_ISO = ("2023-11-14T22:13:20Z", "2023-11-14T22:15:00Z", "2023-11-14T22:16:40Z", "2023-11-14T22:18:20Z")
 
 DATA_CASES = [
     DataCase("data-empty-file", logs="", error=(DataReadError, r"logs.csv: the file is empty")),
@@ -94,6 +113,24 @@ DATA_CASES = [
              kept=4, skipped={}, catalog_skipped={}, users=("u😀1", "u2", "u3", "u4")),
     DataCase("data-crlf-and-bom", logs=("\ufeff" + LOGS.replace("\n", "\r\n")).encode("utf-8"),
              kept=4, skipped={}, catalog_skipped={}),
+    DataCase("data-int64-overflow", logs=LOGS.replace("1700000000,1,1", "1700000000,1,9223372036854775808")
+             .replace("1700000100,0,2", "1700000100,0,-9223372036854775809"),
+             kept=2, skipped={"bad_type": 2}, catalog_skipped={}),
+    DataCase("data-unix-after-2100", logs=LOGS.replace("1700000000", "4102444800"),
+             kept=3, skipped={"bad_timestamp": 1}, catalog_skipped={}),
+    DataCase("data-unix-ms-out-of-range", logs=_timestamps("1700000000000", "-1", "4102444800000", "1700000300000"),
+             spec_extra=_ts_format("unix_ms"), kept=2, skipped={"bad_timestamp": 2}, catalog_skipped={}),
+    DataCase("data-iso-before-1970", logs=_timestamps("1900-01-01T00:00:00Z", *_ISO[1:]),
+             spec_extra=_ts_format("iso"), kept=3, skipped={"bad_timestamp": 1}, catalog_skipped={}),
+    DataCase("data-iso-from-2100", logs=_timestamps(*_ISO[:3], "2100-01-01T00:00:00+00:00"),
+             spec_extra=_ts_format("iso"), kept=3, skipped={"bad_timestamp": 1}, catalog_skipped={}),
+    DataCase("data-strftime-out-of-range", logs=_timestamps("1899/12/31 23:00", "2023/11/14 22:15",
+                                                            "2150/01/01 00:00", "2023/11/14 22:18"),
+             spec_extra=_ts_format("%Y/%m/%d %H:%M"), kept=2, skipped={"bad_timestamp": 2}, catalog_skipped={}),
+    DataCase("data-directory-in-files", files={"logs": ["."]},
+             error=(DataSpecError, r"^logs.files\[0\]: '\.' matches '.*', which is not a file")),
+    DataCase("data-missing-file", files={"catalog": ["nope.csv"]},
+             error=(DataSpecError, r"^catalog.files\[0\]: no file matches 'nope.csv'")),
     DataCase("users-duplicate-id", users_table=USERS + "u2,es,60\n",
              kept=4, skipped={}, catalog_skipped={}, users_skipped={"duplicate_user_id": 1}),
     DataCase("users-missing-column", users_table=USERS.replace("country", "land"),
@@ -113,7 +150,10 @@ def _write(path: Path, content: str | bytes) -> None:
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=lambda c: c.id)
 def test_bad_data_file(tmp_path, case: DataCase):
-    spec = _spec(tmp_path) if case.users_table is None else _users_spec(tmp_path, users=case.users_table)
+    spec = _spec(tmp_path, **(case.spec_extra or {})) if case.users_table is None else \
+        _users_spec(tmp_path, users=case.users_table)
+    for table, files in (case.files or {}).items():
+        spec = dataclasses.replace(spec, **{table: dataclasses.replace(getattr(spec, table), files=tuple(files))})
     _write(tmp_path / "logs.csv", case.logs)
     _write(tmp_path / "catalog.csv", case.catalog)
     if case.error:
@@ -134,11 +174,31 @@ def test_bad_data_file(tmp_path, case: DataCase):
         assert len(data.catalog["title"].iloc[0]) == case.title_len
 
 
+def test_parquet_values_beyond_int64_or_1970_2100(tmp_path):
+    """Typed Parquet columns: a uint64 position above int64 is `bad_type`, a date-time outside
+    1970..2100 `bad_timestamp`; the rest load with their exact values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = _spec(tmp_path, max_skipped_fraction=1.0)
+    spec = dataclasses.replace(spec, logs=dataclasses.replace(spec.logs, files=("logs.parquet",)))
+    when = pd.to_datetime(["2023-11-14 22:13:20", "1900-01-01 00:00:00", "2023-11-14 22:16:40", "2150-01-01 00:00:00"])
+    pq.write_table(pa.table({"user": ["u1", "u2", "u3", "u4"], "ad": ["a1", "a2", "a3", "a1"], "ts": when,
+                             "clicked": [1, 0, 1, 0],
+                             "slot": pa.array([1, 2, 2**63, 3], type=pa.uint64())}), tmp_path / "logs.parquet")
+    data = load_dataset(spec)
+    assert dict(data.report.logs.skipped) == {"bad_timestamp": 2, "bad_type": 1}
+    assert data.logs["user_id"].tolist() == ["u1"] and data.logs["timestamp"].tolist() == [1700000000]
+    assert data.logs["position"].tolist() == [1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs and data specs: (id, loader, file content, expected message regex)
 # ----------------------------------------------------------------------------------------------
 
 _EVIL = "!!python/object/apply:os.system ['touch {marker}']"
+# A spec valid up to the key a case breaks (the files need not exist: load_spec reads no data).
+_SPEC = "name: s\nlogs: {files: [l.csv]}\ncatalog: {files: [c.csv]}\ncolumns: {labels: {click: k}, ad_text: [t]}\n"
 
 CONFIG_CASES = [
     ("config-unknown-key", load_config, "retrieval: {epochz: 3}\n", ConfigError,
@@ -167,6 +227,56 @@ CONFIG_CASES = [
     ("spec-not-utf8", load_spec, b"name: \xff\xfe\n", DataSpecError, r"not UTF-8 text"),
     ("spec-unknown-key", load_spec, "name: x\nlogz: {}\n", DataSpecError, r"unknown key\(s\) \['logz'\]"),
     ("spec-missing-file", load_spec, None, DataSpecError, r"data spec not found"),
+    # values that were accepted at load and crashed later (or changed meaning silently)
+    ("config-zero-embedding-dim", load_config, "retrieval: {embedding_dim: 0}\n", ConfigError,
+     r"job\.yaml\.retrieval\.embedding_dim: expected an integer >= 1, got 0$"),
+    ("config-negative-units", load_config, "ranking: {deep_units: [64, -8]}\n", ConfigError,
+     r"job\.yaml\.ranking\.deep_units: expected a non-empty list of integers >= 1, got \(64, -8\)$"),
+    ("config-empty-layers", load_config, "ranking: {deep_units: []}\n", ConfigError,
+     r"job\.yaml\.ranking\.deep_units: expected a non-empty list of integers >= 1, got \(\)$"),
+    ("config-zero-hidden-units", load_config, "retrieval: {hidden_units: -1}\n", ConfigError,
+     r"job\.yaml\.retrieval\.hidden_units: expected an integer >= 1, got -1$"),
+    ("config-zero-n-ads", load_config, "data: {synthetic: {n_ads: 0}}\n", ConfigError,
+     r"job\.yaml\.data\.synthetic\.n_ads: expected an integer >= 1, got 0$"),
+    ("config-zero-impressions", load_config, "data: {synthetic: {n_impressions: 0}}\n", ConfigError,
+     r"job\.yaml\.data\.synthetic\.n_impressions: expected an integer >= 1, got 0$"),
+    ("config-recommend-k-above-retrieve-n", load_config, "export: {retrieve_n: 10, recommend_k: 20}\n", ConfigError,
+     r"job\.yaml\.export\.recommend_k: 20 is more than export\.retrieve_n 10"),
+    ("config-duplicate-key", load_config, "retrieval:\n  epochs: 2\n  epochs: 3\n", ConfigError,
+     r"job\.yaml: duplicate key 'epochs' on line 3 \(first on line 2\)"),
+    ("config-duplicate-section", load_config, "ranking: {epochs: 2}\nretrieval: {}\nranking: {epochs: 3}\n",
+     ConfigError, r"job\.yaml: duplicate key 'ranking' on line 3 \(first on line 1\)"),
+    ("config-inf-float", load_config, "retrieval: {learning_rate: .inf}\n", ConfigError,
+     r"job\.yaml\.retrieval\.learning_rate: expected a finite number, got inf$"),
+    ("config-nan-float", load_config, "ranking: {embedding_l2: .nan}\n", ConfigError,
+     r"job\.yaml\.ranking\.embedding_l2: expected a finite number, got nan$"),
+    ("config-int-beyond-int64", load_config, "retrieval: {batch_size: 9223372036854775808}\n", ConfigError,
+     r"job\.yaml\.retrieval\.batch_size: expected an integer that fits in int64"),
+    ("config-unknown-choice", load_config, "training: {mixed_precision: fp8}\n", ConfigError,
+     r"job\.yaml\.training\.mixed_precision: expected one of \['none', 'mixed_bfloat16', 'mixed_float16'\]"),
+    ("config-bad-time-window", load_config, "data: {time_window: [0.5, 0.2]}\n", ConfigError,
+     r"job\.yaml\.data\.time_window: expected \[start, end\] with 0 <= start < end <= 1"),
+    ("spec-unknown-encoding", load_spec, _SPEC.replace("[l.csv]}", "[l.csv], encoding: klingon}"), DataSpecError,
+     r"job\.yaml\.logs\.encoding: unknown text encoding 'klingon'"),
+    ("spec-not-a-text-encoding", load_spec, _SPEC.replace("[c.csv]}", "[c.csv], encoding: base64}"),
+     DataSpecError, r"job\.yaml\.catalog\.encoding: 'base64' is not a text encoding"),
+    ("spec-empty-sep", load_spec, _SPEC.replace("[l.csv]}", "[l.csv], sep: ''}"), DataSpecError,
+     r"job\.yaml\.logs\.sep: expected a separator of one or more characters, got ''"),
+    ("spec-newline-sep", load_spec, _SPEC.replace("[c.csv]}", '[c.csv], sep: "\\n"}'), DataSpecError,
+     r"job\.yaml\.catalog\.sep: a line break cannot separate fields"),
+    ("spec-quote-sep", load_spec, _SPEC.replace("[l.csv]}", "[l.csv], sep: '\"'}"), DataSpecError,
+     r"job\.yaml\.logs\.sep: '\"' holds the quote character"),
+    ("spec-nan-guard", load_spec, _SPEC + "max_skipped_fraction: .nan\n", DataSpecError,
+     r"job\.yaml\.max_skipped_fraction: expected a fraction in \[0, 1\], got nan"),
+    ("spec-negative-guard", load_spec, _SPEC + "max_skipped_fraction: -0.1\n", DataSpecError,
+     r"job\.yaml\.max_skipped_fraction: expected a fraction in \[0, 1\], got -0.1"),
+    ("spec-guard-above-one", load_spec, _SPEC + "max_skipped_fraction: 1.5\n", DataSpecError,
+     r"job\.yaml\.max_skipped_fraction: expected a fraction in \[0, 1\], got 1.5"),
+    ("spec-nan-rating-threshold", load_spec,
+     _SPEC.replace("{click: k}", "{rating: r, threshold: .nan}"), DataSpecError,
+     r"job\.yaml\.columns\.labels\.threshold: expected a finite number, got nan"),
+    ("spec-duplicate-key", load_spec, _SPEC + "name: again\n", DataSpecError,
+     r"job\.yaml: duplicate key 'name' on line 5 \(first on line 1\)"),
 ]
 
 

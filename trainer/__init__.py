@@ -4,4 +4,5 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Quiet by default: TensorFlow's C++ log lines off (trainer/quiet.py); `TF_CPP_MIN_LOG_LEVEL=0` shows them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

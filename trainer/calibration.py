@@ -158,6 +158,11 @@ class Calibrator(tf.keras.layers.Layer):
         self.method = "none"
         self.built = True  # every weight exists already (and an unused pCVR head is still saved whole)
 
+    def get_config(self) -> dict:
+        """The constructor's arguments (`dtype` left out: the layer fixes float32 itself); `from_config`
+        rebuilds an unfitted calibrator, the fitted map being weights."""
+        return {**{k: v for k, v in super().get_config().items() if k != "dtype"}, "knots": int(self.knots)}
+
     def fit(self, logits: np.ndarray, labels: np.ndarray, method: str, weights: np.ndarray | None = None,
             offset: float = 0.0) -> None:
         """Fit the map on (logit, label) pairs; served logits are moved by `offset` before it."""

@@ -1,6 +1,9 @@
 """`adrec`: one command for every job (data, train, evaluate, serve, recommend, demo).
 
 A user's mistake (bad config, missing file, unreachable server) prints one line and exits 1.
+Results go to stdout, logs and progress to stderr (`trainer/progress.py`). Parsing the arguments
+imports nothing heavy: each command imports what it needs, and the commands that load TensorFlow
+first set the quiet defaults (`trainer/quiet.py`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+EPILOG = """TensorFlow's own log lines are off by default; TF_CPP_MIN_LOG_LEVEL=0 adrec ... shows them.
+Results go to stdout; logs and progress to stderr (--quiet: no progress)."""
+
+# Commands that run TensorFlow: quiet defaults are set and TensorFlow imported before they start.
+TF_COMMANDS = ("demo", "train", "evaluate", "serve")
+
+# A user's mistake: one line on stderr, exit 1. Named (module, class): a class can only be raised
+# once its module is imported, so `main` never imports a module just to catch its errors.
+USER_ERRORS = (
+    ("trainer.config", "ConfigError"), ("trainer.prepare", "DataError"), ("features.spec", "DataSpecError"),
+    ("features.readers", "DataReadError"), ("features.validate", "DataValidationError"),
+    ("features.schema", "SchemaError"), ("features.text", "EncoderNotFoundError"),
+    ("trainer.export", "ExportError"), ("serving.servable", "ServableError"), ("serving.client", "RequestError"),
+)
 
 
 def _cmd_demo(args) -> int:
@@ -22,14 +40,14 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     """stdout holds only the metrics JSON; logs, progress bars and the data report go to stderr."""
     from trainer.demo import format_ranking_metrics
-    from trainer.progress import stdout_to_stderr
+    from trainer.progress import log, stdout_to_stderr
     from trainer.task import resolve_config, train_and_export, write_metrics
 
     cfg = resolve_config(args)
     with stdout_to_stderr():
         trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,
                                       warm_start=args.warm_start)
-    print("\n".join(format_ranking_metrics(trained.metrics["ranking"])), file=sys.stderr)
+    log("\n".join(format_ranking_metrics(trained.metrics["ranking"])))
     if args.metrics_out:
         write_metrics(args.metrics_out, trained.metrics)
     print(json.dumps(trained.metrics, indent=2))
@@ -37,27 +55,34 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from trainer.demo import format_ranking_metrics
+    from trainer.progress import log
     from trainer.report import load_job, write_report
 
     trained = load_job(args.model_dir)
     if args.report:
         metrics = write_report(trained, args.report, source=str(args.model_dir))
-        print(f"report written to {Path(args.report) / 'index.html'}", file=sys.stderr)
+        log(f"report written to {Path(args.report) / 'index.html'}")
     else:
         from trainer.report import evaluate
 
         metrics = evaluate(trained).metrics
-    from trainer.demo import format_ranking_metrics
-
-    print("\n".join(format_ranking_metrics(metrics["ranking"])), file=sys.stderr)
+    log("\n".join(format_ranking_metrics(metrics["ranking"])))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _cmd_serve(args) -> int:
+def _cmd_serve(args, server_args: list[str]) -> int:
+    """The server's own flags are parsed here, not in `build_parser`: defining them imports
+    `serving.server`, and with it TensorFlow."""
     from serving import server
 
-    return server.run(args)
+    parser = argparse.ArgumentParser(prog="adrec serve", description=SERVE_HELP)
+    server.add_arguments(parser)
+    return server.run(parser.parse_args(server_args))
+
+
+SERVE_HELP = "serve exported models over TF Serving's gRPC API (adrec serve --help: its flags)"
 
 
 def _parse_features(pairs: list[str]) -> dict:
@@ -71,6 +96,9 @@ def _parse_features(pairs: list[str]) -> dict:
 
 
 def _cmd_recommend(args) -> int:
+    from trainer.quiet import quiet_import
+
+    quiet_import("serving.client")  # should the client load TensorFlow, without its banners
     from serving.client import RecommendationClient
 
     features = _parse_features(args.feature)
@@ -142,7 +170,8 @@ def _add_data_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from trainer.task import add_arguments
 
-    parser = argparse.ArgumentParser(prog="adrec", description="personalized ad recommendation")
+    parser = argparse.ArgumentParser(prog="adrec", description="personalized ad recommendation", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="synthetic data -> train -> export -> serve -> recommend")
@@ -163,10 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", metavar="OUT_DIR", help="write metrics.json, PNG plots and index.html here")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    from serving.server import add_arguments as add_server_arguments
-
-    serve = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
-    add_server_arguments(serve)
+    # Its flags are the server's (`_cmd_serve` parses them), so `adrec serve --help` goes there too.
+    serve = sub.add_parser("serve", help=SERVE_HELP, add_help=False)
     serve.set_defaults(func=_cmd_serve)
 
     rec = sub.add_parser("recommend", help="ask a running server for a user's ads")
@@ -190,33 +217,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+    return (*loaded, ValueError, FileNotFoundError)
+
+
 def main(argv=None) -> int:
-    import grpc
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from trainer.quiet import quiet_environment, quiet_tensorflow
 
-    from features.readers import DataReadError
-    from features.schema import SchemaError
-    from features.spec import DataSpecError
-    from features.text import EncoderNotFoundError
-    from features.validate import DataValidationError
-    from serving.client import RequestError
-    from serving.servable import ServableError
-    from trainer.config import ConfigError
-    from trainer.export import ExportError
-    from trainer.prepare import DataError
+    quiet_environment()  # every command (`recommend` may load TensorFlow through the client)
+    if args.command in TF_COMMANDS:
+        quiet_tensorflow()
+    from trainer.progress import set_progress
 
-    args = build_parser().parse_args(argv)
+    progress = set_progress(not getattr(args, "quiet", False))
     try:
-        return args.func(args)
-    except (ConfigError, DataError, DataSpecError, DataReadError, DataValidationError, SchemaError,
-            EncoderNotFoundError, ExportError, ServableError,
-            RequestError, ValueError, FileNotFoundError) as err:
-        if isinstance(err, DataValidationError) and err.report is not None and err.problem is None:
+        return args.func(args, extra) if args.command == "serve" else args.func(args)
+    except _user_errors() as err:
+        validate = sys.modules.get("features.validate")
+        if validate and isinstance(err, validate.DataValidationError) and err.report is not None \
+                and err.problem is None:
             print(err.report.format(), file=sys.stderr)
         print(f"adrec {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except grpc.RpcError as err:
+    except Exception as err:
+        grpc = sys.modules.get("grpc")
+        if grpc is None or not isinstance(err, grpc.RpcError):
+            raise
         print(f"adrec {args.command}: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    finally:
+        set_progress(progress)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from features.interactions import PAD_ROW, Interactions, Queries, exclusion_list
 from features.schema import FeatureSchema
 from trainer.baselines.base import Scorer, rank_queries
 from trainer.metrics import mrr, per_user_metrics, retrieval_metrics
-from trainer.progress import log
+from trainer.progress import log, step
 
 
 def catalog_rows(catalog: pd.DataFrame, schema: FeatureSchema) -> dict[str, int]:
@@ -147,6 +147,7 @@ def metrics_of(ranks: np.ndarray, ks: tuple[int, ...]) -> dict:
     return {**retrieval_metrics(ranks, ks), "mrr": mrr(ranks), "queries": int(len(ranks))}
 
 
+@step("evaluating retrieval over the catalog")
 def evaluate_retrieval(model, catalog: pd.DataFrame, schema: FeatureSchema, train_rows: pd.DataFrame,
                        test_rows: pd.DataFrame, excluded: list[np.ndarray], ks: tuple[int, ...],
                        baselines: dict[str, Scorer] | None = None, per_user: bool = False) -> dict:
@@ -180,6 +181,7 @@ def evaluate_retrieval(model, catalog: pd.DataFrame, schema: FeatureSchema, trai
     return out
 
 
+@step("evaluating retrieval on the validation rows")
 def model_validation_metrics(model, catalog: pd.DataFrame, schema: FeatureSchema, fit_rows: pd.DataFrame,
                              validation, ks: tuple[int, ...]) -> dict:
     """The model on the validation queries, ranked as the baselines' candidates were (their `select_and_fit`

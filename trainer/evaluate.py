@@ -17,6 +17,7 @@ from trainer.metrics import (
     group_auc,
     log_loss,
 )
+from trainer.progress import step
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 
@@ -134,6 +135,7 @@ def fit_calibration(model: RankingModel, rows: pd.DataFrame, schema: FeatureSche
     return out
 
 
+@step("evaluating ranking on the held-out rows")
 def evaluate_ranking(model: RankingModel, schema: FeatureSchema, split: DataSplit) -> dict:
     """Held-out ranking metrics.
 

@@ -29,18 +29,28 @@ import tensorflow_recommenders as tfrs
 import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking graph uses)
 from tensorflow.core.protobuf import saved_model_pb2
 
-from features.history import HISTORY
 from features.schema import FeatureSchema
-from features.user_stats import USER_STATS
-from serving.config import EXCLUDED_AD_IDS
+from serving.contract import (
+    EXCLUDED_AD_IDS,
+    HISTORY,
+    MODEL_NAMES,
+    NEGATIVE_HISTORY,
+    OUTPUTS,
+    PAD_AD_ID,
+    RANKING,
+    RECOMMENDER,
+    RETRIEVAL,
+    SIGNATURE_KEY,
+    USER_STATS,
+    signature_inputs,
+)
 from trainer import serving_artifacts
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
+from trainer.progress import Progress
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
 
-MODEL_NAMES = ("retrieval", "ranking", "recommender")
-PAD_AD_ID = ""  # recommender output sentinel: fewer than k ads remained after exclusions
 OBJECTIVES = ("pctr", "ecpm", "cpa")
 METADATA_FILE = "adrec.json"
 
@@ -83,13 +93,22 @@ def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
     return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
 
 
+class BruteForceIndex(tfrs.layers.factorized_top_k.BruteForce):
+    """TFRS's brute-force top-K index, with a `get_config`: its query model is a Keras model (saved as
+    the index's sublayer, not as configuration), which TFRS's own default config cannot serialize and
+    warns about on every save. The candidates are data, set by `index()`."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "k": int(self._k)}
+
+
 class RetrievalServable(tf.Module):
     def __init__(self, trained: TrainedModels, k: int):
         super().__init__()
         schema = trained.schema
         self.query_tower = trained.retrieval.query_tower
         k = min(k, len(trained.catalog))
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=k)
+        self.index = BruteForceIndex(self.query_tower, k=k)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
                          tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
         specs = _query_specs(schema, self.query_tower.history_length)
@@ -200,7 +219,7 @@ class RecommenderServable(tf.Module):
         k = min(k, n)
         self.query_tower = trained.retrieval.query_tower
         self.ranking = trained.ranking
-        self.index = tfrs.layers.factorized_top_k.BruteForce(self.query_tower, k=n)
+        self.index = BruteForceIndex(self.query_tower, k=n)
         self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
                          tf.range(size, dtype=tf.int32))
         self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
@@ -284,33 +303,28 @@ def next_version(export_dir: Path) -> int:
 
 
 def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str]) -> dict:
-    schema = trained.schema
-    inputs = {n: "int64" if schema.is_int_feature(n) else "string" for n in schema.query_features}
+    schema, ranking = trained.schema, trained.ranking
     history_length = trained.retrieval.query_tower.history_length
-    if history_length and name != "ranking":
-        inputs[HISTORY] = f"string [batch, {history_length}]"
-    ranking = trained.ranking
-    for n in ranking.histories:
-        if name == "ranking" or (name == "recommender" and n not in inputs):
-            inputs[n] = f"string [batch, {ranking.history_length}]"
-    if name != "retrieval" and ranking.user_stats is not None:
-        inputs.update({n: "int64" for n in USER_STATS})
-    if name == "ranking":
-        inputs.update({n: "string" for n in (*schema.ad_string_features, *schema.ad_text)})
-    if name == "recommender":
+    widths = {HISTORY: history_length if name != RANKING else ranking.history_length,
+              NEGATIVE_HISTORY: ranking.history_length}
+    names = signature_inputs(name, tuple(schema.query_features), (*schema.ad_string_features, *schema.ad_text),
+                             history=bool(history_length), user_inputs=ranking.user_inputs)
+    inputs = {n: f"string [batch, {widths[n]}]" if n in widths else
+              "int64" if schema.is_int_feature(n) else "string" for n in names}
+    if name == RECOMMENDER:
         inputs[EXCLUDED_AD_IDS] = "string [batch, M], padded with ''"
     user_stats = {}
-    if name != "retrieval" and ranking.user_stats is not None:
+    if name != RETRIEVAL and ranking.user_stats is not None:
         user_stats = {"user_stats": {"recent_window": trained.config.ranking.recent_window,
                                      "meaning": "the user's events before the request, the clicks among them, and "
                                                 "the clicks among the last recent_window of them (0s: a new user)"}}
     return {"model": name, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "signature": "serving_default", "inputs": inputs, "outputs": outputs,
+            "signature": SIGNATURE_KEY, "inputs": inputs, "outputs": outputs,
             "encoder": trained.config.encoder.preset, "catalog_size": int(len(trained.catalog)),
-            **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == "recommender"
+            **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == RECOMMENDER
                else {}),
             **user_stats,
-            "offline_metrics": trained.metrics.get(name if name != "recommender" else "ranking")}
+            "offline_metrics": trained.metrics.get(name if name != RECOMMENDER else RANKING)}
 
 
 def _stage(module: tf.Module, target: Path, metadata: dict, extra=None) -> Path:
@@ -320,7 +334,7 @@ def _stage(module: tf.Module, target: Path, metadata: dict, extra=None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve})
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_KEY: module.serve})
         check_servable_ops(tmp)
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / "assets.extra" / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
@@ -341,23 +355,27 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     trained.ranking.interact.jit = False
     version = version or next_version(export_dir)
     builders = {
-        "retrieval": (lambda: RetrievalServable(trained, cfg.top_k), ["ad_ids", "scores"]),
-        "ranking": (lambda: RankingServable(trained.ranking, trained.schema, trained.text), ["pctr", "pcvr"]),
-        "recommender": (lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective),
-                        ["ad_ids", "pctr", "pcvr", "score", "retrieval_scores"]),
+        RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k),
+        RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text),
+        RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective),
     }
     rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}
+    shown = Progress(f"exporting version {version}", total=len(builders), unit="SavedModels").start()
     try:
-        for name, (build, outputs) in builders.items():
+        for name, build in builders.items():
+            shown.advance(0, note=name)
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
-            staged[name] = (_stage(build(), target, _metadata(trained, name, version, outputs), warmup), target)
+            metadata = _metadata(trained, name, version, list(OUTPUTS[name]))
+            staged[name] = (_stage(build(), target, metadata, warmup), target)
+            shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)
         for tmp, target in staged.values():
             os.replace(tmp, target)
     finally:
+        shown.close()
         for tmp, _ in staged.values():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from features.dataset import make_dataset
-from features.history import HISTORY
 from features.schema import FeatureSchema
-from features.user_stats import NEGATIVE_HISTORY, USER_STATS
+from serving.contract import HISTORY, NEGATIVE_HISTORY, RETRIEVAL, USER_STATS, signature_inputs
 from trainer.config import JobConfig, RankingConfig
 
 
@@ -20,7 +19,7 @@ def ranking_labels(schema: FeatureSchema, rows: pd.DataFrame | None = None) -> d
 
 def query_inputs(schema: FeatureSchema, history_length: int) -> tuple[str, ...]:
     """The retrieval query tower's inputs (and the retrieval/recommender signatures' inputs)."""
-    return (*schema.query_features, HISTORY) if history_length else tuple(schema.query_features)
+    return signature_inputs(RETRIEVAL, tuple(schema.query_features), history=bool(history_length))
 
 
 def ranking_user_inputs(cfg: RankingConfig) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.config import MaskedLMConfig
-from trainer.progress import log
+from trainer.progress import fit_verbosity, log
 
 DONE_FILE = "masked_lm.json"  # written last: the directory holds a finished run
 
@@ -95,7 +95,7 @@ def continue_pretraining(backbone, tokenizer, texts: list[str], sequence_length:
         backbone.trainable = False
         # The head's own 1e-3 rate: it starts from scratch, unlike the encoder.
         compile_with(max(cfg.learning_rate, 1e-3))
-        masked_lm.fit(train_ds, epochs=cfg.head_epochs, shuffle=False, verbose=1 if progress else 0)
+        masked_lm.fit(train_ds, epochs=cfg.head_epochs, shuffle=False, verbose=fit_verbosity(progress))
         backbone.trainable = True
         for layer in backbone.layers:  # back to the caller's choice (e.g. pooled_dense stays frozen)
             layer.trainable = trainable[layer.name]
@@ -103,7 +103,7 @@ def continue_pretraining(backbone, tokenizer, texts: list[str], sequence_length:
     loss_before, accuracy_before = score()
     log(f"masked-LM pre-training on {len(train)} ad texts ({len(holdout)} held out), {cfg.epochs} epochs; "
         f"held-out masked-token accuracy before: {accuracy_before:.3f}")
-    history = masked_lm.fit(train_ds, epochs=cfg.epochs, shuffle=False, verbose=1 if progress else 0)
+    history = masked_lm.fit(train_ds, epochs=cfg.epochs, shuffle=False, verbose=fit_verbosity(progress))
     seconds = time.time() - t0
     loss_after, accuracy_after = score()
     log(f"masked-LM pre-training done in {seconds:.1f}s; held-out masked-token accuracy "

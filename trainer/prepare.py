@@ -18,7 +18,7 @@ from features.user_stats import USER_STATS, add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
 from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
-from trainer.progress import log
+from trainer.progress import Progress, log
 
 
 class DataError(ValueError):
@@ -28,7 +28,8 @@ class DataError(ValueError):
 def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if cfg.data.source != "synthetic":
         raise DataError(f"data.source {cfg.data.source!r} is not known; use 'synthetic' or 'spec'")
-    world = generate_world(cfg.data.synthetic)
+    with Progress("generating the synthetic world"):
+        world = generate_world(cfg.data.synthetic)
     return world.catalog, world.logs
 
 
@@ -49,7 +50,8 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
 
     spec = load_spec(cfg.data.spec, root=cfg.data.root or None)
     refuse_implicit_without_negatives(cfg, spec.name, spec.columns.labels.implicit)
-    loaded = load_dataset(spec)
+    with Progress(f"reading data spec {spec.name!r}", unit="rows") as shown:
+        loaded = load_dataset(spec, on_chunk=lambda table, rows: shown.advance(rows, note=table))
     log("data validation:\n" + loaded.report.format())
     return loaded.catalog, loaded.logs, loaded.schema
 

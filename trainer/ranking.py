@@ -51,6 +51,12 @@ class PositionTower(tf.keras.layers.Layer):
         self.hidden = tf.keras.layers.Dense(units, activation="relu", name="position_hidden")
         self.out = tf.keras.layers.Dense(1, dtype="float32", name="position_logit")
 
+    def get_config(self) -> dict:
+        """`units` and, per context feature, its vocabulary's size: the vocabularies are data (the
+        lookup sublayers' configs hold them), so `from_config` cannot rebuild the tower."""
+        return {**super().get_config(), "units": int(self.hidden.units),
+                "context_vocabulary_sizes": {n: int(e.embedding.input_dim) - 1 for n, e in self.context.items()}}
+
     def call(self, position, features):
         p = tf.clip_by_value(tf.cast(position, tf.int64), 0, MAX_POSITION)
         parts = [self.position_embedding(p)] + [self.context[n](features[n]) for n in self.context]

@@ -62,6 +62,13 @@ class QueryTower(tf.keras.Model):
         self.core = XlaSwitch(lambda x: tf.math.l2_normalize(tf.cast(self.head(x), tf.float32), axis=-1),
                               jit_compile)
 
+    def get_config(self) -> dict:
+        """Nothing for Keras to serialize (as `RankingModel.get_config`): the constructor takes the job's
+        schema, vocabularies and config and the catalog's tables, so the model is rebuilt from the job's
+        files (`trainer.builders`), its weights from checkpoints. Defined so that saving it does not warn
+        about non-serializable arguments."""
+        return {}
+
     def call(self, features, training=None):
         x = self.embeddings(features, training=training)
         if self.history is not None:
@@ -98,6 +105,13 @@ class AdTower(tf.keras.Model):
             lambda ids, text: tf.math.l2_normalize(
                 tf.cast(self.head(tf.concat([ids, self.text_projection(text)], axis=-1)), tf.float32), axis=-1),
             jit_compile)
+
+    def get_config(self) -> dict:
+        """Nothing for Keras to serialize (as `RankingModel.get_config`): the constructor takes the job's
+        schema, vocabularies and config and the catalog's tables, so the model is rebuilt from the job's
+        files (`trainer.builders`), its weights from checkpoints. Defined so that saving it does not warn
+        about non-serializable arguments."""
+        return {}
 
     def call(self, features, training=None):
         return self.core(self.embeddings(features, training=training), features["text_embedding"])
@@ -153,6 +167,13 @@ class RetrievalModel(tfrs.Model):
         # Scores and the softmax stay float32 under a mixed-precision policy: tf_keras would
         # otherwise cast the task's first input (the query embeddings) to the compute dtype.
         self.task._autocast = False
+
+    def get_config(self) -> dict:
+        """Nothing for Keras to serialize (as `RankingModel.get_config`): the constructor takes the job's
+        schema, vocabularies and config and the catalog's tables, so the model is rebuilt from the job's
+        files (`trainer.builders`), its weights from checkpoints. Defined so that saving it does not warn
+        about non-serializable arguments."""
+        return {}
 
     @property
     def monitor(self) -> str:

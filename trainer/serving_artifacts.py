@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.history import HISTORY, history_matrix
+from features.history import history_matrix
 from features.schema import FeatureSchema
-from features.user_stats import NEGATIVE_HISTORY
 from serving.config import (
     BATCHING_FILE,
-    EXCLUDED_AD_IDS,
     MODEL_CONFIG_FILE,
     MONITORING_FILE,
     BatchingConfig,
@@ -31,22 +29,10 @@ from serving.config import (
     model_config_text,
     monitoring_config_text,
 )
+from serving.contract import EXCLUDED_AD_IDS, HISTORY, NEGATIVE_HISTORY, RECOMMENDER, signature_inputs
 from serving.warmup import predict_request, write_warmup_file
 
 WARMUP_BATCH_SIZES = (1, 8)
-
-
-def signature_inputs(schema: FeatureSchema, model_name: str, history: bool = False,
-                     ranking_user_inputs: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """A model's signature inputs; `history`: retrieval and recommender also take the user's history;
-    `ranking_user_inputs`: what the ranking model reads about the user's past (`history`, counters),
-    which the ranking and recommender signatures take too."""
-    if model_name == "ranking":
-        return (*schema.query_features, *ranking_user_inputs, *schema.ad_string_features, *schema.ad_text)
-    names = (*schema.query_features, HISTORY) if history else tuple(schema.query_features)
-    if model_name == "recommender":
-        names += tuple(n for n in ranking_user_inputs if n not in names)
-    return names
 
 
 def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema,
@@ -76,7 +62,8 @@ def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame
     """Warmup requests from `rows`; a `history` column (the job's per-event histories, as the
     training rows carry them when the retrieval model reads history) is sent to retrieval and
     recommender; `ranking_user_inputs` (columns of `rows`) to ranking and recommender."""
-    names = signature_inputs(schema, model_name, history=HISTORY in rows, ranking_user_inputs=ranking_user_inputs)
+    names = signature_inputs(model_name, tuple(schema.query_features), (*schema.ad_string_features, *schema.ad_text),
+                             history=HISTORY in rows, user_inputs=ranking_user_inputs)
     missing = [n for n in names if n not in rows]
     if missing:
         raise ValueError(f"warmup rows for {model_name!r} lack column(s) {missing}")
@@ -85,7 +72,7 @@ def write_warmup_requests(version_dir: Path, model_name: str, rows: pd.DataFrame
         if b > len(rows):
             continue
         arrays = as_numpy_features(rows.head(b), names, schema)
-        if model_name == "recommender":  # exclude the ad each logged row already showed
+        if model_name == RECOMMENDER:  # exclude the ad each logged row already showed
             arrays[EXCLUDED_AD_IDS] = rows[schema.ad_id].head(b).astype(str).to_numpy(dtype=object)[:, None]
         requests.append(predict_request(model_name, arrays))
     return write_warmup_file(version_dir, requests)

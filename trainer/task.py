@@ -13,8 +13,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.config import JobConfig, load_config
+if TYPE_CHECKING:
+    from trainer.config import JobConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args) -> JobConfig:
     """The config file, then `--set` overrides, then the dedicated flags (which win)."""
+    from trainer.config import load_config  # here, not at the top: `adrec --help` imports this module
+
     cfg = load_config(args.config, args.set)
     if args.root:
         cfg.data.root = args.root
@@ -55,6 +59,7 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
     from trainer.job import run_training
     from trainer.progress import log
 
+    log_devices()
     trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start)
     result = None
     if export:
@@ -67,6 +72,17 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
             with tempfile.TemporaryDirectory(prefix="adrec-worker-export-") as scratch:
                 export_all(trained, scratch)
     return trained, result
+
+
+def log_devices() -> None:
+    """One line on what TensorFlow runs on: its own device lines are off by default (trainer/quiet.py)."""
+    import tensorflow as tf
+
+    from trainer.progress import log
+
+    gpus = tf.config.list_physical_devices("GPU")
+    log(f"TensorFlow {tf.__version__}: " + (f"{len(gpus)} GPU(s): {', '.join(g.name for g in gpus)}" if gpus
+                                              else "no GPU visible, running on CPU"))
 
 
 def write_metrics(path: str | Path, metrics: dict) -> Path:
@@ -99,12 +115,15 @@ def weights_digest(trained) -> str:
 
 
 def main(argv=None) -> int:
-    from trainer.progress import stdout_to_stderr
+    from trainer.progress import set_progress, stdout_to_stderr
+    from trainer.quiet import quiet_tensorflow
 
     parser = argparse.ArgumentParser(prog="python -m trainer.task", description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.add_argument("--metrics-out", metavar="FILE", help="also write the metrics JSON to FILE (atomically)")
     args = parser.parse_args(argv)
+    set_progress(not args.quiet)
+    quiet_tensorflow()
     cfg = resolve_config(args)
     with stdout_to_stderr():  # stdout is for results
         trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import keras
@@ -18,6 +17,7 @@ import tensorflow as tf
 
 from features.text import TINY, EncoderNotFoundError, resolve_preset
 from trainer.config import EncoderConfig
+from trainer.progress import Progress
 
 
 def load_backbone(cfg: EncoderConfig, vocabulary_size: int | None = None, seed: int = 0):
@@ -64,6 +64,13 @@ class BertEncoderAdapter(tf.keras.layers.Layer):
         self.fine_tune = fine_tune
         self.output_dim = backbone.hidden_dim
 
+    def get_config(self) -> dict:
+        """`fine_tune`, and the backbone's own (Keras 3) config for reference: tf_keras cannot rebuild a
+        Keras 3 model, and its weights are saved through this adapter's variables, so `from_config`
+        cannot rebuild the adapter (`trainer.text_encoder.load_backbone` builds the backbone)."""
+        return {**super().get_config(), "fine_tune": bool(self.fine_tune), "output_dim": int(self.output_dim),
+                "backbone": {"class_name": type(self.backbone).__name__, "config": self.backbone.get_config()}}
+
     @property
     def trainable_weights(self):
         if not (self.trainable and self.fine_tune):
@@ -97,14 +104,12 @@ def encode_packed(adapter: BertEncoderAdapter, packed: dict[str, np.ndarray],
     def step(ids, mask):
         return adapter(ids, mask)
 
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        out[start:stop] = step(tf.constant(packed["token_ids"][start:stop]),
-                               tf.constant(packed["padding_mask"][start:stop])).numpy()
-        if progress:
-            print(f"\r  encoded {stop}/{n} ad texts", end="", flush=True, file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
+    with Progress("encoding ad texts", total=n, unit="texts", enabled=progress) as shown:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            out[start:stop] = step(tf.constant(packed["token_ids"][start:stop]),
+                                   tf.constant(packed["padding_mask"][start:stop])).numpy()
+            shown.advance(stop - start)
     return out
 
 

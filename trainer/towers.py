@@ -32,6 +32,18 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
         self.embedding = tf.keras.layers.Embedding(
             len(vocabulary) + 1, dim, embeddings_regularizer=tf.keras.regularizers.l2(l2) if l2 else None)
 
+    def get_config(self) -> dict:
+        """The constructor's arguments, for the SavedModel's Keras metadata. The vocabulary and `row_l2`
+        are data, not configuration, so they appear as sizes: the lookup sublayer's own config holds the
+        vocabulary, and `row_l2` comes from the training rows. `from_config` therefore cannot rebuild the
+        layer (a TypeError, which Keras' loader handles); jobs rebuild it from their vocabularies."""
+        regularizer = self.embedding.embeddings_regularizer
+        return {**super().get_config(), "vocabulary_size": int(self.embedding.input_dim) - 1,
+                "dim": int(self.embedding.output_dim),
+                "is_int": isinstance(self.lookup, tf.keras.layers.IntegerLookup),
+                "l2": float(regularizer.l2) if regularizer is not None else 0.0, "oov_rate": float(self.oov_rate),
+                "row_l2_size": None if self.row_l2 is None else int(self.row_l2.shape[0])}
+
     def call(self, values, training=None):
         rows = self.lookup(values)
         if training and self.oov_rate > 0:
@@ -59,6 +71,17 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
                                     row_l2.get(n), name=f"emb_{n}")
             for n in self.names
         }
+
+    def get_config(self) -> dict:
+        """Per feature its embedding width, vocabulary size and OOV rate (the tables' own configs say the
+        rest). The vocabularies are data: sizes only, as in `CategoricalEmbedding.get_config`."""
+        tables = {n: self.tables[n].get_config() for n in self.names}
+        return {**super().get_config(), "names": list(self.names),
+                "dims": {n: c["dim"] for n, c in tables.items()},
+                "int_features": [n for n, c in tables.items() if c["is_int"]],
+                "l2": max((c["l2"] for c in tables.values()), default=0.0),
+                "oov_rates": {n: c["oov_rate"] for n, c in tables.items() if c["oov_rate"]},
+                "vocabulary_sizes": {n: c["vocabulary_size"] for n, c in tables.items()}}
 
     def call(self, features, training=None):
         return tf.concat([self.tables[n](features[n], training=training) for n in self.names], axis=-1)
@@ -111,6 +134,14 @@ class CatalogText(tf.keras.layers.Layer):
                 initializer=tf.keras.initializers.Constant(ids))
             self.padding_mask = tf.constant(mask)
 
+    def get_config(self) -> dict:
+        """How the layer reads text, and the catalog's size. The catalog ids, its cached embeddings or
+        token ids are data (weights and a lookup table), and the encoder is a sublayer saved on its own,
+        so none of them is repeated here; `from_config` cannot rebuild the layer."""
+        rows = self.table if self.encoder is None else self.token_ids
+        return {**super().get_config(), "catalog_size": int(rows.shape[0]) - 1,
+                "text": "cached_embeddings" if self.encoder is None else "encoder", "output_dim": int(self.output_dim)}
+
     def call(self, ad_ids):
         rows = self.lookup(ad_ids)
         if self.encoder is None:
@@ -155,6 +186,18 @@ class HistoryPooling(tf.keras.layers.Layer):
             self.attention = SequenceEncoder(attention_layers, attention_heads, attention_dim, attention_length,
                                              dropout, name="history_attention")
 
+    def get_config(self) -> dict:
+        """Widths and the attention encoder's settings; the ad vocabulary and the text table are data
+        (a lookup table and a weight), given by their sizes, so `from_config` cannot rebuild the layer."""
+        config = {**super().get_config(), "ad_vocabulary_size": int(self.id_embedding.input_dim) - 1,
+                  "id_dim": int(self.id_embedding.output_dim),
+                  "text_table_shape": None if self.text_lookup is None else [int(d) for d in self.text_table.shape],
+                  "attention_layers": 0}
+        if self.attention is not None:
+            encoder = self.attention.get_config()
+            config.update({f"attention_{k}": encoder[k] for k in ("layers", "heads", "length", "dim", "dropout")})
+        return config
+
     @staticmethod
     def _masked_mean(values, mask):
         mask = tf.cast(mask, values.dtype)[:, :, None]
@@ -190,6 +233,12 @@ class SequenceEncoder(tf.keras.layers.Layer):
         self.position = tf.keras.layers.Embedding(length, dim, name="position")
         self.blocks = [TransformerBlock(heads, dim, dropout, name=f"block_{i}") for i in range(layers)]
 
+    def get_config(self) -> dict:
+        """The constructor's arguments (read back from the sublayers); `from_config` rebuilds the layer."""
+        block = self.blocks[0].get_config() if self.blocks else {"heads": None, "dropout": 0.0}
+        return {**super().get_config(), "layers": len(self.blocks), "heads": block["heads"],
+                "dim": int(self.project.units), "length": int(self.length), "dropout": block["dropout"]}
+
     def call(self, items, present, training=None):
         items, present = items[:, :self.length], present[:, :self.length]
         n = tf.shape(items)[1]
@@ -214,6 +263,11 @@ class TransformerBlock(tf.keras.layers.Layer):
         self.norm_feed_forward = tf.keras.layers.LayerNormalization(name="norm_feed_forward")
         self.dropout = tf.keras.layers.Dropout(dropout)
 
+    def get_config(self) -> dict:
+        """The constructor's arguments (read back from the sublayers); `from_config` rebuilds the layer."""
+        return {**super().get_config(), "heads": int(self.attention.get_config()["num_heads"]),
+                "dim": int(self.feed_forward.layers[-1].units), "dropout": float(self.dropout.rate)}
+
     def call(self, x, mask, training=None):
         attended = self.attention(x, x, attention_mask=mask, training=training)
         x = self.norm_attention(x + self.dropout(attended, training=training))
@@ -235,6 +289,14 @@ class UserStatsFeatures(tf.keras.layers.Layer):
         self.strength, self.recent_strength = float(strength), float(recent_strength)
         self.prior = self.add_weight(name="click_prior", shape=(), trainable=False,
                                      initializer=tf.keras.initializers.Constant(float(prior)))
+
+    def get_config(self) -> dict:
+        """The constructor's arguments; `prior` is the weight's current value (the training click rate,
+        which checkpoints and `RankingModel.set_statistics` may change). `dtype` is left out: the layer
+        fixes it (float32) itself. `from_config` rebuilds the layer."""
+        config = {k: v for k, v in super().get_config().items() if k != "dtype"}
+        return {**config, "window": int(self.window), "prior": float(tf.keras.backend.get_value(self.prior)),
+                "strength": self.strength, "recent_strength": self.recent_strength}
 
     def call(self, events, clicks, recent_clicks):
         events, clicks, recent = (tf.cast(v, tf.float32) for v in (events, clicks, recent_clicks))
@@ -273,6 +335,14 @@ class ItemStatsFeatures(tf.keras.layers.Layer):
                                     initializer=tf.keras.initializers.Constant(rows.astype(np.float32)))
         self.prior = self.add_weight(name="click_prior", shape=(), trainable=False,
                                      initializer=tf.keras.initializers.Constant(float(prior)))
+
+    def get_config(self) -> dict:
+        """Scalars only: the vocabulary and the click and row tables are data from the training rows (a
+        lookup table and weights, replaced by `set_statistics`), given by their sizes; `from_config`
+        cannot rebuild the layer. `dtype` is left out: the layer fixes it (float32) itself."""
+        config = {k: v for k, v in super().get_config().items() if k != "dtype"}
+        return {**config, "vocabulary_size": int(self.clicks.shape[1]) - 1, "folds": int(self.folds),
+                "prior": float(tf.keras.backend.get_value(self.prior)), "strength": self.strength}
 
     def set_statistics(self, clicks: np.ndarray, rows: np.ndarray, prior: float) -> None:
         """New tables (a warm start on new rows: the statistics follow the data, not the checkpoint)."""

@@ -1,0 +1,72 @@
+"""Every number and every choice of the job config has a rule, checked at load and on `--set` alike."""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from trainer.config import _RULES, ConfigError, JobConfig, apply_overrides, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# Text that is not a choice: paths, names, columns. Booleans need no rule.
+FREE_TEXT = {"data.spec", "data.root", "encoder.preset", "encoder.cache_dir", "training.tpu", "training.model_dir",
+             "export.export_dir", "evaluation.split_column", "evaluation.test_values", "evaluation.baselines",
+             "ranking.position_tower_context"}
+
+
+def _fields(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _fields(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hint
+
+
+def test_every_number_and_choice_has_a_rule():
+    fields = dict(_fields(JobConfig))
+    missing = [k for k, hint in fields.items() if hint is not bool and k not in FREE_TEXT and k not in _RULES]
+    assert not missing, f"config fields without a rule in trainer.config._RULES: {missing}"
+    assert not set(_RULES) - set(fields), "rules for fields that do not exist"
+    config_from_dict({})  # the defaults pass every rule
+
+
+def test_every_shipped_config_loads():
+    paths = [p for p in (ROOT / "configs").rglob("*.yaml") if "data" not in p.relative_to(ROOT / "configs").parts]
+    assert len(paths) >= 10
+    for path in paths:
+        load_config(path)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("retrieval.embedding_dim=0", "--set retrieval.embedding_dim: expected an integer >= 1, got 0"),
+    ("ranking.deep_units=[]", "--set ranking.deep_units: expected a non-empty list of integers >= 1, got ()"),
+    ("data.synthetic.n_ads=0", "--set data.synthetic.n_ads: expected an integer >= 1, got 0"),
+    ("data.synthetic={n_users: 0}", "--set data.synthetic.n_users: expected an integer >= 1, got 0"),
+    ("retrieval.learning_rate=.nan", "--set retrieval.learning_rate: expected a finite number, got nan"),
+    ("ranking.embedding_l2=.inf", "--set ranking.embedding_l2: expected a finite number, got inf"),
+    ("training.strategy=gpu", "--set training.strategy: expected one of ['default', 'mirrored', 'multi_worker', "),
+    ("export.recommend_k=500", "--set.export.recommend_k: 500 is more than export.retrieve_n"),
+    ("ranking={epochs: 2, epochs: 3}", "--set 'ranking={epochs: 2, epochs: 3}': the value is not valid YAML: "
+                                       "duplicate key 'epochs'"),
+])
+def test_set_values_get_the_same_rules(item, message):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(load_config(ROOT / "configs" / "tiny.yaml"), [item])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_cross_field_rules_hold_on_the_result_of_every_set():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    # recommend_k=200 alone breaks recommend_k <= retrieve_n; the rule is checked on the result of all --set
+    out = apply_overrides(cfg, ["export.retrieve_n=300", "export.recommend_k=200"])
+    assert (out.export.retrieve_n, out.export.recommend_k) == (300, 200)
+    for raw, message in [
+        ({"data": {"synthetic": {"n_days": 2, "cold_start_days": 2}}}, "data.synthetic.cold_start_days: 2 leaves"),
+        ({"encoder": {"tiny_hidden": 30, "tiny_heads": 4}}, "encoder.tiny_hidden: 30 is not a multiple"),
+        ({"data": {"source": "spec"}}, "data.spec: data.source is 'spec' but data.spec names no spec file"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(raw, "job.yaml")
