@@ -28,7 +28,7 @@ def _fields(cls, prefix=""):
 def test_every_number_and_choice_has_a_rule():
     fields = dict(_fields(JobConfig))
     missing = [k for k, hint in fields.items() if hint is not bool and k not in FREE_TEXT and k not in _RULES]
-    assert not missing, f"config fields without a rule in trainer.config._RULES: {missing}"
+    assert not missing, f"config fields without a rule in trainer.config_rules._RULES: {missing}"
     assert not set(_RULES) - set(fields), "rules for fields that do not exist"
     config_from_dict({})  # the defaults pass every rule
 
