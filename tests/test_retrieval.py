@@ -148,3 +148,20 @@ def test_cold_start_ads_recall_3x_the_id_only_baseline(tmp_path):
     assert r["cold_test_positives"] >= 50
     assert model >= 3 * baseline and model > 0.2
     assert r["model_cold"]["ndcg@100"] > r["id_only_cold"]["ndcg@100"]
+
+
+def test_sequence_encoder_mean_and_newest_pool_adds_the_newest_entrys_state_and_zeros_for_no_history():
+    from trainer.towers import SequenceEncoder
+
+    tf.keras.utils.set_random_seed(0)
+    encoder = SequenceEncoder(1, 2, 8, 4, pool="mean_and_newest")
+    items = tf.constant(np.random.default_rng(0).normal(size=(3, 4, 5)), tf.float32)
+    present = tf.constant([[True, True, False, False], [False] * 4, [True, True, False, False]])
+    out = encoder(items, present).numpy()
+    assert out.shape == (3, 16)
+    np.testing.assert_array_equal(out[1], 0.0)  # an empty history gives zeros, mean and newest alike
+    swapped = tf.concat([items[2:, 1::-1], items[2:, 2:]], axis=1)  # the same two entries, the other one newest
+    again = encoder(swapped, present[2:]).numpy()
+    assert not np.allclose(again[0, 8:], out[2, 8:])  # the newest entry's state follows the newest entry
+    with pytest.raises(ValueError, match="pool"):
+        SequenceEncoder(1, 2, 8, 4, pool="max")

@@ -57,7 +57,7 @@ class QueryTower(tf.keras.Model):
                 history_text_table if cfg.history_text else None,
                 attention_layers=cfg.history_attention_layers, attention_heads=cfg.history_attention_heads,
                 attention_length=min(cfg.history_attention_length, cfg.history_length),
-                attention_dim=cfg.history_attention_dim, name="history")
+                attention_dim=cfg.history_attention_dim, attention_pool=cfg.history_attention_pool, name="history")
         self.head = mlp((cfg.hidden_units,), cfg.embedding_dim, name="query_mlp")
         self.core = XlaSwitch(lambda x: tf.math.l2_normalize(tf.cast(self.head(x), tf.float32), axis=-1),
                               jit_compile)

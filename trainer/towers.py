@@ -169,7 +169,8 @@ class HistoryPooling(tf.keras.layers.Layer):
 
     def __init__(self, ad_vocabulary: list, id_dim: int, catalog_ids: list[str] | None = None,
                  text_table: np.ndarray | None = None, attention_layers: int = 0, attention_heads: int = 2,
-                 attention_length: int = 50, attention_dim: int = 64, dropout: float = 0.0, **kwargs):
+                 attention_length: int = 50, attention_dim: int = 64, dropout: float = 0.0,
+                 attention_pool: str = "mean", **kwargs):
         super().__init__(**kwargs)
         self.id_lookup = tf.keras.layers.StringLookup(
             vocabulary=[str(v) for v in ad_vocabulary], mask_token=None, num_oov_indices=1)
@@ -184,7 +185,7 @@ class HistoryPooling(tf.keras.layers.Layer):
         self.attention = None
         if attention_layers:
             self.attention = SequenceEncoder(attention_layers, attention_heads, attention_dim, attention_length,
-                                             dropout, name="history_attention")
+                                             dropout, pool=attention_pool, name="history_attention")
 
     def get_config(self) -> dict:
         """Widths and the attention encoder's settings; the ad vocabulary and the text table are data
@@ -195,7 +196,7 @@ class HistoryPooling(tf.keras.layers.Layer):
                   "attention_layers": 0}
         if self.attention is not None:
             encoder = self.attention.get_config()
-            config.update({f"attention_{k}": encoder[k] for k in ("layers", "heads", "length", "dim", "dropout")})
+            config.update({f"attention_{k}": encoder[k] for k in ("layers", "heads", "length", "dim", "dropout", "pool")})
         return config
 
     @staticmethod
@@ -224,10 +225,20 @@ class HistoryPooling(tf.keras.layers.Layer):
 class SequenceEncoder(tf.keras.layers.Layer):
     """[batch, N, d_in] item vectors + a [batch, N] presence mask -> [batch, dim]: the first `length`
     entries (most recent first) projected to `dim`, plus a learned position embedding, through
-    transformer blocks that attend only to present entries, mean-pooled over the present ones."""
+    transformer blocks that attend only to present entries, mean-pooled over the present ones.
 
-    def __init__(self, layers: int, heads: int, dim: int, length: int, dropout: float = 0.0, **kwargs):
+    `pool="mean_and_newest"` also returns the newest entry's output (zeros for an empty history),
+    [batch, 2 * dim]: the mean weighs every entry alike, the newest entry's state has read the others
+    from where the user is now, the signal next-item models predict from."""
+
+    POOLS = ("mean", "mean_and_newest")
+
+    def __init__(self, layers: int, heads: int, dim: int, length: int, dropout: float = 0.0, pool: str = "mean",
+                 **kwargs):
         super().__init__(**kwargs)
+        if pool not in self.POOLS:
+            raise ValueError(f"SequenceEncoder pool: expected one of {list(self.POOLS)}, got {pool!r}")
+        self.pool = pool
         self.length = length
         self.project = tf.keras.layers.Dense(dim, name="project")
         self.position = tf.keras.layers.Embedding(length, dim, name="position")
@@ -237,7 +248,8 @@ class SequenceEncoder(tf.keras.layers.Layer):
         """The constructor's arguments (read back from the sublayers); `from_config` rebuilds the layer."""
         block = self.blocks[0].get_config() if self.blocks else {"heads": None, "dropout": 0.0}
         return {**super().get_config(), "layers": len(self.blocks), "heads": block["heads"],
-                "dim": int(self.project.units), "length": int(self.length), "dropout": block["dropout"]}
+                "dim": int(self.project.units), "length": int(self.length), "dropout": block["dropout"],
+                "pool": self.pool}
 
     def call(self, items, present, training=None):
         items, present = items[:, :self.length], present[:, :self.length]
@@ -247,7 +259,10 @@ class SequenceEncoder(tf.keras.layers.Layer):
         for block in self.blocks:
             x = block(x, mask, training=training)
         weights = tf.cast(present, x.dtype)[:, :, None]
-        return tf.reduce_sum(x * weights, axis=1) / tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
+        mean = tf.reduce_sum(x * weights, axis=1) / tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
+        if self.pool == "mean":
+            return mean
+        return tf.concat([mean, x[:, 0] * weights[:, 0]], axis=-1)  # entry 0 is the newest
 
 
 class TransformerBlock(tf.keras.layers.Layer):
