@@ -13,7 +13,8 @@ from features.user_stats import NEGATIVE_HISTORY
 
 def frame_to_tensors(frame: pd.DataFrame, columns: tuple[str, ...],
                      schema: FeatureSchema = DEFAULT_SCHEMA) -> dict[str, np.ndarray]:
-    """Columns as numpy arrays in model dtypes: int64 ints, float32 labels, str objects."""
+    """Columns as numpy arrays in model dtypes: int64 ints, float32 labels, str objects (a missing
+    string is "", the value a serving request carries for it)."""
     schema.require_columns(frame, columns, "frame_to_tensors")
     out = {}
     for name in columns:
@@ -22,7 +23,8 @@ def frame_to_tensors(frame: pd.DataFrame, columns: tuple[str, ...],
         if name in (HISTORY, NEGATIVE_HISTORY):  # a sequence per row -> [n, N] strings
             out[name] = history_matrix(col, len(col.iloc[0]) if len(col) else 0)
         elif dtype == np.dtype("object"):
-            out[name] = col.astype(str).to_numpy(dtype=object)
+            # Missing is "" in training as in a serving request (`serving.contract.PAD_AD_ID`): never "nan"/"None".
+            out[name] = col.astype(object).where(col.notna(), "").astype(str).to_numpy(dtype=object)
         else:
             out[name] = col.to_numpy(dtype=dtype)
     return out

@@ -89,3 +89,12 @@ def test_bundled_minilm_tokenizer_matches_uncased_vocab():
     ids = np.asarray(tok("café running shoes"))
     assert tok.token_to_id("[UNK]") not in ids
     assert tok.vocabulary_size() == 30522
+
+
+def test_a_missing_string_is_the_empty_string_in_training_tensors_as_in_serving_requests():
+    from features.dataset import frame_to_tensors
+    from serving.contract import PAD_AD_ID
+
+    frame = pd.DataFrame({"user_id": ["u1", None, np.nan, "u4"]})
+    out = frame_to_tensors(frame, ("user_id",), DEFAULT_SCHEMA)["user_id"]
+    assert list(out) == ["u1", PAD_AD_ID, PAD_AD_ID, "u4"]  # never "None" or "nan"
