@@ -26,7 +26,7 @@ from trainer.labels import ranking_label_notes
 from trainer.metrics import (
     expected_calibration_error,
     popularity_ranks,
-    ranks_of_targets,
+    ranks_in_batches,
     reliability_bins,
 )
 from trainer.prepare import DataError, prepare_data
@@ -102,8 +102,8 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
     test_pos = split.test[split.test[schema.click] > 0].reset_index(drop=True)
     row_of = {a: i for i, a in enumerate(catalog[schema.ad_id])}
     targets = test_pos[schema.ad_id].map(row_of).to_numpy()
-    scores = query_embeddings(trained.retrieval, test_pos, schema) @ ad_embeddings(
-        trained.retrieval, catalog, schema).T
+    queries = query_embeddings(trained.retrieval, test_pos, schema)
+    items = ad_embeddings(trained.retrieval, catalog, schema)  # scored a batch of queries at a time, never all at once
     train_clicks = split.train[split.train[schema.click] > 0][schema.ad_id].map(row_of).to_numpy()
     counts = np.bincount(train_clicks, minlength=len(catalog)).astype(np.float64)
     labels = split.test[schema.click].to_numpy()
@@ -117,12 +117,12 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
                                                trained.excluded, ks, trained.baselines),
                "ranking": ranking}
     rng = np.random.default_rng(0)
-    sample = rng.integers(0, len(catalog), size=(len(scores), min(20, len(catalog))))
-    return Evaluation(metrics=metrics, model_ranks=ranks_of_targets(scores, targets),
+    sample = rng.integers(0, len(catalog), size=(len(queries), min(20, len(catalog))))
+    return Evaluation(metrics=metrics, model_ranks=ranks_in_batches(queries, items, targets),
                       popular_ranks=popularity_ranks(counts, targets),
                       cold=test_pos[schema.ad_id].isin(split.cold_ad_ids(schema)).to_numpy(),
-                      catalog_size=len(catalog), target_scores=scores[np.arange(len(scores)), targets],
-                      other_scores=np.take_along_axis(scores, sample, axis=1).ravel(), labels=labels, pctr=pctr)
+                      catalog_size=len(catalog), target_scores=np.einsum("qd,qd->q", queries, items[targets]),
+                      other_scores=np.einsum("qd,qsd->qs", queries, items[sample]).ravel(), labels=labels, pctr=pctr)
 
 
 def recall_curve(ranks: np.ndarray, ks: np.ndarray) -> np.ndarray:

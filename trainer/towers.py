@@ -196,7 +196,8 @@ class HistoryPooling(tf.keras.layers.Layer):
                   "attention_layers": 0}
         if self.attention is not None:
             encoder = self.attention.get_config()
-            config.update({f"attention_{k}": encoder[k] for k in ("layers", "heads", "length", "dim", "dropout", "pool")})
+            config.update({f"attention_{k}": encoder[k]
+                           for k in ("layers", "heads", "length", "dim", "dropout", "pool")})
         return config
 
     @staticmethod
