@@ -70,3 +70,23 @@ def test_cross_field_rules_hold_on_the_result_of_every_set():
     ]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict(raw, "job.yaml")
+
+
+def test_a_config_composes_on_its_base_and_refuses_a_looping_chain(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "base.yaml").write_text(
+        "retrieval: {epochs: 3, batch_size: 64, eval_ks: [10, 50]}\nranking: {epochs: 2}\n")
+    (tmp_path / "job.yaml").write_text("base: common/base.yaml\nretrieval: {epochs: 5, eval_ks: [20]}\n")
+    cfg = load_config(tmp_path / "job.yaml")
+    assert (cfg.retrieval.epochs, cfg.retrieval.batch_size, cfg.ranking.epochs) == (5, 64, 2)  # sections merge
+    assert cfg.retrieval.eval_ks == (20,)  # a list replaces the base's
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.base: expected the path"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "gone.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(tmp_path / "gone.yaml")

@@ -227,9 +227,41 @@ def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
-    """A config file, then `overrides` (`section.key=value`, see `apply_overrides`) on top."""
-    cfg = config_from_dict(read_yaml(path, ConfigError, "config file"), str(path))
+    """A config file (composed on its `base:` chain, see `read_config_file`), then `overrides`
+    (`section.key=value`, see `apply_overrides`) on top."""
+    cfg = config_from_dict(read_config_file(path), str(path))
     return apply_overrides(cfg, overrides)
+
+
+MAX_BASE_DEPTH = 8
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The plain YAML mapping of a config file. A top-level `base: other.yaml` (relative to the file)
+    is read first and this file's values are laid over it: sections merge key by key, any other
+    value (lists included) replaces the base's. A chain that loops or runs deeper than
+    `MAX_BASE_DEPTH` files is refused."""
+    resolved = Path(path).resolve()
+    if resolved in _chain:
+        raise ConfigError(f"{path}.base: the chain of bases loops back to {path}")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} files in the chain of bases")
+    raw = read_yaml(path, ConfigError, "config file")
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}.base: expected the path of another config file, got {base!r}")
+    return _laid_over(read_config_file(Path(path).parent / base, (*_chain, resolved)) or {}, raw)
+
+
+def _laid_over(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _laid_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
