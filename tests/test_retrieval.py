@@ -165,3 +165,40 @@ def test_sequence_encoder_mean_and_newest_pool_adds_the_newest_entrys_state_and_
     assert not np.allclose(again[0, 8:], out[2, 8:])  # the newest entry's state follows the newest entry
     with pytest.raises(ValueError, match="pool"):
         SequenceEncoder(1, 2, 8, 4, pool="max")
+
+
+def test_full_softmax_with_seen_negatives_leaves_ads_without_training_positives_out_of_the_training_loss(tmp_path):
+    from features.dataset import frame_to_tensors
+    from features.history import HISTORY
+    from trainer.inputs import query_inputs
+    from trainer.job import run_training
+
+    cfg = tiny_config(tmp_path, retrieval={"epochs": 1, "loss": "full_softmax", "full_softmax_negatives": "seen",
+                                           "exclude_history_from_loss": False},
+                      evaluation={"baselines": ("most_popular",)})
+    trained = run_training(cfg, progress=False, with_ranking=False)
+    model, schema, catalog = trained.retrieval, trained.schema, trained.catalog
+    positives = trained.split.train[trained.split.train[schema.click] > 0]
+    seen = set(positives[schema.ad_id].astype(str))
+    assert model.never_positive.numpy().tolist() == [a not in seen for a in catalog[schema.ad_id].astype(str)]
+    assert not all(a in seen for a in catalog[schema.ad_id].astype(str))  # the world has ads never clicked
+
+    batch = {k: tf.constant(v) for k, v in frame_to_tensors(
+        positives.head(64), (*query_inputs(schema, cfg.retrieval.history_length), *schema.ad_string_features),
+        schema).items()}
+    queries = model.query_tower(batch, training=False)
+    logits = (tf.matmul(queries, model.ad_embedding(model.catalog_features), transpose_b=True)
+              / model.temperature).numpy()
+    target = model.catalog_rows(batch[schema.ad_id]).numpy() - 1
+    keep = ~model.never_positive.numpy()
+
+    def cross_entropy(columns):
+        z = np.where(columns[None, :], logits, -np.inf)
+        top = z.max(1)
+        return float(np.mean(np.log(np.exp(z - top[:, None]).sum(1)) + top - logits[np.arange(len(z)), target]))
+
+    # The tiny config trains without dropout, so a training-mode pass differs only by the mask.
+    assert float(model.compute_loss(batch, training=True)) == pytest.approx(cross_entropy(keep), rel=1e-4)
+    every = np.ones_like(keep)
+    assert float(model.compute_loss(batch, training=False)) == pytest.approx(cross_entropy(every), rel=1e-4)
+    assert HISTORY in batch  # the query reads a history, as the quality configs' model does

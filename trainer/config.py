@@ -87,6 +87,7 @@ class RetrievalConfig:
     history_attention_length: int = 50  # the most recent entries the attention encoder reads
     history_attention_heads: int = 2
     history_attention_dim: int = 64
+    full_softmax_negatives: str = "all"  # all | seen (only ads with a training positive are negatives)
     history_attention_pool: str = "mean"  # mean | mean_and_newest (also the newest entry's attended state)
     history_dropout: float = 0.0  # training: share of history entries hidden (denoising; regularises ids)
     # "in_batch": softmax over the batch's positives (TFRS Retrieval; logQ-corrected); "full_softmax": over

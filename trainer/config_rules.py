@@ -103,6 +103,7 @@ _RULES: dict[str, Rule] = {
     "retrieval.eval_ks": (lambda v: len(v) > 0 and all(k >= 1 for k in v), "integers >= 1"),
     "retrieval.history_length": _int_in(0, 1000),
     "retrieval.history_attention_layers": _int_in(0, 8),
+    "retrieval.full_softmax_negatives": _one_of(("all", "seen"), "'all' or 'seen'"),
     "retrieval.history_attention_pool": _one_of(("mean", "mean_and_newest"), "'mean' or 'mean_and_newest'"),
     "retrieval.num_hard_negatives": _int_at_least(0),
     "retrieval.loss": _one_of(("in_batch", "full_softmax"), "'in_batch' or 'full_softmax'"),

@@ -145,6 +145,12 @@ class RetrievalModel(tfrs.Model):
             self.catalog_rows = tf.keras.layers.StringLookup(vocabulary=catalog_ids, mask_token=None,
                                                              num_oov_indices=1)
             self.temperature = cfg.temperature
+            # `full_softmax_negatives: seen`: an ad with no training positive is never a training negative
+            # either. Otherwise every step pushes it down, and its text with it: an ad launched after the
+            # training rows (cold-start) would be learnt to lose before it was ever shown.
+            self.never_positive = None
+            if cfg.full_softmax_negatives == "seen" and sampling_counts:
+                self.never_positive = tf.constant([i not in sampling_counts for i in catalog_ids])
             for k in self.top_ks:  # attributes, so Keras reports them
                 setattr(self, f"top_{k}_accuracy", tf.keras.metrics.Mean(name=f"top_{k}_accuracy"))
         metrics = None
@@ -236,6 +242,8 @@ class RetrievalModel(tfrs.Model):
             seen = tf.scatter_nd(index, tf.ones(tf.shape(index)[:1]), tf.shape(logits, out_type=rows.dtype)) > 0
             seen &= tf.not_equal(tf.range(tf.shape(logits)[1], dtype=rows.dtype)[None, :], target[:, None])
             logits = tf.where(seen, tf.constant(-1e9, logits.dtype), logits)
+        if training and self.never_positive is not None:
+            logits = tf.where(self.never_positive[None, :], tf.constant(-1e9, logits.dtype), logits)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
         # The target's rank among the catalog (ties count against it; history ads masked as in the loss).
         target_logit = tf.gather(logits, target, batch_dims=1)[:, None]
