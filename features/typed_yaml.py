@@ -92,8 +92,13 @@ class StrictSafeLoader(yaml.SafeLoader):
 
 
 def safe_load(text: str):
-    """`yaml.safe_load`, refusing duplicate mapping keys (`DuplicateKeyError`)."""
-    return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    """`yaml.safe_load`, refusing duplicate mapping keys (`DuplicateKeyError`): what `yaml.safe_load`
+    does, with the SafeLoader subclass that counts keys (no constructor beyond SafeLoader's)."""
+    loader = StrictSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, error: type[Exception], what: str):
