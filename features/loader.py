@@ -76,22 +76,31 @@ def _log_columns(spec: DataSpec) -> dict[str, str]:
     return needed
 
 
-def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
-                         seen: set[str]) -> pd.DataFrame:
-    c = spec.columns
-    id_col = c.catalog_ad_id or c.ad_id
-    check = ChunkChecker(spec, report, "catalog", frame)
+def _check_keyed_chunk(check: ChunkChecker, frame: pd.DataFrame, id_col: str, numeric_cols, seen: set[str],
+                       what: str, duplicate: tuple[str, str]) -> tuple[pd.Series, dict, pd.Series]:
+    """The checks a table keyed by id (the catalog, the users table) shares: a non-empty id (`what`),
+    numeric columns that parse, an id not seen before (`duplicate`: the problem and what was expected).
+    Returns the parsed ids, the parsed numeric columns and the rows kept."""
     ids, null = parse_ids(frame[id_col])
-    check.flag(null, "null_id", id_col, "a non-empty ad id")
+    check.flag(null, "null_id", id_col, f"a non-empty {what}")
     numerics = {}
-    for col in (*c.ad_numerics, *([c.bid] if c.bid else [])):
+    for col in numeric_cols:
         numerics[col], bad = parse_numbers(frame[col])
         check.flag(bad, "bad_type", col, "a number")
     good = ids[~check.bad]
     dup = pd.Series(False, index=frame.index)
     dup[good.index] = good.duplicated() | good.isin(seen)
-    check.flag(dup, "duplicate_catalog_id", id_col, "an ad id not already in the catalog")
-    keep = ~check.bad
+    check.flag(dup, duplicate[0], id_col, duplicate[1])
+    return ids, numerics, ~check.bad
+
+
+def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
+                         seen: set[str]) -> pd.DataFrame:
+    c = spec.columns
+    ids, numerics, keep = _check_keyed_chunk(
+        ChunkChecker(spec, report, "catalog", frame), frame, c.catalog_ad_id or c.ad_id,
+        (*c.ad_numerics, *([c.bid] if c.bid else [])), seen, "ad id",
+        ("duplicate_catalog_id", "an ad id not already in the catalog"))
     out = pd.DataFrame({"ad_id": ids[keep]})
     for col in (*c.ad_categoricals, *c.ad_text):
         out[col] = parse_text(frame.loc[keep, col], col, report)
@@ -106,19 +115,9 @@ def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.Dat
 def _check_users_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
                        seen: set[str]) -> pd.DataFrame:
     c = spec.columns
-    id_col = c.users_user_id or c.user_id
-    check = ChunkChecker(spec, report, "users", frame)
-    ids, null = parse_ids(frame[id_col])
-    check.flag(null, "null_id", id_col, "a non-empty user id")
-    numerics = {}
-    for col in c.user_numerics:
-        numerics[col], bad = parse_numbers(frame[col])
-        check.flag(bad, "bad_type", col, "a number")
-    good = ids[~check.bad]
-    dup = pd.Series(False, index=frame.index)
-    dup[good.index] = good.duplicated() | good.isin(seen)
-    check.flag(dup, "duplicate_user_id", id_col, "a user id not already in the users table")
-    keep = ~check.bad
+    ids, numerics, keep = _check_keyed_chunk(
+        ChunkChecker(spec, report, "users", frame), frame, c.users_user_id or c.user_id, c.user_numerics, seen,
+        "user id", ("duplicate_user_id", "a user id not already in the users table"))
     out = pd.DataFrame({"user_id": ids[keep]})
     for col in c.user_categoricals:
         out[col] = parse_text(frame.loc[keep, col], col, report)
