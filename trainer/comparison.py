@@ -126,25 +126,22 @@ def compare(scorers: dict[str, Scorer], queries: Queries, popularity: np.ndarray
     """Ranks of every method on `queries`; metrics overall and on each slice (a boolean mask per query).
     With `users` (one per query) also the per-user metrics (`per_user_metrics`)."""
     out = {}
-
-    def metrics(ranks, mask=slice(None)):
-        per_user = per_user_metrics(ranks[mask], users[mask], tuple(sorted({*ks, 10}))) if users is not None else {}
-        return {**metrics_of(ranks[mask], ks), **per_user}
-
     for name, scorer in scorers.items():
         started = time.time()
         ranks = rank_queries(scorer, queries, popularity)
-        out[name] = metrics(ranks)
+        out[name] = metrics_of(ranks, ks, users)
         out[name]["score_seconds"] = round(time.time() - started, 1)
         for slice_name, mask in slices.items():
-            out[f"{name}_{slice_name}"] = metrics(ranks, mask)
+            out[f"{name}_{slice_name}"] = metrics_of(ranks[mask], ks, None if users is None else users[mask])
     return out
 
 
-def metrics_of(ranks: np.ndarray, ks: tuple[int, ...]) -> dict:
-    """Recall@K and NDCG@K at every K (and 10, the head of the list), and MRR, of one target per query."""
+def metrics_of(ranks: np.ndarray, ks: tuple[int, ...], users: np.ndarray | None = None) -> dict:
+    """Recall@K and NDCG@K at every K (and 10, the head of the list), and MRR, of one target per query;
+    with `users` (one per query) also the per-user Recall@K and NDCG@K (`per_user_metrics`)."""
     ks = tuple(sorted({*ks, 10}))
-    return {**retrieval_metrics(ranks, ks), "mrr": mrr(ranks), "queries": int(len(ranks))}
+    per_user = per_user_metrics(ranks, users, ks) if users is not None else {}
+    return {**retrieval_metrics(ranks, ks), "mrr": mrr(ranks), "queries": int(len(ranks)), **per_user}
 
 
 @step("evaluating retrieval over the catalog")

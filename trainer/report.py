@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from features.protocol import one_list_per_user
 from trainer.builders import build_ranking, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, restore_parts
 from trainer.comparison import evaluate_retrieval
@@ -114,7 +115,8 @@ def evaluate(trained: TrainedModels, n_bins: int = 10) -> Evaluation:
     ranking["ece"] = expected_calibration_error(labels, pctr, n_bins)
     ranking.update(ranking_label_notes(ranking, split.test, schema, trained.config))
     metrics = {"retrieval": evaluate_retrieval(trained.retrieval, catalog, schema, split.train, split.test,
-                                               trained.excluded, ks, trained.baselines),
+                                               trained.excluded, ks, trained.baselines,
+                                               one_list_per_user(trained.config.evaluation, schema)),
                "ranking": ranking}
     rng = np.random.default_rng(0)
     sample = rng.integers(0, len(catalog), size=(len(queries), min(20, len(catalog))))
