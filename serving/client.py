@@ -10,9 +10,7 @@ restarting, unreachable) is retried with exponential backoff and jitter, at most
 
 from __future__ import annotations
 
-import math
 import random
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -22,26 +20,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from serving import wire
+from serving import rows as rows_of
+from serving import values, wire
 from serving.contract import (
-    AD_ID_LISTS,
     CLIENT_MAX_BATCH_SIZE,
     EXCLUDED_AD_IDS,
-    HISTORY,
     MAX_MESSAGE_BYTES,
-    NEGATIVE_HISTORY,
     PAD_AD_ID,
     PREDICTION_SERVICE,
     RECOMMENDER,
     SIGNATURE_KEY,
-    USER_STATS,
 )
+from serving.values import RequestError
+
+__all__ = ["RecommendationClient", "RecommendedAd", "RequestError", "RetryPolicy"]
 
 RECONNECT_BACKOFF_MAX_MS = 1000
-
-
-class RequestError(ValueError):
-    """A request cannot be built from the given values (missing or ill-typed features)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +92,7 @@ class RecommendationClient:
         self.signature_name = signature_name
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    # gRPC's own reconnect backoff grows to 120 s by default: after a server restart
                    # the channel would fail calls fast for seconds after the server is back.
@@ -115,6 +109,7 @@ class RecommendationClient:
         self._rpc = wire.stubs(self._channel)
         self._inputs: dict[str, dict[str, str]] = {}
         self._shapes: dict[str, dict[str, list[int]]] = {}
+        self._widths: dict[str, int] = {}  # the ad_ids output's width per model (-1: open)
         self._stats_lock = threading.Lock()
         self.calls = 0
         self.retries = 0
@@ -178,16 +173,26 @@ class RecommendationClient:
                 raise RequestError(f"model {model_name!r} has no signature {self.signature_name!r}; "
                                    f"it has {sorted(sig_map.signature_def)}")
             sig = sig_map.signature_def[self.signature_name]
-            self._inputs[model_name] = {k: wire.dtype_name(v.dtype) for k, v in sig.inputs.items()}
             self._shapes[model_name] = {k: [d.size for d in v.tensor_shape.dim] for k, v in sig.inputs.items()}
+            ad_ids = sig.outputs.get("ad_ids")
+            self._widths[model_name] = ad_ids.tensor_shape.dim[-1].size \
+                if ad_ids is not None and len(ad_ids.tensor_shape.dim) == 2 else -1
+            self._inputs[model_name] = {k: wire.dtype_name(v.dtype) for k, v in sig.inputs.items()}
         return self._inputs[model_name]
+
+    def max_k(self, model_name: str | None = None) -> int | None:
+        """The most ads the model returns per request: its `ad_ids` output's width, fixed at export
+        (the recommender's `export.recommend_k`, retrieval's `export.top_k`); None when open."""
+        self.signature_inputs(model_name)
+        width = self._widths[model_name or self.model_name]
+        return width if width > 0 else None
 
     def predict(self, inputs: Mapping[str, object], model_name: str | None = None) -> dict[str, np.ndarray]:
         """Call Predict with batched inputs (lists/arrays, one entry per example).
 
-        Values are converted to the dtypes the signature declares (Python ints to int64). For a
-        recommender, `excluded_ad_ids` may be a list of per-example id lists (padded here) or left
-        out (nothing excluded).
+        Values are converted to the dtypes the signature declares (Python ints to int64), never
+        changed on the way (`serving/values.py`). For a recommender, `excluded_ad_ids` may be a list
+        of per-example id lists (padded here) or left out (nothing excluded).
         """
         return self.predict_versioned(inputs, model_name)[0]
 
@@ -203,70 +208,54 @@ class RecommendationClient:
         if EXCLUDED_AD_IDS in specs and inputs:
             given = inputs.get(EXCLUDED_AD_IDS)
             if given is None:
-                batch = len(next(iter(inputs.values())))
-                inputs[EXCLUDED_AD_IDS] = _padded_ad_ids([[]] * batch)
+                batch = len(next(iter(inputs.values())))  # type: ignore[arg-type]
+                inputs[EXCLUDED_AD_IDS] = values.padded_ad_ids([[]] * batch)
             elif not isinstance(given, np.ndarray):
-                inputs[EXCLUDED_AD_IDS] = _padded_ad_ids([_ad_id_list(e, EXCLUDED_AD_IDS) for e in given])
-        for name, values in inputs.items():
+                inputs[EXCLUDED_AD_IDS] = values.padded_ad_ids([values.ad_ids(e, EXCLUDED_AD_IDS)
+                                                                for e in given])  # type: ignore[attr-defined]
+        for name, tensor in inputs.items():
             try:
-                request.inputs[name].CopyFrom(wire.make_tensor_proto(values, specs.get(name)))
+                request.inputs[name].CopyFrom(wire.make_tensor_proto(tensor, specs.get(name)))
             except (TypeError, ValueError) as err:
                 raise RequestError(f"input {name!r}: {err}") from err
         response = self._call(self._rpc["Predict"], request)
         return {k: wire.make_ndarray(v) for k, v in response.outputs.items()}, response.model_spec.version.value
 
-    def _request_batch(self, rows: list[Mapping[str, object]], model_name: str | None) -> dict:
-        specs = self.signature_inputs(model_name)
-        shapes = self._shapes.get(model_name or self.model_name, {})
-        batch = {}
-        if HISTORY not in specs and any(_ad_id_list(r.get(HISTORY), HISTORY) for r in rows):
-            raise RequestError(f"model {model_name or self.model_name!r} takes no {HISTORY!r} "
-                               "(it was exported with retrieval.history_length 0)")
-        for name, dtype in specs.items():
-            if name == EXCLUDED_AD_IDS:
-                batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows])
-                continue
-            if name in (HISTORY, NEGATIVE_HISTORY):
-                batch[name] = _padded_ad_ids([_ad_id_list(r.get(name), name) for r in rows],
-                                             shapes.get(name, [-1, -1])[-1])
-                continue
-            missing = [i for i, r in enumerate(rows) if name not in r or _is_missing(r[name])]
-            if name in USER_STATS:  # unknown counters: a user with no earlier events, like an empty history
-                batch[name] = np.array([0 if i in set(missing) else int(r[name]) for i, r in enumerate(rows)],
-                                       dtype=np.int64)
-                continue
-            if missing:
-                needed = sorted(set(specs) - {*AD_ID_LISTS, *USER_STATS})
-                raise RequestError(f"feature {name!r} is missing (rows {missing[:5]}); "
-                                   f"the model needs {needed}")
-            values = [r[name] for r in rows]
-            try:
-                if dtype == "string":
-                    batch[name] = np.array([str(v).encode("utf-8") for v in values], dtype=object)
-                else:
-                    batch[name] = np.array(values, dtype=wire.numpy_dtype(dtype))
-            except (TypeError, ValueError) as err:
-                raise RequestError(f"feature {name!r} must be {dtype}: {err}") from err
-        return batch
+    def _request_batch(self, rows: list[dict], ignore_unknown: bool) -> dict[str, np.ndarray]:
+        """One Predict's inputs from request rows, every value checked against the signature."""
+        specs = self.signature_inputs()
+        rows_of.check_names(rows, specs, self.model_name, ignore_unknown)
+        return rows_of.predict_inputs(rows, specs, self._shapes[self.model_name])
 
-    def recommend_batch(self, requests, k: int = 10,
-                        exclude: Sequence[Sequence[str]] | None = None) -> list[list[RecommendedAd]]:
+    def _checked_k(self, k: object) -> int:
+        """`k` as asked (a positive int, no bool), at most what the model returns; None: all of it."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
+            raise RequestError(f"k must be a positive integer, got {values.shown(k)}")
+        most = self.max_k()
+        if k is None:
+            if most is None:
+                raise RequestError(f"k=None: model {self.model_name!r} leaves its number of ads open; give k")
+            return most
+        if most is not None and k > most:
+            raise RequestError(f"k={k} is more than the {most} ads model {self.model_name!r} returns per "
+                               "request (fixed at export: export.recommend_k for the recommender)")
+        return int(k)
+
+    def recommend_batch(self, requests, k: int | None = 10, exclude: Sequence[Sequence[str]] | None = None,
+                        ignore_unknown_features: bool = False) -> list[list[RecommendedAd]]:
         """Ranked ads for many users: (user, context) or (user, context, history) tuples, or a
         DataFrame with one row per request (columns = feature names, optionally `history` and
         `excluded_ad_ids`), sent in Predict calls of at most `max_batch_size` rows. A history is a
         list of the user's recently clicked ad ids, most recent first; missing means empty.
-        `exclude`: one list of ad ids per request that must not come back (shown, capped)."""
-        if hasattr(requests, "columns") and hasattr(requests, "to_dict"):  # a pandas DataFrame
-            rows = requests.to_dict("records")
-        else:
-            rows = [{**_as_dict(r[0]), **_as_dict(r[1]), **({HISTORY: r[2]} if len(r) > 2 else {})}
-                    for r in requests]
-        if exclude is not None:
-            if len(exclude) != len(rows):
-                raise RequestError(f"exclude has {len(exclude)} lists for {len(rows)} requests")
-            rows = [{**r, EXCLUDED_AD_IDS: list(e or [])} for r, e in zip(rows, exclude, strict=True)]
-        batches = [self._request_batch(rows[i:i + self.max_batch_size], None)  # validate all before sending
-                   for i in range(0, len(rows), self.max_batch_size)]
+        `exclude`: one list of ad ids per request that must not come back (shown, capped).
+
+        `k`: 1 up to `max_k()` (None: every ad the model returns). Every value is checked before
+        anything is sent (`serving/values.py`); a name that is no input of the model is refused
+        unless `ignore_unknown_features`."""
+        k = self._checked_k(k)
+        rows = rows_of.request_rows(requests, exclude)
+        batches = [self._request_batch(rows[i:i + self.max_batch_size], ignore_unknown_features)
+                   for i in range(0, len(rows), self.max_batch_size)]  # validate all before sending
         results = []
         for batch in batches:
             results.extend(self._ranked(self.predict(batch), k))
@@ -275,10 +264,13 @@ class RecommendationClient:
     def _ranked(self, out: dict[str, np.ndarray], k: int) -> list[list[RecommendedAd]]:
         if "ad_ids" not in out:
             raise RequestError(f"model {self.model_name!r} returns {sorted(out)}, not ad_ids")
+        if out["ad_ids"].ndim == 2 and out["ad_ids"].shape[1] < k:  # a signature that left the width open
+            raise RequestError(f"k={k} is more than the {out['ad_ids'].shape[1]} ads model "
+                               f"{self.model_name!r} returned")
         score_key = next(key for key in ("score", "pctr", "scores") if key in out)
         results = []
         for b in range(len(out["ad_ids"])):
-            ads = []
+            ads: list[RecommendedAd] = []
             for r, ad in enumerate(out["ad_ids"][b][:k]):
                 if ad == PAD_AD_ID.encode():  # the recommender's padding: fewer than k ads remained after exclusions
                     continue
@@ -290,10 +282,10 @@ class RecommendationClient:
         return results
 
     def recommend(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                  k: int = 10, history: Sequence[str] | None = None,
-                  exclude: Sequence[str] = ()) -> list[RecommendedAd]:
+                  k: int | None = 10, history: Sequence[str] | None = None,
+                  exclude: Sequence[str] | None = None, ignore_unknown_features: bool = False) -> list[RecommendedAd]:
         """Ranked ads for one user in one context (dicts of plain Python/numpy values or pandas Series),
-        never one of the ad ids in `exclude`.
+        never one of the ad ids in `exclude` (a list: a bare string is refused, not split).
 
         `history`: the ad ids the user recently clicked, most recent first (default none); padded
         with "" (or cut) to the length the model was exported with. A model trained with
@@ -301,58 +293,21 @@ class RecommendationClient:
         (`user_events`, `user_clicks`, `user_recent_clicks`; missing ones are 0: a user with no
         earlier events), one with `ranking.negative_history` the `negative_history` list of the
         ad ids the user saw lately and did not click (from `user`, most recent first; missing: none).
+        A name in both `user` and `context` is refused; `k` and the rest as `recommend_batch`.
         """
-        request = (user, {} if context is None else context, [] if history is None else history)
-        return self.recommend_batch([request], k, [list(exclude)])[0]
+        request = (user, {} if context is None else context, history)
+        return self.recommend_batch([request], k, None if exclude is None else [exclude],
+                                    ignore_unknown_features)[0]
 
     def recommend_df(self, user: Mapping[str, object], context: Mapping[str, object] | None = None,
-                     k: int = 10, history: Sequence[str] | None = None, exclude: Sequence[str] = ()):
+                     k: int | None = 10, history: Sequence[str] | None = None,
+                     exclude: Sequence[str] | None = None, ignore_unknown_features: bool = False):
         """`recommend` as a pandas DataFrame (rank, ad_id, score and every output score); needs pandas."""
         try:
             import pandas as pd
         except ImportError as err:
             raise ImportError("recommend_df needs pandas (pip install pandas); recommend() does not") from err
-        ads = self.recommend(user, context, k, history=history, exclude=exclude)
+        ads = self.recommend(user, context, k, history=history, exclude=exclude,
+                             ignore_unknown_features=ignore_unknown_features)
         return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
                              for a in ads])
-
-
-def _ad_id_list(value, name: str) -> list[str]:
-    """One request's list of ad ids (`history`, `excluded_ad_ids`): None/NaN means none, "" entries
-    are padding; a bare string is refused (it would otherwise be read as a list of characters)."""
-    if value is None or isinstance(value, float) and np.isnan(value):
-        return []
-    if isinstance(value, str | bytes):
-        raise RequestError(f"{name!r} must be a list of ad ids, got a single string {value!r}")
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value
-            if v is not None and v not in (PAD_AD_ID, PAD_AD_ID.encode())]
-
-
-def _padded_ad_ids(lists: list[list[str]], width: int | None = None) -> np.ndarray:
-    """[batch, width] utf-8 ad ids padded with PAD_AD_ID and cut to `width` (the first entries kept);
-    without a width, the longest list's (at least 1)."""
-    if width is None or width < 0:
-        width = max([1, *(len(v) for v in lists)])
-    out = np.full((len(lists), width), PAD_AD_ID.encode(), dtype=object)
-    for i, values in enumerate(lists):
-        values = values[:width]
-        out[i, :len(values)] = [v.encode("utf-8") for v in values]
-    return out
-
-
-def _as_dict(values) -> dict:
-    if hasattr(values, "to_dict") and not isinstance(values, Mapping):  # a pandas Series
-        return values.to_dict()
-    return dict(values or {})
-
-
-def _is_missing(value) -> bool:
-    if value is None:
-        return True
-    pd = sys.modules.get("pandas")  # values from a DataFrame may be pd.NA / NaT: pandas knows them
-    if pd is not None:
-        try:
-            return bool(pd.isna(value))
-        except (TypeError, ValueError):  # arrays and other non-scalars
-            return False
-    return isinstance(value, float | np.floating) and math.isnan(value)

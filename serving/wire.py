@@ -16,6 +16,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving.contract import MODEL_SERVICE, PREDICTION_SERVICE
+from serving.values import number
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
@@ -125,17 +126,31 @@ def _as_bytes(value) -> bytes:
 
 
 def _numeric(values, dtype: np.dtype) -> np.ndarray:
-    """`values` as `dtype`, refusing what would silently change them (23.5 -> 23, 2**40 -> int32)."""
+    """`values` as `dtype`, refusing what would silently change them (23.5 -> 23, 2**40 -> int32,
+    1e300 -> float32 inf, True -> 1) and numbers that are not finite."""
     array = np.asarray(values)
-    if array.dtype.kind in "OUS":  # Python objects or text: numpy parses "20", refuses "twenty"
-        return np.asarray(values, dtype=dtype)
-    if dtype.kind in "iub" and array.dtype.kind == "f" and not np.all(np.isfinite(array) & (array == np.trunc(array))):
-        raise ValueError(f"{array.dtype} values that are not whole numbers cannot be sent as {dtype}")
-    if dtype.kind in "iu" and array.dtype.kind in "iu" and array.size:
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
+    if array.dtype.kind in "OUS":  # Python objects or text: each value on its own ("20" is 20, "twenty" no)
+        flat = [number(v, dtype) for v in array.reshape(-1)]
+        return np.array(flat, dtype=dtype).reshape(array.shape)
+    if (array.dtype.kind == "b") != (dtype.kind == "b"):
+        raise ValueError(f"{array.dtype} values cannot be sent as {dtype}")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ValueError(f"values that are not finite (inf, nan) cannot be sent as {dtype}")
+    if dtype.kind in "iu" and array.size and array.dtype.kind in "iuf":
+        if array.dtype.kind == "f" and not np.all(array == np.trunc(array)):
+            raise ValueError(f"{array.dtype} values that are not whole numbers cannot be sent as {dtype}")
+        info, low, high = np.iinfo(dtype), array.min(), array.max()
+        if array.dtype.kind == "f":  # 2**63 is a float, int64's max is not
+            outside = float(low) < float(info.min) or float(high) >= float(int(info.max) + 1)
+        else:
+            outside = int(low) < info.min or int(high) > info.max
+        if outside:
             raise ValueError(f"values outside the range of {dtype}")
-    return array.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        out = array.astype(dtype, copy=False)
+    if dtype.kind == "f" and not np.all(np.isfinite(out)):
+        raise ValueError(f"values beyond the range of {dtype}")
+    return out
 
 
 def make_tensor_proto(values, dtype: str | None = None):

@@ -438,6 +438,9 @@ def test_client_refuses_ill_typed_features_before_sending(server):
 
 def test_catalog_document_lists_every_case():
     text = (Path(__file__).parent / "BAD_INPUTS.md").read_text()
-    ids = [c.id for c in DATA_CASES] + [c[0] for c in CONFIG_CASES] + [c[0] for c in REQUEST_CASES]
+    from tests.test_client_inputs import ACCEPTED, CLI_REFUSED, REFUSED
+
+    tables = (CONFIG_CASES, REQUEST_CASES, REFUSED, ACCEPTED, CLI_REFUSED)
+    ids = [c.id for c in DATA_CASES] + [c[0] for table in tables for c in table]
     missing = [i for i in ids if f"`{i}`" not in text]
     assert not missing, f"tests/BAD_INPUTS.md does not list {missing}"

@@ -85,13 +85,18 @@ def _cmd_serve(args, server_args: list[str]) -> int:
 SERVE_HELP = "serve exported models over TF Serving's gRPC API (adrec serve --help: its flags)"
 
 
-def _parse_features(pairs: list[str]) -> dict:
-    out = {}
+def _parse_features(pairs: list[str], user: str) -> dict[str, str]:
+    """`--feature KEY=VALUE` pairs as text: the client reads each as its input's dtype from the model's
+    signature (`region=007` stays "007" for a string input, is 7 for an int64 one; "7.5" is refused)."""
+    out = {"user_id": user}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"feature {pair!r} is not KEY=VALUE")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+            raise ValueError(f"--feature {pair!r} is not KEY=VALUE")
+        if key in out:
+            raise ValueError(f"--feature {key} is given twice" if key != "user_id" else
+                             "--feature user_id: the user is given with --user")
+        out[key] = value
     return out
 
 
@@ -99,12 +104,9 @@ def _cmd_recommend(args) -> int:
     from trainer.quiet import quiet_import
 
     quiet_import("serving.client")  # should the client load TensorFlow, without its banners
-    from serving.client import RecommendationClient
+    from serving.client import RecommendationClient, RetryPolicy
 
-    features = _parse_features(args.feature)
-    features["user_id"] = args.user
-    from serving.client import RetryPolicy
-
+    features = _parse_features(args.feature, args.user)
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
                               retry=RetryPolicy(max_attempts=args.attempts)) as client:
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--user", required=True, help="user id")
     rec.add_argument("--feature", action="append", default=[], metavar="KEY=VALUE",
                      help="user or context feature, e.g. device=mobile hour=20 (repeatable)")
-    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("-k", type=int, help="ads to return, 1 up to what the model returns (default: all of them, "
+                     "its export.recommend_k)")
     rec.add_argument("--history", action="append", default=[], metavar="AD_ID",
                      help="an ad the user recently clicked, most recent first (repeatable)")
     rec.add_argument("--exclude", action="append", default=[], metavar="AD_ID",
