@@ -54,7 +54,7 @@ class _UserPositives:
         self.labels = positives.index.to_numpy()[order]
         starts = np.flatnonzero(np.r_[True, self.users[1:] != self.users[:-1]]) if len(order) else np.zeros(0, int)
         stops = np.r_[starts[1:], len(order)]
-        self.span = {self.users[a]: (a, b) for a, b in zip(starts, stops, strict=True)}
+        self.span = {self.users[a]: (int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
 
     def of(self, user: str) -> tuple[int, int]:
         return self.span.get(user, (0, 0))

@@ -99,7 +99,7 @@ class Queries:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def excluded(self, i: int) -> np.ndarray:
+    def excluded(self, i: int | np.integer) -> np.ndarray:
         return self.exclude_items[self.exclude_indptr[i]:self.exclude_indptr[i + 1]]
 
     def subset(self, mask: np.ndarray) -> Queries:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import keras_hub
@@ -88,7 +89,7 @@ class TextPacker:
             pad_value=tokenizer.token_to_id("[PAD]"),
             return_padding_mask=True,
         )
-        self._pack_graph = None
+        self._pack_graph: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None  # traced on first use
 
     def __call__(self, texts) -> dict[str, tf.Tensor]:
         token_ids, padding_mask = self.packer(self.tokenizer(texts))

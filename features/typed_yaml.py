@@ -15,7 +15,7 @@ import yaml
 
 
 def coerce(cls, value, where: str, error: type[Exception],
-           shorthands: dict[type, Callable[[object], object]] | None = None,
+           shorthands: dict[type, Callable[[str], object]] | None = None,
            hidden: frozenset[str] = frozenset()):
     """Build `cls` from plain YAML values.
 
@@ -72,7 +72,7 @@ class StrictSafeLoader(yaml.SafeLoader):
     keys written in the mapping itself must be unique.
     """
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key_node, _ in node.value:

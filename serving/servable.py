@@ -28,7 +28,7 @@ class ServableError(RuntimeError):
 class TensorInfo:
     name: str  # tensor name in the graph, e.g. "serving_default_user_id:0"
     dtype: tf.dtypes.DType
-    shape: list[int | None]
+    shape: list[int | None] | None  # None: unknown rank
 
 
 def _tensor_info(info: meta_graph_pb2.TensorInfo) -> TensorInfo:
