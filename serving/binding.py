@@ -1,0 +1,103 @@
+"""The server's listening port: one owner per port, a port number in range, TLS files checked.
+
+gRPC sets SO_REUSEPORT by default, so a second server on a taken port binds anyway and the
+kernel splits connections between the two; the embedded server turns it off (`SO_REUSEPORT_OFF`)
+and explains a failed bind with the operating system's own reason. TLS files are read and
+checked as a pair before binding, so a wrong key is named as such, not as a bind failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+SO_REUSEPORT_OFF = ("grpc.so_reuseport", 0)
+MAX_PEM_BYTES = 1 << 20  # a certificate chain is a few KiB
+
+
+class TlsError(ValueError):
+    """A TLS certificate or key cannot be read, is not PEM, or the two do not form a pair."""
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: 1..65535, or 0 for any free port."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..65535 (0: any free port)")
+    return port
+
+
+def _read_pem(path: Path, what: str, marker: str) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_PEM_BYTES:
+            raise TlsError(f"TLS {what} {path}: {size} bytes, more than a PEM file's {MAX_PEM_BYTES}")
+        data = path.read_bytes()
+    except OSError as err:
+        raise TlsError(f"TLS {what} {path}: cannot read: {err.strerror or err}") from err
+    if marker.encode() not in data:
+        raise TlsError(f"TLS {what} {path}: not a PEM {what} (no '{marker}' line)")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        cert_file, key_file = Path(self.cert_file), Path(self.key_file)
+        cert = _read_pem(cert_file, "certificate", "-----BEGIN CERTIFICATE-----")
+        key = _read_pem(key_file, "key", "PRIVATE KEY-----")
+        try:  # OpenSSL checks that the key is the certificate's; gRPC would only fail to bind
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=_no_password)
+        except (ssl.SSLError, TlsError) as err:
+            reason = getattr(err, "reason", None)
+            if reason == "KEY_VALUES_MISMATCH":
+                raise TlsError(f"TLS key {key_file} does not match certificate {cert_file}") from err
+            raise TlsError(f"TLS certificate {cert_file} / key {key_file}: cannot load: {reason or err}") from err
+        return grpc.ssl_server_credentials([(key, cert)])
+
+
+def _no_password() -> bytes:
+    raise TlsError("the key is encrypted; give an unencrypted PEM key")
+
+
+def bind(server: grpc.Server, host: str, port: int, tls: TlsConfig | None) -> int:
+    """Add the listening port; returns the port bound (the one picked when `port` is 0)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1..65535 (0: any free port)")
+    credentials = tls.credentials() if tls else None
+    target = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+    except RuntimeError:  # grpc raises RuntimeError when it cannot bind
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind {target}: {_why_not(host, port)}")
+    return bound
+
+
+def _why_not(host: str, port: int) -> str:
+    """The operating system's reason a bind fails (gRPC's own error says only that it failed)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        return f"cannot resolve host {host!r}: {err.strerror}"
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"port {port} is already in use"
+            return err.strerror or str(err)
+    return "gRPC refused the address"
