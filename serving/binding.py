@@ -2,8 +2,10 @@
 
 gRPC sets SO_REUSEPORT by default, so a second server on a taken port binds anyway and the
 kernel splits connections between the two; the embedded server turns it off (`SO_REUSEPORT_OFF`)
-and explains a failed bind with the operating system's own reason. TLS files are read and
-checked as a pair before binding, so a wrong key is named as such, not as a bind failure.
+and explains a failed bind with the operating system's own reason. The port is probed before the
+models load (a taken port fails at once) but bound only after, as TF Serving does: nothing
+accepts connections, not even a TCP readiness probe, before the models can answer. TLS files are
+checked as a pair before loading too, so a wrong key is named as such, not as a bind failure.
 """
 
 from __future__ import annotations
@@ -72,32 +74,38 @@ def _no_password() -> bytes:
     raise TlsError("the key is encrypted; give an unencrypted PEM key")
 
 
-def bind(server: grpc.Server, host: str, port: int, tls: TlsConfig | None) -> int:
-    """Add the listening port; returns the port bound (the one picked when `port` is 0)."""
+def check_port(host: str, port: int) -> None:
+    """Fail now, before the models load, if `host:port` cannot be bound (port 0: any free port)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is outside 1..65535 (0: any free port)")
-    credentials = tls.credentials() if tls else None
+    reason = _bind_error(host, port)
+    if reason:
+        raise OSError(f"cannot bind {host}:{port}: {reason}")
+
+
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Add the listening port; returns the port bound (the one picked when `port` is 0)."""
     target = f"{host}:{port}"
     try:
         bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
     except RuntimeError:  # grpc raises RuntimeError when it cannot bind
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {target}: {_why_not(host, port)}")
+        raise OSError(f"cannot bind {target}: {_bind_error(host, port) or 'gRPC refused the address'}")
     return bound
 
 
-def _why_not(host: str, port: int) -> str:
-    """The operating system's reason a bind fails (gRPC's own error says only that it failed)."""
+def _bind_error(host: str, port: int) -> str | None:
+    """The operating system's reason `host:port` cannot be bound, or None (gRPC's own error says
+    only that binding failed). SO_REUSEADDR as gRPC sets it: a port in TIME_WAIT is free."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
         return f"cannot resolve host {host!r}: {err.strerror}"
     with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                return f"port {port} is already in use"
-            return err.strerror or str(err)
-    return "gRPC refused the address"
+            return f"port {port} is already in use" if err.errno == errno.EADDRINUSE else (err.strerror or str(err))
+    return None

@@ -34,7 +34,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.status_pb2 import StatusProto
 
-from serving.binding import SO_REUSEPORT_OFF, TlsConfig, TlsError, bind, port_number
+from serving.binding import SO_REUSEPORT_OFF, TlsConfig, TlsError, bind, check_port, port_number
 from serving.config import ModelConfigError, ModelEntry, read_model_config
 from serving.contract import (
     HEALTH_SERVICES,
@@ -201,13 +201,16 @@ class EmbeddedModelServer:
     `models.config` (version policy and labels). `poll_seconds` > 0 watches the base paths and
     swaps in new versions without failing a request; `tls` serves over TLS; requests over
     `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) and batches over `max_batch_size`
-    with INVALID_ARGUMENT. The port is bound before any model loads, and by this server alone: a
-    taken port fails at once (OSError naming it), not after the load, and is never shared.
+    with INVALID_ARGUMENT. The port is this server's alone (never shared through SO_REUSEPORT);
+    a taken port and bad TLS files fail before any model loads, naming the port or the files.
     """
 
     def __init__(self, base_paths: Mapping[str, Path | ModelEntry], host: str = LOOPBACK, port: int = 0,
                  max_workers: int = 8, poll_seconds: float = 0.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, tls: TlsConfig | None = None, warmup: bool = True):
+        check_port(host, port)
+        credentials = tls.credentials() if tls else None
+        self.registry = ModelRegistry(base_paths, warmup=warmup)
         self.host = host
         self.poll_seconds = poll_seconds
         options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -215,10 +218,9 @@ class EmbeddedModelServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="adrec-rpc"), options=options)
         try:
-            self.port = bind(self._server, host, port, tls)
-            self.registry = ModelRegistry(base_paths, warmup=warmup)
-        except BaseException:
-            self._server.stop(None)  # releases the port
+            self.port = bind(self._server, host, port, credentials)
+        except OSError:
+            self.registry.close()
             raise
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.registry, max_batch_size), self._server)

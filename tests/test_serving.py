@@ -204,6 +204,17 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
     assert message in err.value.details()
 
 
+def test_a_second_server_on_a_taken_port_fails_at_once(server):
+    """gRPC's SO_REUSEPORT would let both bind and split the traffic; the port is bound before
+    any model loads, so the second server fails in milliseconds, naming the port."""
+    started = time.monotonic()
+    with pytest.raises(OSError, match=rf"^cannot bind 127.0.0.1:{server.port}: port {server.port} is already in use$"):
+        EmbeddedModelServer(server.registry.base_paths, port=server.port)
+    assert time.monotonic() - started < 5
+    with RecommendationClient(server.address, timeout=10) as c:  # the first one still serves
+        assert len(c.recommend(USER, CONTEXT, k=3)) == 3
+
+
 def test_client_names_missing_features(client):
     with pytest.raises(RequestError, match="feature 'device' is missing") as err:
         client.recommend(USER, {k: v for k, v in CONTEXT.items() if k != "device"})
