@@ -1,20 +1,23 @@
 """TensorFlow Serving's config files: read and write them as TF Serving does.
 
 - `models.config`: a `ModelServerConfig` text proto (`--model_config_file`) naming every model,
-  its base path and the version policy (latest). Base paths are written as the model server
-  container sees them (`/models/<name>`); the embedded server maps `/models` to the directory
-  holding the config file (or to `models_root`), so one file serves both.
+  its base path, version policy (`latest`, `specific`, `all`) and version labels. Base paths
+  are written as the model server container sees them (`/models/<name>`); the embedded server
+  maps `/models` to the directory holding the config file (or to `models_root`), so one file
+  serves both.
 - `batching_parameters.txt`: `BatchingParameters` text proto (`--batching_parameters_file`).
 - `monitoring.config`: `MonitoringConfig` text proto (`--monitoring_config_file`), Prometheus.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+from serving.versions import INT64_MAX, MAX_LOADED_VERSIONS, VersionPolicy
 
 MODEL_CONFIG_FILE = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
@@ -42,6 +45,8 @@ class ModelEntry:
     name: str
     base_path: Path
     platform: str = "tensorflow"
+    policy: VersionPolicy = VersionPolicy()
+    labels: dict[str, int] = field(default_factory=dict)  # version_labels: label -> version
 
 
 def model_server_config(names: list[str] | tuple[str, ...],
@@ -91,10 +96,8 @@ def read_model_config(path: str | Path, models_root: str | Path | None = None) -
         if item.model_platform not in ("", "tensorflow"):
             raise ModelConfigError(f"{path}: model {item.name!r} has platform {item.model_platform!r}; "
                                    "only 'tensorflow' is served")
-        policy = item.model_version_policy.WhichOneof("policy_choice")
-        if policy not in (None, "latest") or item.model_version_policy.latest.num_versions > 1:
-            raise ModelConfigError(f"{path}: model {item.name!r}: the embedded server serves the latest "
-                                   "version only (model_version_policy latest {num_versions: 1})")
+        policy = _version_policy(f"{path}: model {item.name!r}", item.model_version_policy)
+        labels = _version_labels(f"{path}: model {item.name!r}", item.version_labels, policy)
         base = PurePosixPath(item.base_path)
         if base.is_relative_to(CONTAINER_MODELS_ROOT):
             resolved = root / base.relative_to(CONTAINER_MODELS_ROOT)
@@ -102,8 +105,37 @@ def read_model_config(path: str | Path, models_root: str | Path | None = None) -
             resolved = Path(item.base_path)
         else:
             resolved = path.parent / item.base_path
-        entries.append(ModelEntry(item.name, resolved, item.model_platform or "tensorflow"))
+        entries.append(ModelEntry(item.name, resolved, item.model_platform or "tensorflow", policy, labels))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ModelConfigError(f"{path}: duplicate model names {names}")
     return entries
+
+
+def _version_policy(where: str, proto) -> VersionPolicy:
+    kind = proto.WhichOneof("policy_choice") or "latest"
+    if kind == "all":
+        return VersionPolicy("all")
+    if kind == "latest":
+        count = max(proto.latest.num_versions, 1)  # TF Serving reads 0 (unset) as 1
+        if count > MAX_LOADED_VERSIONS:
+            raise ModelConfigError(f"{where}: latest {{num_versions: {count}}} is more than the "
+                                   f"{MAX_LOADED_VERSIONS} versions one model may keep loaded")
+        return VersionPolicy("latest", count)
+    versions = frozenset(proto.specific.versions)
+    if not versions or len(versions) > MAX_LOADED_VERSIONS or min(versions) < 0:
+        raise ModelConfigError(f"{where}: specific {{versions}} must name 1 to {MAX_LOADED_VERSIONS} "
+                               f"versions >= 0, got {sorted(versions)[:MAX_LOADED_VERSIONS + 1]}")
+    return VersionPolicy("specific", versions=versions)
+
+
+def _version_labels(where: str, proto_map, policy: VersionPolicy) -> dict[str, int]:
+    labels = dict(proto_map)
+    for label, version in labels.items():
+        if not label or not 0 <= version <= INT64_MAX:
+            raise ModelConfigError(f"{where}: version label {label!r} -> {version}: a label must be "
+                                   "non-empty and name a version >= 0")
+        if policy.kind == "specific" and version not in policy.versions:
+            raise ModelConfigError(f"{where}: version label {label!r} names version {version}, which "
+                                   f"its policy {policy.describe()} never loads")
+    return labels

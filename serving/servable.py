@@ -140,9 +140,3 @@ class Servable:
             self._closed = True
         self.session.close()
 
-
-def latest_version(base_path: Path) -> tuple[int, Path] | None:
-    """The highest numeric version directory under a model base path (TF Serving's default policy)."""
-    versions = [(int(p.name), p) for p in Path(base_path).glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions) if versions else None
-

@@ -17,8 +17,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -34,7 +34,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.status_pb2 import StatusProto
 
-from serving.config import ModelConfigError, read_model_config
+from serving.binding import SO_REUSEPORT_OFF, TlsConfig, TlsError, bind, check_port, port_number
+from serving.config import ModelConfigError, ModelEntry, read_model_config
 from serving.contract import (
     HEALTH_SERVICES,
     MAX_ELEMENTS_PER_INPUT,
@@ -42,13 +43,19 @@ from serving.contract import (
     SIGNATURE_KEY,
 )
 from serving.contract import SERVER_MAX_BATCH_SIZE as DEFAULT_MAX_BATCH_SIZE
-from serving.registry import ModelRegistry
+from serving.registry import ModelRegistry, UnknownLabelError
 from serving.servable import ServableError
+from serving.versions import scan_versions
 
 LOOPBACK = "127.0.0.1"
 
-def _requested_version(model_spec) -> int | None:
-    return model_spec.version.value if model_spec.HasField("version") else None
+def _requested_version(model_spec) -> tuple[int | None, str]:
+    """ModelSpec's version choice: (version, "") or (None, version_label) or (None, "")."""
+    return (model_spec.version.value if model_spec.HasField("version") else None), model_spec.version_label
+
+
+def _lookup_code(err: KeyError) -> grpc.StatusCode:
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(err, UnknownLabelError) else grpc.StatusCode.NOT_FOUND
 
 
 def _declared_shape_error(key: str, proto, max_batch_size: int) -> str | None:
@@ -113,11 +120,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):
         try:
-            held = self.registry.acquire(request.model_spec.name, _requested_version(request.model_spec))
+            held = self.registry.acquire(request.model_spec.name, *_requested_version(request.model_spec))
             with held as servable:
                 return self._predict(servable, request, context)
         except KeyError as err:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+            context.abort(_lookup_code(err), str(err.args[0]))
 
     def _predict(self, servable, request, context):
         signature_name = request.model_spec.signature_name or SIGNATURE_KEY
@@ -144,9 +151,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request, context):
         try:
-            servable = self.registry.get(request.model_spec.name, _requested_version(request.model_spec))
+            servable = self.registry.get(request.model_spec.name, *_requested_version(request.model_spec))
         except KeyError as err:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+            context.abort(_lookup_code(err), str(err.args[0]))
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -168,9 +175,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request, context):
         try:
             states = self.registry.version_states(request.model_spec.name)
+            wanted = self.registry.resolve_version(request.model_spec.name, *_requested_version(request.model_spec))
         except KeyError as err:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
-        wanted = _requested_version(request.model_spec)
+            context.abort(_lookup_code(err), str(err.args[0]))
         if wanted is not None:
             if wanted not in states:
                 context.abort(grpc.StatusCode.NOT_FOUND,
@@ -187,33 +194,34 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    cert_file: Path
-    key_file: Path
-
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())])
-
-
 class EmbeddedModelServer:
     """Serve models on host:port (loopback unless told otherwise); port 0 picks a free port.
 
-    `poll_seconds` > 0 watches the base paths and swaps in new versions without failing a
-    request; `tls` serves over TLS; requests over `max_message_bytes` are refused by gRPC
-    (RESOURCE_EXHAUSTED) and batches over `max_batch_size` with INVALID_ARGUMENT.
+    `base_paths` maps each name to its base path (latest version) or to a `ModelEntry` from
+    `models.config` (version policy and labels). `poll_seconds` > 0 watches the base paths and
+    swaps in new versions without failing a request; `tls` serves over TLS; requests over
+    `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) and batches over `max_batch_size`
+    with INVALID_ARGUMENT. The port is this server's alone (never shared through SO_REUSEPORT);
+    a taken port and bad TLS files fail before any model loads, naming the port or the files.
     """
 
-    def __init__(self, base_paths: dict[str, Path], host: str = LOOPBACK, port: int = 0,
+    def __init__(self, base_paths: Mapping[str, Path | ModelEntry], host: str = LOOPBACK, port: int = 0,
                  max_workers: int = 8, poll_seconds: float = 0.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, tls: TlsConfig | None = None, warmup: bool = True):
+        check_port(host, port)
+        credentials = tls.credentials() if tls else None
         self.registry = ModelRegistry(base_paths, warmup=warmup)
         self.host = host
         self.poll_seconds = poll_seconds
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), SO_REUSEPORT_OFF]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="adrec-rpc"), options=options)
+        try:
+            self.port = bind(self._server, host, port, credentials)
+        except OSError:
+            self.registry.close()
+            raise
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.registry, max_batch_size), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self._server)
@@ -221,16 +229,6 @@ class EmbeddedModelServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        target = f"{host}:{port}"
-        try:
-            self.port = (self._server.add_secure_port(target, tls.credentials()) if tls
-                         else self._server.add_insecure_port(target))
-        except RuntimeError as err:  # grpc raises RuntimeError when it cannot bind
-            self.registry.close()
-            raise OSError(f"cannot bind {target}: {err}") from err
-        if self.port == 0:
-            self.registry.close()
-            raise OSError(f"cannot bind {target}")
 
     @property
     def address(self) -> str:
@@ -259,9 +257,8 @@ class EmbeddedModelServer:
 
 
 def discover_models(model_base: Path) -> dict[str, Path]:
-    """Every subdirectory of `model_base` holding numeric version directories is a model."""
-    return {p.name: p for p in sorted(Path(model_base).iterdir())
-            if p.is_dir() and any(c.is_dir() and c.name.isdigit() for c in p.iterdir())}
+    """Every subdirectory of `model_base` holding version directories is a model."""
+    return {p.name: p for p in sorted(Path(model_base).iterdir()) if p.is_dir() and scan_versions(p)[0]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -275,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-base", type=Path,
                         help="serve every model directory found under this path")
     parser.add_argument("--host", default=LOOPBACK, help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8500)
+    parser.add_argument("--port", type=port_number, default=8500, help="1..65535; 0: any free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     parser.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
                         help="poll base paths for new versions this often (0: never)")
@@ -297,10 +294,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def models_from_args(args) -> dict[str, Path]:
-    models: dict[str, Path] = {}
+def models_from_args(args) -> dict[str, Path | ModelEntry]:
+    models: dict[str, Path | ModelEntry] = {}
     if args.model_config_file:
-        models.update({e.name: e.base_path for e in read_model_config(args.model_config_file, args.models_root)})
+        models.update({e.name: e for e in read_model_config(args.model_config_file, args.models_root)})
     if args.model_base:
         models.update(discover_models(args.model_base))
     for spec in args.model:
@@ -331,7 +328,7 @@ def run(args) -> int:
                                      poll_seconds=args.file_system_poll_wait_seconds,
                                      max_batch_size=args.max_batch_size, max_message_bytes=args.max_message_bytes,
                                      tls=tls, warmup=not args.no_warmup).start()
-    except ModelConfigError as err:
+    except (ModelConfigError, TlsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ServableError, OSError) as err:
@@ -340,7 +337,8 @@ def run(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    versions = ", ".join(f"{n} v{s.version}" for n, s in server.registry.all().items())
+    versions = ", ".join(f"{n} v{','.join(map(str, server.registry.loaded_versions(n)))}"
+                         for n in server.registry.base_paths)
     print(f"serving {versions} on {server.address} ({'TLS' if tls else 'plaintext'}, pid {os.getpid()})",
           flush=True)
     if args.port_file:

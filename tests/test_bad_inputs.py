@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from features.spec import DataSpecError, load_spec
 from features.validate import DataValidationError
 from serving.client import RecommendationClient, RequestError
 from serving.server import EmbeddedModelServer, discover_models
+from serving.server import main as serve_main
+from tests.conftest import make_self_signed_cert
 from tests.test_data_validation import CATALOG, COLUMNS, LOGS, USERS, _spec, _users_spec
 from trainer.config import ConfigError, RetrievalConfig, load_config
 
@@ -436,11 +439,97 @@ def test_client_refuses_ill_typed_features_before_sending(server):
         assert client.calls == calls  # nothing was sent
 
 
+# ----------------------------------------------------------------------------------------------
+# Server startup: (id, the `adrec serve` flags that break it, exit code, message on stderr)
+# Each command line ends with `--lifetime 0`: should a case start serving, it stops at once.
+# ----------------------------------------------------------------------------------------------
+
+def _one_model(env, extra: str = "", base_path: str | None = None) -> list[str]:
+    """--model-config-file of one model (retrieval of the tiny export) with a policy / labels."""
+    base = base_path or str(env.models / "retrieval")
+    env.config.write_text(f"model_config_list {{ config {{ name: 'retrieval' base_path: '{base}' {extra} }} }}")
+    return ["--model-config-file", str(env.config)]
+
+
+def _beyond_int64(env) -> list[str]:
+    (env.tmp / "m" / "9223372036854775808").mkdir(parents=True)  # 2^63: no version of any model
+    return _one_model(env, base_path=str(env.tmp / "m"))
+
+
+STARTUP_CASES = [
+    ("serve-port-out-of-range", lambda env: ["--port", "70000"], 2,
+     "argument --port: port 70000 is outside 1..65535 (0: any free port)"),
+    ("serve-port-not-a-number", lambda env: ["--port", "85OO"], 2,
+     "argument --port: expected a port number, got '85OO'"),
+    ("serve-port-taken", lambda env: ["--port", str(env.listener(reuseport=False))], 1,
+     "cannot bind 127.0.0.1:{port}: port {port} is already in use"),
+    ("serve-port-shared-reuseport", lambda env: ["--port", str(env.listener(reuseport=True))], 1,
+     "cannot bind 127.0.0.1:{port}: port {port} is already in use"),
+    ("serve-tls-key-mismatch", lambda env: ["--ssl-cert", str(env.cert), "--ssl-key", str(env.other_key)], 2,
+     "TLS key {other_key} does not match certificate {cert}"),
+    ("serve-tls-cert-unreadable", lambda env: ["--ssl-cert", str(env.tmp / "gone.pem"), "--ssl-key", str(env.key)], 2,
+     "TLS certificate {tmp}/gone.pem: cannot read: No such file or directory"),
+    ("serve-tls-key-not-pem", lambda env: ["--ssl-cert", str(env.cert), "--ssl-key", str(env.cert)], 2,
+     "TLS key {cert}: not a PEM key"),
+    ("serve-label-of-unloaded-version", lambda env: _one_model(env, "version_labels { key: 'stable' value: 7 }"), 2,
+     "model 'retrieval': version label 'stable' names version 7, which is not loaded (policy latest 1 loads [1]"),
+    ("serve-label-outside-specific", lambda env: _one_model(
+        env, "model_version_policy { specific { versions: 1 } } version_labels { key: 'canary' value: 2 }"), 2,
+     "version label 'canary' names version 2, which its policy specific [1] never loads"),
+    ("serve-policy-too-many-versions", lambda env: _one_model(
+        env, "model_version_policy { latest { num_versions: 1000 } }"), 2,
+     "latest {num_versions: 1000} is more than the 16 versions one model may keep loaded"),
+    ("serve-version-dir-beyond-int64", _beyond_int64, 1, "no version directory under {tmp}/m for model 'retrieval'"),
+]
+
+
+class _StartupEnv:
+    def __init__(self, tmp: Path, models: Path):
+        self.tmp, self.models, self.config = tmp, models, tmp / "models.config"
+        self.cert, self.key = make_self_signed_cert(tmp)
+        _, self.other_key = make_self_signed_cert(tmp, "another")
+        self.sockets: list[socket.socket] = []
+        self.port = 0
+
+    def listener(self, reuseport: bool) -> int:
+        """Hold a port as another server would (gRPC's default options set SO_REUSEPORT)."""
+        sock = socket.socket()
+        self.sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.port = sock.getsockname()[1]
+        return self.port
+
+
+@pytest.mark.parametrize("case_id, flags, code, message", STARTUP_CASES, ids=[c[0] for c in STARTUP_CASES])
+def test_bad_server_startup(exported_tiny, tmp_path, capsys, case_id, flags, code, message):
+    env = _StartupEnv(tmp_path, exported_tiny.paths["recommender"].parent.parent)
+    try:
+        argv = flags(env)
+        if "--model-config-file" not in argv:
+            argv += ["--model-config-file", str(env.models / "models.config")]
+        if "--port" not in argv:
+            argv += ["--port", "0"]  # 8500 may be taken on a shared host
+        try:
+            got = serve_main([*argv, "--lifetime", "0", "--no-warmup", "--file-system-poll-wait-seconds", "0"])
+        except SystemExit as exit_:  # argparse
+            got = exit_.code
+    finally:
+        for sock in env.sockets:
+            sock.close()
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert got == code and len(errors) == 1, errors
+    for key, value in {"port": env.port, "tmp": tmp_path, "cert": env.cert, "other_key": env.other_key}.items():
+        message = message.replace(f"{{{key}}}", str(value))
+    assert message in errors[0]
+
+
 def test_catalog_document_lists_every_case():
     text = (Path(__file__).parent / "BAD_INPUTS.md").read_text()
     from tests.test_client_inputs import ACCEPTED, CLI_REFUSED, REFUSED
 
-    tables = (CONFIG_CASES, REQUEST_CASES, REFUSED, ACCEPTED, CLI_REFUSED)
+    tables = (CONFIG_CASES, REQUEST_CASES, STARTUP_CASES, REFUSED, ACCEPTED, CLI_REFUSED)
     ids = [c.id for c in DATA_CASES] + [c[0] for table in tables for c in table]
     missing = [i for i in ids if f"`{i}`" not in text]
     assert not missing, f"tests/BAD_INPUTS.md does not list {missing}"

@@ -12,6 +12,7 @@ from trainer.export import (
     ExportError,
     export_all,
     graph_ops,
+    next_version,
 )
 from trainer.inputs import query_inputs
 from trainer.serving_artifacts import as_numpy_features
@@ -173,3 +174,14 @@ def test_next_export_is_a_new_version_and_failures_publish_nothing(trained_tiny,
         export_all(trained_tiny, base)
     for name in ("retrieval", "ranking", "recommender"):  # all or nothing: no v3, no temp dir left
         assert sorted(p.name for p in (base / name).iterdir()) == ["1", "2"], name
+
+
+def test_next_version_counts_only_int64_version_names(tmp_path):
+    """`007` and numbers above int64 are no versions to the server, so none to export either."""
+    for model, name in [("retrieval", "3"), ("ranking", "007"), ("recommender", "9223372036854775808"),
+                        ("ranking", ".tmp-9")]:
+        (tmp_path / model / name).mkdir(parents=True)
+    assert next_version(tmp_path) == 4
+    (tmp_path / "retrieval" / str(2**63 - 1)).mkdir()
+    with pytest.raises(ExportError, match="no int64 version number is left"):
+        next_version(tmp_path)

@@ -134,13 +134,15 @@ def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
         assert out[key].shape == (1,) and 0.0 < out[key][0] < 1.0
 
 
-def _raw_predict(address, model="recommender", signature="", inputs=None, version=None):
+def _raw_predict(address, model="recommender", signature="", inputs=None, version: int | str | None = None):
     with grpc.insecure_channel(address) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         req = predict_pb2.PredictRequest()
         req.model_spec.name = model
         req.model_spec.signature_name = signature
-        if version is not None:
+        if isinstance(version, str):
+            req.model_spec.version_label = version
+        elif version is not None:
             req.model_spec.version.value = version
         for k, v in (inputs or {}).items():
             req.inputs[k].CopyFrom(v)
@@ -166,6 +168,8 @@ def _good_inputs():
     ("batch_too_large", grpc.StatusCode.INVALID_ARGUMENT, "batch size 17 exceeds the server's max batch size 16"),
     ("message_too_large", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
     ("version_not_loaded", grpc.StatusCode.NOT_FOUND, "model 'recommender' version 7 is not loaded"),
+    ("unknown_version_label", grpc.StatusCode.INVALID_ARGUMENT,  # never served by another version
+     "Unrecognized servable version label: 'stable' for model 'recommender'"),
     ("unknown_input", grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'colour'"),
 ])
 def test_bad_requests_get_the_right_status(server, case, code, message):
@@ -193,11 +197,22 @@ def test_bad_requests_get_the_right_status(server, case, code, message):
         inputs["user_id"] = tf.make_tensor_proto(["u" * 300_000])
     elif case == "unknown_input":
         inputs["colour"] = tf.make_tensor_proto(["red"])
-    version = 7 if case == "version_not_loaded" else None
+    version = {"version_not_loaded": 7, "unknown_version_label": "stable"}.get(case)
     with pytest.raises(grpc.RpcError) as err:
         _raw_predict(server.address, model, signature, inputs, version)
     assert err.value.code() == code
     assert message in err.value.details()
+
+
+def test_a_second_server_on_a_taken_port_fails_at_once(server):
+    """gRPC's SO_REUSEPORT would let both bind and split the traffic; the port is bound before
+    any model loads, so the second server fails in milliseconds, naming the port."""
+    started = time.monotonic()
+    with pytest.raises(OSError, match=rf"^cannot bind 127.0.0.1:{server.port}: port {server.port} is already in use$"):
+        EmbeddedModelServer(server.registry.base_paths, port=server.port)
+    assert time.monotonic() - started < 5
+    with RecommendationClient(server.address, timeout=10) as c:  # the first one still serves
+        assert len(c.recommend(USER, CONTEXT, k=3)) == 3
 
 
 def test_client_names_missing_features(client):

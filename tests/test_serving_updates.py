@@ -1,5 +1,6 @@
 """Hot model updates: a new version swaps in under load with no failed request; a version
-that cannot load or warm up is refused and the old one keeps serving."""
+that cannot load or warm up is refused and the old one keeps serving, until its files change.
+Version policies and labels follow TF Serving; directory names that are not an int64 are ignored."""
 
 import logging
 import os
@@ -10,10 +11,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from serving.client import RecommendationClient
 from serving.config import read_model_config
+from serving.registry import ModelRegistry, NotServedError
 from serving.server import EmbeddedModelServer
 from serving.warmup import predict_request, write_warmup_file
 from trainer.config import RetrievalConfig
@@ -45,10 +54,11 @@ def _publish(base: Path, name: str, version: int, source_version: int = 1) -> Pa
     return final
 
 
-def _status(address, name):
+def _status(address, name, label=""):
     with grpc.insecure_channel(address) as channel:
         req = get_model_status_pb2.GetModelStatusRequest()
         req.model_spec.name = name
+        req.model_spec.version_label = label
         response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(req, timeout=10)
     names = get_model_status_pb2.ModelVersionStatus.State.Name
     return {s.version: (names(s.state), s.status.error_message) for s in response.model_version_status}
@@ -147,3 +157,89 @@ def test_serve_refuses_a_bad_model_config_in_one_line(tmp_path, capsys, text, me
     assert main(["--model-config-file", str(config), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _one_model_config(base: Path, extra: str, name: str = "retrieval") -> dict:
+    """models.config for one model with a version policy / labels (`extra`), read as adrec serve does."""
+    path = base / "labels.config"
+    path.write_text(f"model_config_list {{ config {{ name: '{name}' base_path: '{base / name}' {extra} }} }}")
+    return {e.name: e for e in read_model_config(path)}
+
+
+def _version_by_label(stub, label: str) -> int:
+    req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    req.model_spec.name, req.model_spec.version_label = "retrieval", label
+    return stub.GetModelMetadata(req, timeout=10).model_spec.version.value
+
+
+def test_version_labels_pick_their_version_and_unknown_labels_fail(model_copy):
+    _publish(model_copy, "retrieval", 2)
+    models = _one_model_config(model_copy, "model_version_policy { specific { versions: 1 versions: 2 } } "
+                                           "version_labels { key: 'stable' value: 1 } "
+                                           "version_labels { key: 'canary' value: 2 }")
+    with EmbeddedModelServer(models, warmup=False) as server, grpc.insecure_channel(server.address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        assert {label: _version_by_label(stub, label) for label in ("stable", "canary", "")} == \
+               {"stable": 1, "canary": 2, "": 2}  # no label: the highest loaded version
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.version_label = "retrieval", "stable"
+        for key, value in {**USER, **CONTEXT, **NO_HISTORY}.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(
+                value if key == "history" else [value], dtype=tf.int64 if isinstance(value, int) else tf.string))
+        assert stub.Predict(request, timeout=10).model_spec.version.value == 1
+        request.model_spec.version_label = "beta"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Unrecognized servable version label: 'beta' for model 'retrieval'" in err.value.details()
+        assert _status(server.address, "retrieval", "canary") == {2: ("AVAILABLE", "")}
+        with pytest.raises(grpc.RpcError) as err:
+            _status(server.address, "retrieval", "beta")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_label_naming_an_unloaded_version_is_an_error_naming_both(model_copy):
+    registry = ModelRegistry(_one_model_config(model_copy, "version_labels { key: 'stable' value: 1 }"),
+                             warmup=False)  # the default policy: latest 1
+    try:
+        assert registry.get("retrieval", label="stable").version == 1
+        _publish(model_copy, "retrieval", 2)
+        assert registry.poll_once() == ["retrieval 1->2"]
+        with pytest.raises(NotServedError, match=r"model 'retrieval' version label 'stable' names version 1, "
+                                                 r"which is not loaded \(loaded versions: \[2\]\)"):
+            registry.get("retrieval", label="stable")
+        assert registry.get("retrieval").version == 2
+    finally:
+        registry.close()
+
+
+def test_version_directories_that_are_not_an_int64_are_ignored(model_copy, caplog):
+    base = model_copy / "retrieval"
+    for name in ("9223372036854775808", "007", "+3", "\u0663"):  # above 2^63-1, leading zero, sign, Arabic 3
+        shutil.copytree(base / "1", base / name)
+    registry = ModelRegistry({"retrieval": base}, warmup=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="adrec.serving"):
+            assert registry.poll_once() == [] and registry.poll_once() == []
+        assert registry.loaded_versions("retrieval") == [1]
+        ignored = sorted(r.getMessage().split(base.name + "/")[1].split(":")[0]
+                         for r in caplog.records if "not a version number" in r.getMessage())
+        assert ignored == sorted(["9223372036854775808", "007", "+3", "\u0663"])  # each logged once
+    finally:
+        registry.close()
+
+
+def test_a_refused_half_copied_version_is_retried_once_complete(model_copy, caplog):
+    registry = ModelRegistry({"retrieval": model_copy / "retrieval"}, warmup=False)
+    try:
+        data = next((_publish(model_copy, "retrieval", 2) / "variables").glob("variables.data-*"))
+        whole = data.read_bytes()
+        data.write_bytes(whole[: len(whole) // 2])  # caught half-way through a copy
+        with caplog.at_level(logging.INFO, logger="adrec.serving"):
+            assert registry.poll_once() == [] and registry.poll_once() == []
+        assert len([r for r in caplog.records if "refused version 2" in r.getMessage()]) == 1
+        data.write_bytes(whole)  # the copy completes in place: no directory's mtime need change
+        assert registry.poll_once() == ["retrieval 1->2"]
+        assert registry.version_states("retrieval")[2].state == "AVAILABLE"
+    finally:
+        registry.close()

@@ -44,6 +44,7 @@ from serving.contract import (
     USER_STATS,
     signature_inputs,
 )
+from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
@@ -297,8 +298,10 @@ def check_servable_ops(saved_model_dir: Path) -> None:
 
 
 def next_version(export_dir: Path) -> int:
-    versions = [int(p.name) for name in MODEL_NAMES for p in (export_dir / name).glob("*")
-                if p.is_dir() and p.name.isdigit()]
+    """One above the highest version of any model (names the server ignores, like `007`, count for nothing)."""
+    versions = [v for name in MODEL_NAMES for v in scan_versions(Path(export_dir) / name)[0]]
+    if max(versions, default=0) >= INT64_MAX:
+        raise ExportError(f"{export_dir}: version {INT64_MAX} exists; no int64 version number is left above it")
     return max(versions, default=0) + 1
 
 
