@@ -281,7 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse a request whose values take more bytes with INVALID_ARGUMENT")
     parser.add_argument("--max-concurrent-predicts", type=int, default=None,
                         help="Predict calls run at once; one more gets RESOURCE_EXHAUSTED at once and health "
-                             "says NOT_SERVING while they run (default and most: --max-workers)")
+                             "says NOT_SERVING while that many run (default and most: --max-workers)")
 
 
 def parse_args(argv=None):
