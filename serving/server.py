@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -19,10 +18,10 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import tensorflow as tf
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
@@ -38,16 +37,23 @@ from serving.binding import SO_REUSEPORT_OFF, TlsConfig, TlsError, bind, check_p
 from serving.config import ModelConfigError, ModelEntry, read_model_config
 from serving.contract import (
     HEALTH_SERVICES,
-    MAX_ELEMENTS_PER_INPUT,
+    MAX_EXCLUDED_AD_IDS,
     MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_ELEMENTS,
+    PREDICTION_SERVICE,
     SIGNATURE_KEY,
 )
 from serving.contract import SERVER_MAX_BATCH_SIZE as DEFAULT_MAX_BATCH_SIZE
+from serving.decode import BadRequest, decode_inputs
+from serving.limits import DEFAULT_LIMITS, LIMITS_METADATA_FIELD, InFlightGate, RequestLimits, limits_from_args
 from serving.registry import ModelRegistry, UnknownLabelError
 from serving.servable import ServableError
 from serving.versions import scan_versions
 
 LOOPBACK = "127.0.0.1"
+METADATA_FIELDS = {"signature_def", LIMITS_METADATA_FIELD}
+SPARE_THREADS = 2  # beyond --max-workers: health, status and refusals never wait behind running Predicts
 
 def _requested_version(model_spec) -> tuple[int | None, str]:
     """ModelSpec's version choice: (version, "") or (None, version_label) or (None, "")."""
@@ -58,73 +64,40 @@ def _lookup_code(err: KeyError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT if isinstance(err, UnknownLabelError) else grpc.StatusCode.NOT_FOUND
 
 
-def _declared_shape_error(key: str, proto, max_batch_size: int) -> str | None:
-    """Check the shape a TensorProto declares *before* decoding it: decoding allocates the full
-    array, so a few bytes declaring [10**12] rows must not reach `tf.make_ndarray`."""
-    dims = [d.size for d in proto.tensor_shape.dim]
-    if any(d < 0 for d in dims):
-        return f"input {key!r} declares a negative dimension: {dims}"
-    if max_batch_size and dims and dims[0] > max_batch_size:
-        return (f"batch size {dims[0]} exceeds the server's max batch size {max_batch_size}; "
-                "split the request")
-    if math.prod(dims) > MAX_ELEMENTS_PER_INPUT:
-        return f"input {key!r} declares {math.prod(dims)} elements, more than {MAX_ELEMENTS_PER_INPUT}"
-    return None
-
-
-def _decode_inputs(request, in_infos, context, max_batch_size: int = 0) -> dict[str, np.ndarray]:
-    arrays = {}
-    for key, proto in request.inputs.items():
-        if key not in in_infos:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown input {key!r}; the signature takes {sorted(in_infos)}")
-        expected = in_infos[key].dtype
-        try:
-            got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
-        except TypeError:  # an enum value TensorFlow does not know
-            got = None
-        if got != expected:
-            name = got.name if got else (f"enum {proto.dtype}" if proto.dtype else "unset")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input {key!r} has dtype {name}, expected {expected.name}")
-        problem = _declared_shape_error(key, proto, max_batch_size)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        try:
-            arrays[key] = tf.make_ndarray(proto)
-        except Exception as err:  # malformed TensorProto
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is not a valid tensor: {err}")
-        shape = in_infos[key].shape
-        if shape is not None and (arrays[key].ndim != len(shape) or any(
-                want is not None and want != have for want, have in zip(shape, arrays[key].shape, strict=True))):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input {key!r} has shape {list(arrays[key].shape)}, expected "
-                          f"{['?' if d is None else d for d in shape]}")
-    missing = sorted(set(in_infos) - set(arrays))
-    if missing:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing input(s) {missing}")
-    batch = {len(a) for a in arrays.values() if a.ndim > 0}
-    if len(batch) > 1:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on batch size: {sorted(batch)}")
-    if max_batch_size and batch and max(batch) > max_batch_size:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"batch size {max(batch)} exceeds the server's max batch size {max_batch_size}; "
-                      "split the request")
-    return arrays
-
-
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, registry: ModelRegistry, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+    """Predict within `limits`: a call past its deadline or over the concurrency cap is answered
+    before any work; while the cap is full, `health` says NOT_SERVING for the prediction service."""
+
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits,
+                 health_servicer: health.HealthServicer | None = None):
+        if limits.max_concurrent_predicts is None:
+            raise ValueError("PredictionServicer needs a number for max_concurrent_predicts")
         self.registry = registry
-        self.max_batch_size = max_batch_size
+        self.limits = limits
+        self.gate = InFlightGate(limits.max_concurrent_predicts, self._on_full)
+        self.health = health_servicer
+
+    def _on_full(self, full: bool) -> None:
+        if self.health is not None:  # the overall status ("") too: a load balancer asks for either
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if full else health_pb2.HealthCheckResponse.SERVING
+            for service in ("", PREDICTION_SERVICE):
+                self.health.set(service, status)
 
     def Predict(self, request, context):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started")
+        if not self.gate.try_enter():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server is running its maximum of {self.gate.capacity} Predict calls; retry later")
         try:
             held = self.registry.acquire(request.model_spec.name, *_requested_version(request.model_spec))
             with held as servable:
                 return self._predict(servable, request, context)
         except KeyError as err:
             context.abort(_lookup_code(err), str(err.args[0]))
+        finally:
+            self.gate.leave()
 
     def _predict(self, servable, request, context):
         signature_name = request.model_spec.signature_name or SIGNATURE_KEY
@@ -134,7 +107,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"signature {signature_name!r} not found in model {servable.name!r}; "
                           f"signatures: {sorted(servable.signatures)}")
-        inputs = _decode_inputs(request, in_infos, context, self.max_batch_size)
+        try:
+            inputs = decode_inputs(request.inputs, in_infos, self.limits)
+        except BadRequest as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
             outputs = servable.run(inputs, signature_name, tuple(request.output_filter))
         except ServableError as err:
@@ -155,16 +131,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         except KeyError as err:
             context.abort(_lookup_code(err), str(err.args[0]))
         fields = list(request.metadata_field)
-        if fields != ["signature_def"]:
+        if not fields or set(fields) - METADATA_FIELDS or len(set(fields)) != len(fields):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"metadata_field must be ['signature_def'], got {fields}")
-        sig_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, sig in servable.signature_def_map().items():
-            sig_map.signature_def[key].CopyFrom(sig)
+                          f"metadata_field must list some of {sorted(METADATA_FIELDS)}, each once; got {fields}")
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
-        response.metadata["signature_def"].Pack(sig_map)
+        if "signature_def" in fields:
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, sig in servable.signature_def_map().items():
+                sig_map.signature_def[key].CopyFrom(sig)
+            response.metadata["signature_def"].Pack(sig_map)
+        if LIMITS_METADATA_FIELD in fields:  # the embedded server's own: TF Serving has no such field
+            response.metadata[LIMITS_METADATA_FIELD].Pack(self.limits.as_struct())
         return response
 
 
@@ -201,13 +180,18 @@ class EmbeddedModelServer:
     `models.config` (version policy and labels). `poll_seconds` > 0 watches the base paths and
     swaps in new versions without failing a request; `tls` serves over TLS; requests over
     `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) and batches over `max_batch_size`
-    with INVALID_ARGUMENT. The port is this server's alone (never shared through SO_REUSEPORT);
+    with INVALID_ARGUMENT; `limits` bounds the rest of a request's cost (its `max_batch_size` is
+    replaced by the argument). The port is this server's alone (never shared through SO_REUSEPORT);
     a taken port and bad TLS files fail before any model loads, naming the port or the files.
     """
 
     def __init__(self, base_paths: Mapping[str, Path | ModelEntry], host: str = LOOPBACK, port: int = 0,
                  max_workers: int = 8, poll_seconds: float = 0.0, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: TlsConfig | None = None, warmup: bool = True):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, tls: TlsConfig | None = None, warmup: bool = True,
+                 limits: RequestLimits = DEFAULT_LIMITS):
+        concurrent = limits.max_concurrent_predicts or max_workers
+        if concurrent > max_workers:
+            raise ModelConfigError(f"--max-concurrent-predicts {concurrent} is more than --max-workers {max_workers}")
         check_port(host, port)
         credentials = tls.credentials() if tls else None
         self.registry = ModelRegistry(base_paths, warmup=warmup)
@@ -215,17 +199,18 @@ class EmbeddedModelServer:
         self.poll_seconds = poll_seconds
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), SO_REUSEPORT_OFF]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + SPARE_THREADS,
                                                               thread_name_prefix="adrec-rpc"), options=options)
         try:
             self.port = bind(self._server, host, port, credentials)
         except OSError:
             self.registry.close()
             raise
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.registry, max_batch_size), self._server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self._server)
         self.health = health.HealthServicer()
+        limits = replace(limits, max_batch_size=max_batch_size, max_concurrent_predicts=concurrent)
+        self.predictions = PredictionServicer(self.registry, limits, self.health)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self.predictions, self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         for service in HEALTH_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -286,6 +271,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lifetime", type=float, default=None,
                         help="stop by itself after this many seconds (tests and demos)")
     parser.add_argument("--max-workers", type=int, default=8, help="request thread pool size")
+    parser.add_argument("--max-excluded-ad-ids", type=int, default=MAX_EXCLUDED_AD_IDS,
+                        help="refuse a wider excluded_ad_ids with INVALID_ARGUMENT")
+    parser.add_argument("--max-request-elements", type=int, default=MAX_REQUEST_ELEMENTS,
+                        help="refuse a request carrying more values, all inputs together, with INVALID_ARGUMENT")
+    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                        help="refuse a request whose values take more bytes with INVALID_ARGUMENT")
+    parser.add_argument("--max-concurrent-predicts", type=int, default=None,
+                        help="Predict calls run at once; one more gets RESOURCE_EXHAUSTED at once and health "
+                             "says NOT_SERVING while that many run (default and most: --max-workers)")
 
 
 def parse_args(argv=None):
@@ -327,7 +321,7 @@ def run(args) -> int:
         server = EmbeddedModelServer(models, args.host, args.port, args.max_workers,
                                      poll_seconds=args.file_system_poll_wait_seconds,
                                      max_batch_size=args.max_batch_size, max_message_bytes=args.max_message_bytes,
-                                     tls=tls, warmup=not args.no_warmup).start()
+                                     tls=tls, warmup=not args.no_warmup, limits=limits_from_args(args)).start()
     except (ModelConfigError, TlsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -67,7 +67,7 @@ class VersionPolicy:
         ordered = sorted(available, reverse=True)
         if self.kind == "specific":
             return [v for v in ordered if v in self.versions and usable(v)]
-        picked = []
+        picked: list[int] = []
         for version in ordered:
             if self.kind == "latest" and len(picked) == self.num_versions:
                 break

@@ -29,6 +29,7 @@ from features.readers import DataReadError
 from features.spec import DataSpecError, load_spec
 from features.validate import DataValidationError
 from serving.client import RecommendationClient, RequestError
+from serving.limits import RequestLimits
 from serving.server import EmbeddedModelServer, discover_models
 from serving.server import main as serve_main
 from tests.conftest import make_self_signed_cert
@@ -311,6 +312,8 @@ def test_cli_prints_a_bad_config_in_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 MAX_BATCH, MAX_MESSAGE = 16, 4 * 1024 * 1024
+LIMITS = RequestLimits(max_batch_size=MAX_BATCH, max_excluded_ad_ids=64, max_request_elements=1024,
+                       max_request_bytes=3 << 20)
 
 
 def _tensor(values, dtype=None):
@@ -328,9 +331,11 @@ def _rec(features: dict = None, n: int = 1) -> dict:
             "excluded_ad_ids": _tensor(np.full((n, 1), b"", dtype=object), tf.string)}
 
 
-def _raw(dtype: int, dims: list[int], content: bytes = b"", int64_val=()) -> tensor_pb2.TensorProto:
+def _raw(dtype: int, dims: list[int], content: bytes = b"", **values) -> tensor_pb2.TensorProto:
+    """A TensorProto as a client could write it: `values` maps value fields (`int64_val`, ...) to lists."""
     proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content)
-    proto.int64_val.extend(int64_val)
+    for field, vals in values.items():
+        getattr(proto, field).extend(vals)
     for d in dims:
         proto.tensor_shape.dim.add(size=d)
     return proto
@@ -339,7 +344,8 @@ def _raw(dtype: int, dims: list[int], content: bytes = b"", int64_val=()) -> ten
 OK = "OK"
 NF, IA, RE = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 RANKING_QUERY = {**USER, **CONTEXT, **AD}
-QUERY = {**USER, **CONTEXT, "history": [""] * RetrievalConfig().history_length}  # retrieval/recommender inputs
+HISTORY_N = RetrievalConfig().history_length
+QUERY = {**USER, **CONTEXT, "history": [""] * HISTORY_N}  # retrieval/recommender inputs
 REQUEST_CASES = [
     ("req-empty-batch", "recommender", lambda: _rec(n=0), OK, "0 rows"),
     ("req-batch-over-limit", "recommender", lambda: _rec(n=MAX_BATCH + 1), IA,
@@ -349,7 +355,27 @@ REQUEST_CASES = [
      "batch size 1000000000 exceeds the server's max batch size 16"),
     ("req-declared-huge-tensor", "recommender",
      lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [1, 10**12], int64_val=[7])}, IA,
-     "input 'hour' declares 1000000000000 elements"),
+     "input 'hour' has shape [1, 1000000000000], expected ['?']"),
+    ("req-declared-vs-carried", "recommender",  # TF Serving would repeat the one value to fill [1, 8]
+     lambda: {**_rec(), "excluded_ad_ids": _raw(types_pb2.DT_STRING, [1, 8], string_val=[b"ad00001"])}, IA,
+     "input 'excluded_ad_ids' declares 8 values but carries 1 in string_val"),
+    ("req-stray-value-field", "recommender",
+     lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [1], int64_val=[20], float_val=[20.0])}, IA,
+     "input 'hour' (int64) carries float_val; its values belong in int64_val or tensor_content alone"),
+    ("req-string-tensor-content", "recommender",
+     lambda: {**_rec(), "region": _raw(types_pb2.DT_STRING, [1], content=b"\x02r1")}, IA,
+     "input 'region': a string tensor carries its values in string_val, not tensor_content"),
+    ("req-excluded-too-wide", "recommender",  # the issue's request: a few bytes declaring [1, 2^24]
+     lambda: {**_rec(), "excluded_ad_ids": _raw(types_pb2.DT_STRING, [1, 1 << 24], string_val=[b"ad00001"])}, IA,
+     "input 'excluded_ad_ids' lists 16777216 ad ids per request, more than the server's 64"),
+    ("req-history-too-wide", "recommender",
+     lambda: {**_rec(), "history": _tensor(np.full((1, HISTORY_N + 1), b"", dtype=object), tf.string)}, IA,
+     f"input 'history' has shape [1, {HISTORY_N + 1}], expected ['?', {HISTORY_N}]"),
+    ("req-over-budget", "recommender",  # 16 x 64 ad ids is within each limit; with the other inputs, too many
+     lambda: {**_rec(n=MAX_BATCH), "excluded_ad_ids": _tensor(np.full((MAX_BATCH, 64), b"", dtype=object))}, IA,
+     "elements in all, more than the server's 1024; split it"),
+    ("req-over-byte-budget", "recommender", lambda: {**_rec(), "user_id": _tensor(["u" * (7 << 19)])}, IA,
+     "bytes of values in all, more than the server's 3145728; split it"),
     ("req-negative-dimension", "recommender", lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [-1])},
      IA, "input 'hour' declares a negative dimension"),
     ("req-wrong-dtype", "recommender", lambda: {**_rec(), "hour": _tensor([20.0], tf.float32)}, IA,
@@ -360,7 +386,7 @@ REQUEST_CASES = [
      "input 'region' has dtype unset, expected string"),
     ("req-malformed-tensor", "recommender",
      lambda: {**_rec(), "hour": _raw(types_pb2.DT_INT64, [1], content=b"\x01\x02\x03")}, IA,
-     "input 'hour' is not a valid tensor"),
+     "input 'hour' carries 3 bytes of tensor_content; its declared shape needs 8 (1 x 8)"),
     ("req-scalar-input", "recommender", lambda: {**_rec(), "region": _tensor("r1")}, IA,
      "input 'region' has shape [], expected ['?']"),
     ("req-missing-input", "recommender", lambda: {k: v for k, v in _rec().items() if k != "device"}, IA,
@@ -392,7 +418,7 @@ REQUEST_CASES = [
 def server(exported_tiny):
     base = exported_tiny.paths["recommender"].parent.parent
     with EmbeddedModelServer(discover_models(base), host="127.0.0.1", port=0, max_batch_size=MAX_BATCH,
-                             max_message_bytes=MAX_MESSAGE) as srv:
+                             max_message_bytes=MAX_MESSAGE, limits=LIMITS) as srv:
         yield srv
 
 
@@ -525,11 +551,20 @@ def test_bad_server_startup(exported_tiny, tmp_path, capsys, case_id, flags, cod
     assert message in errors[0]
 
 
+# Request cases that need more than one call, tested in tests/test_serving_limits.py.
+CALL_CASES = {"req-past-deadline": "test_a_call_past_its_deadline_starts_no_work",
+              "req-overload": "test_overload_is_refused_at_once_and_shown_in_health",
+              "req-largest-allowed-under-load": "test_largest_allowed_requests_leave_others_fast_and_memory_flat"}
+
+
 def test_catalog_document_lists_every_case():
+    from tests import test_serving_limits
+
+    assert all(callable(getattr(test_serving_limits, name, None)) for name in CALL_CASES.values())
     text = (Path(__file__).parent / "BAD_INPUTS.md").read_text()
     from tests.test_client_inputs import ACCEPTED, CLI_REFUSED, REFUSED
 
     tables = (CONFIG_CASES, REQUEST_CASES, STARTUP_CASES, REFUSED, ACCEPTED, CLI_REFUSED)
-    ids = [c.id for c in DATA_CASES] + [c[0] for table in tables for c in table]
+    ids = [c.id for c in DATA_CASES] + [c[0] for table in tables for c in table] + [*CALL_CASES]
     missing = [i for i in ids if f"`{i}`" not in text]
     assert not missing, f"tests/BAD_INPUTS.md does not list {missing}"
