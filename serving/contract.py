@@ -51,3 +51,6 @@ CLIENT_MAX_BATCH_SIZE = 256  # the client splits larger batches into several Pre
 MAX_EXCLUDED_AD_IDS = 1000  # the width of a recommender request's excluded_ad_ids
 MAX_REQUEST_ELEMENTS = 1 << 17  # values in all inputs together: 128 rows of 1000 exclusions
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # numeric values x their size, + strings as sent
+# How many of a request's rows one model run takes: a larger request runs in slices of this many
+# rows, so it shares the cores with other calls between slices and stops at its deadline.
+MAX_ROWS_PER_RUN = 32

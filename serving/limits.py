@@ -1,8 +1,9 @@
 """What the embedded server lets one request cost, and how many run at once.
 
 `RequestLimits` bounds a Predict request before any of it is decoded or run (serving/decode.py
-checks them); `InFlightGate` bounds how many Predict calls run at once and answers the next one
-at once instead of queueing it, flipping the gRPC health status while it is full.
+checks them) and how many of its rows one model run takes (serving/slicing.py); `InFlightGate`
+bounds how many Predict calls run at once and answers the next one at once instead of queueing
+it, flipping the gRPC health status while it is full.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from serving.contract import (
     MAX_EXCLUDED_AD_IDS,
     MAX_REQUEST_BYTES,
     MAX_REQUEST_ELEMENTS,
+    MAX_ROWS_PER_RUN,
     SERVER_MAX_BATCH_SIZE,
 )
 
@@ -31,6 +33,7 @@ class RequestLimits:
     max_request_elements: int = MAX_REQUEST_ELEMENTS  # values of all inputs together
     max_request_bytes: int = MAX_REQUEST_BYTES  # numeric values x their size, + strings as sent
     max_concurrent_predicts: int | None = None  # at once, one more refused; None: one per request thread
+    max_rows_per_run: int = MAX_ROWS_PER_RUN  # rows per model run: larger requests run in slices (serving/slicing.py)
 
     def __post_init__(self):
         for name, value in asdict(self).items():  # named as the server's flags are
@@ -54,7 +57,7 @@ def limits_from_args(args) -> RequestLimits:
     """The limits `add_arguments`' flags set."""
     return RequestLimits(max_batch_size=args.max_batch_size, max_excluded_ad_ids=args.max_excluded_ad_ids,
                          max_request_elements=args.max_request_elements, max_request_bytes=args.max_request_bytes,
-                         max_concurrent_predicts=args.max_concurrent_predicts)
+                         max_concurrent_predicts=args.max_concurrent_predicts, max_rows_per_run=args.max_rows_per_run)
 
 
 class InFlightGate:

@@ -76,8 +76,9 @@ class Servable:
         return self.signatures[key]
 
     def run(self, inputs: dict[str, np.ndarray], signature_name: str = "",
-            output_filter: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        """Feed inputs by SignatureDef name, fetch outputs by SignatureDef name."""
+            output_filter: tuple[str, ...] = (), timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Feed inputs by SignatureDef name, fetch outputs by SignatureDef name. A run still going after
+        `timeout_s` is cancelled (`tf.errors.DeadlineExceededError`)."""
         in_infos, out_infos = self.signature(signature_name)
         missing = sorted(set(in_infos) - set(inputs))
         extra = sorted(set(inputs) - set(in_infos))
@@ -92,7 +93,10 @@ class Servable:
         fetches = {k: out_infos[k].name for k in wanted}
         if self._closed:
             raise ServableError(f"{self.name} version {self.version} is unloaded")
-        return self.session.run(fetches, feed_dict=feed)
+        options = None
+        if timeout_s is not None:  # 0 would mean no timeout to TensorFlow: a millisecond at least
+            options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(timeout_s * 1000)))
+        return self.session.run(fetches, feed_dict=feed, options=options)
 
     @contextlib.contextmanager
     def in_use(self):

@@ -41,6 +41,7 @@ from serving.contract import (
     MAX_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
     MAX_REQUEST_ELEMENTS,
+    MAX_ROWS_PER_RUN,
     PREDICTION_SERVICE,
     SIGNATURE_KEY,
 )
@@ -49,6 +50,7 @@ from serving.decode import BadRequest, decode_inputs
 from serving.limits import DEFAULT_LIMITS, LIMITS_METADATA_FIELD, InFlightGate, RequestLimits, limits_from_args
 from serving.registry import ModelRegistry, UnknownLabelError
 from serving.servable import ServableError
+from serving.slicing import DeadlinePassed, run_sliced
 from serving.versions import scan_versions
 
 LOOPBACK = "127.0.0.1"
@@ -112,7 +114,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         except BadRequest as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:
-            outputs = servable.run(inputs, signature_name, tuple(request.output_filter))
+            outputs = run_sliced(servable, inputs, signature_name, tuple(request.output_filter),
+                                 self.limits.max_rows_per_run, context.time_remaining)
+        except (DeadlinePassed, tf.errors.DeadlineExceededError):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed while it ran")
         except ServableError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except tf.errors.InvalidArgumentError as err:
@@ -280,6 +285,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-predicts", type=int, default=None,
                         help="Predict calls run at once; one more gets RESOURCE_EXHAUSTED at once and health "
                              "says NOT_SERVING while that many run (default and most: --max-workers)")
+    parser.add_argument("--max-rows-per-run", type=int, default=MAX_ROWS_PER_RUN,
+                        help="run a larger request's rows through the model in slices of this many, sharing the "
+                             "cores with other calls between slices and stopping at the call's deadline")
 
 
 def parse_args(argv=None):

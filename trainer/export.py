@@ -48,6 +48,7 @@ from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
+from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
 from trainer.progress import Progress
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
@@ -197,10 +198,11 @@ class RecommenderServable(tf.Module):
     """retrieve -> drop excluded ads -> rank by the objective -> return the best k, in one graph.
 
     Inputs: the query features and `excluded_ad_ids` [batch, M] (ads already shown, frequency-capped
-    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the largest
-    number of ids any request of the batch lists (at most the whole catalog), drops the excluded
-    ones and ranks each request's best `retrieve_n` remaining (by retrieval score), so a request's
-    answer does not depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
+    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the most distinct
+    catalog ads any request of the batch excludes (at most the whole catalog), drops the excluded
+    ones (trainer/exclusion.py: by catalog row, never by comparing strings) and ranks exactly each
+    request's best `retrieve_n` remaining (by retrieval score), so a request's answer does not
+    depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
     tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
     (the client drops them).
     When the ranking model reads the user's past, the request's `history`, `negative_history` and
@@ -228,6 +230,10 @@ class RecommenderServable(tf.Module):
         self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
                                       name="text_embeddings")
         self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
+        try:
+            self.catalog_rows = CatalogRows(catalog[schema.ad_id].astype(str).tolist())
+        except ValueError as err:
+            raise ExportError(f"recommender: {err}") from err
         specs = {**_query_specs(schema, self.query_tower.history_length), **_user_specs(self.ranking)}
         if HISTORY in specs and specs[HISTORY].shape[1] != self.query_tower.history_length:
             raise ExportError(f"the ranking model reads a history of {specs[HISTORY].shape[1]} ads, the retrieval "
@@ -238,31 +244,29 @@ class RecommenderServable(tf.Module):
 
         @tf.function(input_signature=[specs])
         def serve(features):
-            excluded = features[EXCLUDED_AD_IDS]
             query = {name: features[name] for name in retrieval_inputs}  # + history
-            # Over-fetch by the most real (non-"") exclusions any request in the batch carries.
-            listed = tf.reduce_sum(tf.cast(tf.not_equal(excluded, PAD_AD_ID), tf.int32), axis=1)
-            fetch = tf.minimum(n + tf.maximum(tf.reduce_max(listed), 0), size)
-            retrieval_scores, rows = self.index(query, k=fetch)  # [B, fetch]
-            batch = tf.shape(rows)[0]
+            excluded = self.catalog_rows.sorted_rows(features[EXCLUDED_AD_IDS])  # [B, M + 1]
+            # Over-fetch by the most distinct catalog ads any request in the batch excludes.
+            fetch = tf.minimum(n + tf.maximum(tf.reduce_max(distinct_known(excluded)), 0), size)
+            fetched_scores, fetched = self.index(query, k=fetch)  # [B, fetch], by retrieval score
+            # Each request ranks its own best `n` non-excluded candidates, whatever else is in the batch.
+            columns, valid = first_allowed(tf.logical_not(is_excluded(excluded, fetched)), n)  # [B, n]
+            rows = tf.gather(fetched, columns, batch_dims=1)
+            retrieval_scores = tf.gather(fetched_scores, columns, batch_dims=1)
             flat_rows = tf.reshape(rows, [-1])
             inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
-            for name in per_request:  # each request's values, once per candidate (history: [B * fetch, N])
+            for name in per_request:  # each request's values, once per candidate (history: [B * n, N])
                 value = features[name]
-                inputs[name] = tf.reshape(tf.repeat(value[:, None], fetch, axis=1),
+                inputs[name] = tf.reshape(tf.repeat(value[:, None], n, axis=1),
                                           tf.concat([[-1], tf.shape(value)[1:]], axis=0))
             inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
             probs = self.ranking.serve_probabilities(inputs)
-            pctr = tf.reshape(probs["pctr"], [batch, fetch])
-            pcvr = tf.reshape(probs["pcvr"], [batch, fetch])
+            pctr = tf.reshape(probs["pctr"], [-1, n])
+            pcvr = tf.reshape(probs["pcvr"], [-1, n])
             score = objective_score(objective, pctr, pcvr, tf.gather(self.bids, rows))
             ids = tf.gather(self.ad_columns[schema.ad_id], rows)
-            is_excluded = tf.reduce_any(tf.equal(ids[:, :, None], excluded[:, None, :]), axis=-1)
-            # Each request ranks its own best `n` non-excluded candidates, whatever else is in the batch.
-            allowed = tf.logical_not(is_excluded)
-            valid = tf.logical_and(allowed, tf.cumsum(tf.cast(allowed, tf.int32), axis=1) <= n)
-            # Excluded candidates sort after every valid one (scores are >= 0) and are masked below.
-            top = tf.math.top_k(tf.where(valid, score, -1.0), k=k)
+            # Filler slots (fewer than n allowed) sort after every valid one and are masked below.
+            top = tf.math.top_k(tf.where(valid, score, float("-inf")), k=k)
 
             def pick(values, fill):
                 chosen = tf.gather(values, top.indices, batch_dims=1)
