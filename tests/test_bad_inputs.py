@@ -554,7 +554,8 @@ def test_bad_server_startup(exported_tiny, tmp_path, capsys, case_id, flags, cod
 # Request cases that need more than one call, tested in tests/test_serving_limits.py.
 CALL_CASES = {"req-past-deadline": "test_a_call_past_its_deadline_starts_no_work",
               "req-overload": "test_overload_is_refused_at_once_and_shown_in_health",
-              "req-largest-allowed-under-load": "test_largest_allowed_requests_leave_others_fast_and_memory_flat"}
+              "req-largest-allowed-under-load": "test_largest_allowed_requests_leave_others_fast_and_memory_flat",
+              "req-deadline-while-running": "test_a_large_request_runs_in_slices_and_stops_at_its_deadline"}
 
 
 def test_catalog_document_lists_every_case():
