@@ -47,7 +47,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # either way, server and client
 SERVER_MAX_BATCH_SIZE = 1024  # the embedded server's default; larger batches get INVALID_ARGUMENT
 CLIENT_MAX_BATCH_SIZE = 256  # the client splits larger batches into several Predict calls
 # The embedded server's defaults for what one request may cost (serving/limits.py); a request over
-# one is refused before any of it is decoded. Its graph's work grows with batch x excluded width.
+# one is refused before any of it is decoded. The recommender's work grows with batch x retrieve_n.
 MAX_EXCLUDED_AD_IDS = 1000  # the width of a recommender request's excluded_ad_ids
 MAX_REQUEST_ELEMENTS = 1 << 17  # values in all inputs together: 128 rows of 1000 exclusions
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # numeric values x their size, + strings as sent
