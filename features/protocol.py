@@ -15,54 +15,44 @@ label never becomes an input to its own query or to training.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
 from features.history import build_histories, known_positives, with_history
 from features.schema import FeatureSchema
-from features.split import PROTOCOLS, DataSplit, column_split, leave_last_out_split, random_split, time_split
+from features.split import DataSplit, column_split, leave_last_out_split, random_split, time_split
+from features.typed_model import SEED_MAX, Names, TypedModel, cross_field
 
-HISTORY_AT_TEST = ("train_only", "streaming")
-SESSION_CONTEXT = ("auto", "keep", "drop")
+Protocol = Literal["time", "random", "leave_last_out", "column"]
+HistoryAtTest = Literal["train_only", "streaming"]
+SessionContext = Literal["auto", "keep", "drop"]
 TIME_CONTEXT = ("hour", "weekday")
 SESSION_SECONDS = 3600  # positives of one user this close in time are taken as one session
 
 
-@dataclass
-class EvaluationProtocol:
-    protocol: str = "time"  # time | random | leave_last_out | column
-    test_fraction: float = 0.2  # time, random: share of rows held out (exactly round(n * fraction))
-    seed: int = 42  # random: the split's seed
-    n_last: int = 1  # leave_last_out: positives held out per user
+class EvaluationProtocol(TypedModel):
+    protocol: Protocol = "time"  # time | random | leave_last_out | column
+    # time, random: share of rows held out (exactly round(n * fraction))
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(42, ge=0, le=SEED_MAX)  # random: the split's seed
+    n_last: int = Field(1, ge=1)  # leave_last_out: positives held out per user
     split_column: str = ""  # column: the log column naming each row's side
-    test_values: tuple[str, ...] = ("test",)  # column: values that mark held-out rows
-    history_at_test: str = "streaming"  # train_only | streaming
+    test_values: Names = ("test",)  # column: values that mark held-out rows
+    history_at_test: HistoryAtTest = "streaming"  # train_only | streaming
     exclude_seen: bool = False  # drop each query's known positives from every method's candidates
-    validation_fraction: float = 0.1  # share carved from training rows, by the same protocol, for model selection
-    session_context: str = "auto"  # random: drop time-of-day context that identifies held-out sessions
+    # share carved from training rows, by the same protocol, for model selection
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    session_context: SessionContext = "auto"  # random: drop time-of-day context that identifies held-out sessions
 
-    def check(self) -> None:
-        """Raise ValueError naming the field whose value cannot mean anything."""
-        problems = []
-        if self.protocol not in PROTOCOLS:
-            problems.append(f"protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        if not 0 < self.test_fraction < 1:
-            problems.append(f"test_fraction: expected a fraction in (0, 1), got {self.test_fraction!r}")
-        if self.n_last < 1:
-            problems.append(f"n_last: expected an integer >= 1, got {self.n_last!r}")
+    @model_validator(mode="after")
+    def _column_named(self) -> EvaluationProtocol:
         if self.protocol == "column" and not self.split_column:
-            problems.append("split_column: protocol 'column' needs the column that names each row's side")
-        if self.history_at_test not in HISTORY_AT_TEST:
-            problems.append(f"history_at_test: expected one of {list(HISTORY_AT_TEST)}, got {self.history_at_test!r}")
-        if not 0 <= self.validation_fraction < 1:
-            problems.append(f"validation_fraction: expected a fraction in [0, 1), got {self.validation_fraction!r}")
-        if self.session_context not in SESSION_CONTEXT:
-            problems.append(f"session_context: expected one of {list(SESSION_CONTEXT)}, got {self.session_context!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise cross_field("split_column", "protocol 'column' needs the column that names each row's side")
+        return self
 
     @property
     def training_history_rule(self) -> str:
@@ -76,11 +66,10 @@ class EvaluationProtocol:
         """The same protocol carving a validation split out of training rows (`column` splits by time)."""
         protocol = "time" if self.protocol == "column" else self.protocol
         fraction = self.validation_fraction if self.validation_fraction > 0 else self.test_fraction
-        return dataclasses.replace(self, protocol=protocol, test_fraction=fraction)
+        return self.model_copy(update={"protocol": protocol, "test_fraction": fraction})
 
 
 def split_logs(logs: pd.DataFrame, protocol: EvaluationProtocol, schema: FeatureSchema) -> DataSplit:
-    protocol.check()
     if protocol.protocol == "time":
         return time_split(logs, protocol.test_fraction, schema)
     if protocol.protocol == "random":

@@ -17,8 +17,6 @@ import pandas as pd
 
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 
-PROTOCOLS = ("time", "random", "leave_last_out", "column")
-
 
 @dataclass
 class DataSplit:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from pydantic import ConfigDict, Field, model_validator
 
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
+from features.typed_model import SEED_MAX, TypedModel, cross_field
 
 TOPICS: dict[str, tuple[list[str], list[str]]] = {
     # topic: (nouns, adjectives)
@@ -67,19 +69,27 @@ DEVICES = ["mobile", "desktop", "tablet"]
 PLACEMENTS = ["feed", "sidebar", "search", "video"]
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    seed: int = 7
-    n_users: int = 2000
-    n_advertisers: int = 80
-    n_ads: int = 800
-    n_impressions: int = 120_000
-    n_days: int = 14
-    cold_start_share: float = 0.1
-    cold_start_days: int = 2
-    max_position: int = 5
-    targeted_share: float = 0.5
-    n_regions: int = 8
+class SyntheticConfig(TypedModel):
+    model_config = ConfigDict(frozen=True)
+
+    seed: int = Field(7, ge=0, le=SEED_MAX)
+    n_users: int = Field(2000, ge=1)
+    n_advertisers: int = Field(80, ge=1)
+    n_ads: int = Field(800, ge=1)
+    n_impressions: int = Field(120_000, ge=1)
+    n_days: int = Field(14, ge=1)
+    cold_start_share: float = Field(0.1, ge=0, lt=1)
+    cold_start_days: int = Field(2, ge=0)
+    max_position: int = Field(5, ge=1)
+    targeted_share: float = Field(0.5, ge=0, le=1)
+    n_regions: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _a_day_before_cold_start(self) -> SyntheticConfig:
+        if self.cold_start_days >= self.n_days:
+            raise cross_field("cold_start_days", f"{self.cold_start_days} leaves no day before the cold-start ads "
+                              f"launch; expected fewer than n_days ({self.n_days})")
+        return self
 
 
 @dataclass

@@ -235,7 +235,7 @@ CONFIG_CASES = [
     ("config-zero-embedding-dim", load_config, "retrieval: {embedding_dim: 0}\n", ConfigError,
      r"job\.yaml\.retrieval\.embedding_dim: expected an integer >= 1, got 0$"),
     ("config-negative-units", load_config, "ranking: {deep_units: [64, -8]}\n", ConfigError,
-     r"job\.yaml\.ranking\.deep_units: expected a non-empty list of integers >= 1, got \(64, -8\)$"),
+     r"job\.yaml\.ranking\.deep_units\[1\]: expected an integer >= 1, got -8$"),
     ("config-empty-layers", load_config, "ranking: {deep_units: []}\n", ConfigError,
      r"job\.yaml\.ranking\.deep_units: expected a non-empty list of integers >= 1, got \(\)$"),
     ("config-zero-hidden-units", load_config, "retrieval: {hidden_units: -1}\n", ConfigError,

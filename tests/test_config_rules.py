@@ -1,36 +1,78 @@
-"""Every number and every choice of the job config has a rule, checked at load and on `--set` alike."""
+"""Every number of the job config has bounds and every choice is a `Literal`, checked at load, on `--set`
+and on assignment alike."""
 
-import dataclasses
 import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from trainer.config import _RULES, ConfigError, JobConfig, apply_overrides, config_from_dict, load_config
+from features.typed_model import InvalidValue, constraints
+from trainer.config import ConfigError, JobConfig, apply_overrides, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Text that is not a choice: paths, names, columns. Booleans need no rule.
 FREE_TEXT = {"data.spec", "data.root", "encoder.preset", "encoder.cache_dir", "training.tpu", "training.model_dir",
-             "export.export_dir", "evaluation.split_column", "evaluation.test_values", "evaluation.baselines",
-             "ranking.position_tower_context"}
+             "export.export_dir", "evaluation.split_column", "evaluation.test_values", "ranking.position_tower_context"}
 
 
 def _fields(cls, prefix=""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield from _fields(hint, f"{prefix}{f.name}.")
+    for name, field in cls.model_fields.items():
+        hint = field.annotation
+        if isinstance(hint, type) and issubclass(hint, BaseModel):
+            yield from _fields(hint, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{f.name}", hint
+            yield f"{prefix}{name}", typing.Annotated[(hint, *field.metadata)] if field.metadata else hint
 
 
-def test_every_number_and_choice_has_a_rule():
-    fields = dict(_fields(JobConfig))
-    missing = [k for k, hint in fields.items() if hint is not bool and k not in FREE_TEXT and k not in _RULES]
-    assert not missing, f"config fields without a rule in trainer.config_rules._RULES: {missing}"
-    assert not set(_RULES) - set(fields), "rules for fields that do not exist"
+def _leaf_types(hint):
+    """The scalar types a field holds: itself, or a tuple's items (with their own bounds)."""
+    bare = hint
+    while typing.get_origin(bare) is typing.Annotated:
+        bare = typing.get_args(bare)[0]
+    if typing.get_origin(bare) is tuple:
+        return [a for a in typing.get_args(bare) if a is not Ellipsis]
+    return [hint]
+
+
+def _scalar(hint):
+    while typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def test_every_number_has_bounds_and_every_choice_is_a_literal():
+    unbounded, free = [], []
+    for key, hint in _fields(JobConfig):
+        for item in _leaf_types(hint):
+            kind = _scalar(item)
+            if kind in (int, float) and not constraints(item):
+                unbounded.append(key)
+            if kind is str and key not in FREE_TEXT:
+                free.append(key)
+    assert not unbounded, f"config numbers without Field(ge=/gt=/le=/lt=) bounds: {unbounded}"
+    assert not free, f"config strings that are neither a Literal choice nor listed as free text: {free}"
+    assert FREE_TEXT <= dict(_fields(JobConfig)).keys(), "FREE_TEXT names keys that do not exist"
     config_from_dict({})  # the defaults pass every rule
+
+
+def test_assignment_is_validated_and_a_refused_value_is_not_kept():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    for section, key, value, message in [
+        ("retrieval", "epochs", 0, "RetrievalConfig.epochs: expected an integer >= 1, got 0"),
+        ("retrieval", "epochs", "3", "RetrievalConfig.epochs: expected int, got '3'"),
+        ("retrieval", "batch_size", True, "RetrievalConfig.batch_size: expected int, got True"),
+        ("ranking", "learning_rate", float("nan"), "RankingConfig.learning_rate: expected a finite number, got nan"),
+        ("training", "strategy", "gpu", "TrainingConfig.strategy: expected one of ['default', 'mirrored', "),
+        ("export", "recommend_k", 500, "ExportConfig.recommend_k: 500 is more than export.retrieve_n"),
+    ]:
+        before = getattr(getattr(cfg, section), key)
+        with pytest.raises(InvalidValue) as err:
+            setattr(getattr(cfg, section), key, value)
+        assert str(err.value).startswith(message), str(err.value)
+        assert getattr(getattr(cfg, section), key) == before
+    cfg.ranking.deep_units = [32, 16]  # a list is the tuple it reads as, as in a file
+    assert cfg.ranking.deep_units == (32, 16)
 
 
 def test_every_shipped_config_loads():
@@ -43,6 +85,9 @@ def test_every_shipped_config_loads():
 @pytest.mark.parametrize("item, message", [
     ("retrieval.embedding_dim=0", "--set retrieval.embedding_dim: expected an integer >= 1, got 0"),
     ("ranking.deep_units=[]", "--set ranking.deep_units: expected a non-empty list of integers >= 1, got ()"),
+    ("ranking.deep_units=[8, 0]", "--set ranking.deep_units[1]: expected an integer >= 1, got 0"),
+    ("retrieval.epochs=3.5", "--set retrieval.epochs: expected int, got 3.5"),
+    ("retrieval.batch_size=9223372036854775808", "--set retrieval.batch_size: expected an integer that fits in int64"),
     ("data.synthetic.n_ads=0", "--set data.synthetic.n_ads: expected an integer >= 1, got 0"),
     ("data.synthetic={n_users: 0}", "--set data.synthetic.n_users: expected an integer >= 1, got 0"),
     ("retrieval.learning_rate=.nan", "--set retrieval.learning_rate: expected a finite number, got nan"),
@@ -67,6 +112,8 @@ def test_cross_field_rules_hold_on_the_result_of_every_set():
         ({"data": {"synthetic": {"n_days": 2, "cold_start_days": 2}}}, "data.synthetic.cold_start_days: 2 leaves"),
         ({"encoder": {"tiny_hidden": 30, "tiny_heads": 4}}, "encoder.tiny_hidden: 30 is not a multiple"),
         ({"data": {"source": "spec"}}, "data.spec: data.source is 'spec' but data.spec names no spec file"),
+        ({"evaluation": {"protocol": "column"}}, "evaluation.split_column: protocol 'column' needs the column"),
+        ({"retrieval": {"history_length": 0}, "ranking": {"history": True}}, "ranking.history: its length is"),
     ]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict(raw, "job.yaml")

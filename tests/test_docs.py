@@ -1,6 +1,5 @@
 """The README and docs/ stay short, linked, self-contained and in step with the code they describe."""
 
-import dataclasses
 import importlib.util
 import re
 import sys
@@ -61,22 +60,24 @@ def test_docs_point_nowhere_outside_the_repository_but_the_example_data(page):
 
 
 def test_every_config_key_is_documented():
+    from pydantic import BaseModel
+
     from trainer.config import JobConfig
 
     text = (ROOT / "docs" / "training.md").read_text()
 
     def undocumented(obj, path: tuple[str, ...]) -> list[str]:
         missing = []
-        for field in dataclasses.fields(obj):
-            value = getattr(obj, field.name)
-            if dataclasses.is_dataclass(value):
-                missing += undocumented(value, (*path, field.name))
-            elif f"`{field.name}`" not in text and f"`{path[-1]}.{field.name}`" not in text:
-                missing.append(".".join((*path, field.name)))
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            if isinstance(value, BaseModel):
+                missing += undocumented(value, (*path, name))
+            elif f"`{name}`" not in text and f"`{path[-1]}.{name}`" not in text:
+                missing.append(".".join((*path, name)))
         return missing
 
-    missing = [key for section in dataclasses.fields(JobConfig)
-               for key in undocumented(getattr(JobConfig(), section.name), (section.name,))]
+    missing = [key for section in JobConfig.model_fields
+               for key in undocumented(getattr(JobConfig(), section), (section,))]
     assert not missing, f"config keys missing from docs/training.md: {missing}"
 
 

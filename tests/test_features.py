@@ -15,7 +15,7 @@ def test_generator_is_deterministic():
     pd.testing.assert_frame_equal(a.logs, b.logs)
     pd.testing.assert_frame_equal(a.catalog, b.catalog)
     pd.testing.assert_frame_equal(a.users, b.users)
-    c = generate_world(SyntheticConfig(**{**SMALL.__dict__, "seed": SMALL.seed + 1}))
+    c = generate_world(SMALL.model_copy(update={"seed": SMALL.seed + 1}))
     assert not a.logs["ad_id"].equals(c.logs["ad_id"])
 
 

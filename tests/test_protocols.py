@@ -107,8 +107,8 @@ def test_time_of_day_context_that_identifies_sessions_is_detected_under_a_random
     split = random_split(logs, 0.2)
     dropped, overlap = leaking_context(split, protocol, schema)
     assert dropped == ("hour", "weekday") and overlap > 0.9
-    assert leaking_context(split, replace(protocol, session_context="keep"), schema)[0] == ()
-    assert leaking_context(time_split(logs, 0.2), replace(protocol, protocol="time"), schema)[0] == ()
+    assert leaking_context(split, protocol.model_copy(update={"session_context": "keep"}), schema)[0] == ()
+    assert leaking_context(time_split(logs, 0.2), protocol.model_copy(update={"protocol": "time"}), schema)[0] == ()
 
 
 def test_every_method_gets_the_same_rows_histories_and_exclusions(tmp_path):

@@ -6,7 +6,6 @@ logged position) against the oracle true p_click, which knows the position; the 
 (position dropped, calibrated) against the oracle true relevance, which does not. The margins here
 are looser than the full-size benchmark's, measured on this smaller world (docs/evaluation.md)."""
 
-import dataclasses
 import os
 
 import pytest
@@ -25,7 +24,7 @@ def check(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "ranking_check.yaml")
     cfg.training.model_dir = str(tmp_path_factory.mktemp("ranking_check") / "run")
     if not FULL:
-        cfg.data.synthetic = dataclasses.replace(cfg.data.synthetic, n_impressions=100_000)
+        cfg.data.synthetic = cfg.data.synthetic.model_copy(update={"n_impressions": 100_000})
     trained = run_training(cfg, progress=False)
     test = trained.split.test
     return trained.metrics["ranking"], auc(test["click"].to_numpy(), -test["position"].to_numpy())

@@ -310,10 +310,10 @@ def test_client_retries_unavailable_with_backoff_then_gives_up():
 def test_client_rides_out_a_server_that_starts_late(exported_tiny):
     port = _free_port()
     result = {}
-    policy = RetryPolicy(max_attempts=30, initial_backoff=0.1, max_backoff=0.5)
+    policy = RetryPolicy(max_attempts=400, initial_backoff=0.1, max_backoff=0.5)
 
     def call():
-        with RecommendationClient(f"127.0.0.1:{port}", timeout=60, retry=policy) as c:
+        with RecommendationClient(f"127.0.0.1:{port}", timeout=150, retry=policy) as c:
             try:
                 result["ads"] = c.recommend(USER, CONTEXT, k=3)
             finally:
@@ -324,7 +324,7 @@ def test_client_rides_out_a_server_that_starts_late(exported_tiny):
     time.sleep(0.5)
     base = exported_tiny.paths["recommender"].parent.parent
     with EmbeddedModelServer(read_model_config_paths(base), port=port):
-        caller.join(timeout=60)
+        caller.join(timeout=180)
     assert len(result.get("ads", [])) == 3 and result["retries"] >= 1
 
 

@@ -69,7 +69,7 @@ def _models(base: Path) -> dict[str, Path]:
 
 
 def test_new_version_swaps_in_under_load_without_failures(model_copy):
-    threads_n, max_requests, max_seconds = 4, 20000, 75.0  # bounds; the test stops them 2 s after the swap
+    threads_n, max_requests, max_seconds = 4, 20000, 200.0  # bounds; the test stops them 2 s after the swap
     results: list[list[tuple[float, int | str]]] = [[] for _ in range(threads_n)]
     stop = threading.Event()
     inputs = {**{k: [v] for k, v in {**USER, **CONTEXT}.items()}, **NO_HISTORY}
@@ -91,9 +91,9 @@ def test_new_version_swaps_in_under_load_without_failures(model_copy):
         time.sleep(2.0)
         for name in MODELS:
             _publish(model_copy, name, 2)
-        swap_deadline = time.monotonic() + 60
+        swap_deadline = time.monotonic() + 180
         while any(s.version != 2 for s in server.registry.all().values()):
-            assert time.monotonic() < swap_deadline, "version 2 was not loaded within 60 s"
+            assert time.monotonic() < swap_deadline, "version 2 was not loaded within 180 s (a loaded 2-core machine takes about a minute)"
             time.sleep(0.05)
         swapped_at = time.monotonic()
         time.sleep(2.0)

@@ -182,3 +182,49 @@ def test_one_chief_per_cluster_as_tf_config_names_it(monkeypatch, cluster, task,
     strategy = SimpleNamespace(cluster_resolver=SimpleNamespace(task_type=task[0], task_id=task[1]),
                                extended=SimpleNamespace(_in_multi_worker_mode=lambda: True))
     assert is_chief(strategy) is chief
+
+
+def test_finished_stages_are_reused_only_with_the_same_config_and_data(tmp_path, monkeypatch):
+    """A stage finished by an earlier run is restored only when the config and the data fingerprints both
+    match; otherwise everything resumable is dropped, with the reason logged."""
+    import trainer.resume as resume
+    from trainer.resume import DONE, claim_stages
+
+    said = []
+    monkeypatch.setattr(resume, "log", said.append)
+    cfg, model_dir, strategy = tiny_config(tmp_path), tmp_path / "run", SimpleNamespace()
+
+    def finish(stage: str) -> None:
+        (model_dir / "stages" / stage).mkdir(parents=True, exist_ok=True)
+        (model_dir / "stages" / stage / DONE).write_text('{"steps": 1}')
+        (model_dir / "backup" / "ranking").mkdir(parents=True, exist_ok=True)
+
+    finish("retrieval")  # left by a run that recorded no fingerprint (or an older version)
+    assert claim_stages(model_dir, cfg, "data-a", strategy) == []
+    assert "recorded no fingerprint" in said[-1] and not (model_dir / "backup").exists()
+    finish("retrieval")
+    assert claim_stages(model_dir, cfg, "data-a", strategy) == ["retrieval"]
+    assert "restored, not retrained" in said[-1]
+    assert claim_stages(model_dir, cfg, "data-b", strategy) == []
+    assert "trained on a different data;" in said[-1] and not (model_dir / "backup").exists()
+    finish("ranking")
+    other = tiny_config(tmp_path, retrieval={"epochs": 1})
+    assert claim_stages(model_dir, other, "data-b", strategy) == []
+    assert "trained on a different config;" in said[-1]
+    other.export.recommend_k, other.training.model_dir = 5, str(tmp_path / "elsewhere")  # not part of training
+    finish("ranking")
+    assert claim_stages(model_dir, other, "data-b", strategy) == ["ranking"]
+
+
+def test_data_fingerprint_sees_every_cell():
+    import pandas as pd
+
+    from trainer.resume import data_fingerprint
+
+    frame = pd.DataFrame({"ad_id": ["a", "b"], "ts": [1.0, 2.0], "history": [["a"], []]})
+    base = data_fingerprint((frame,), {"vocab": ["a", "b"]})
+    changed = [frame.assign(ts=[1.0, 2.5]), frame.assign(history=[["b"], []]), frame.rename(columns={"ts": "t"}),
+               frame.head(1)]
+    assert all(data_fingerprint((f,), {"vocab": ["a", "b"]}) != base for f in changed)
+    assert data_fingerprint((frame,), {"vocab": ["b", "a"]}) != base
+    assert data_fingerprint((frame.copy(),), {"vocab": ["a", "b"]}) == base

@@ -1,190 +1,212 @@
-"""Job configuration: dataclasses loaded from YAML with `yaml.safe_load`, validated whole at load.
+"""Job configuration: pydantic v2 models loaded from YAML with `yaml.safe_load`, validated whole at load
+and on every attribute assignment.
 
-Refused at load, each error naming the file and the dotted key: a key given twice in one mapping
-(`features.typed_yaml.StrictSafeLoader`, with its line), unknown keys, wrong types, non-finite
-floats, a value outside its field's rule and combinations that cannot work together (both in
-`trainer.config_rules`, e.g. `export.recommend_k` above `export.retrieve_n`). `apply_overrides`
+Refused, each error naming the file (or `--set`) and the dotted key: a key given twice in one mapping
+(`features.typed_yaml.StrictSafeLoader`, with its line), unknown keys, wrong types (no coercion:
+`"3"`, `true` or `3.5` for an int), non-finite floats, integers beyond int64, a value outside its
+field's range or choices (`Field(ge=...)`, `Literal[...]`), and combinations that cannot work
+together (model validators, e.g. `export.recommend_k` above `export.retrieve_n`). `apply_overrides`
 sets single keys from the command line (`--set retrieval.epochs=2`), checked exactly like the file.
-
-The config stays plain dataclasses (not pydantic models): code everywhere reads attributes, uses
-`dataclasses.replace` / `asdict`, and `EvaluationConfig` extends `features.protocol.EvaluationProtocol`.
+The model machinery (`TypedModel`, the error wording) is `features.typed_model`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
 from features.protocol import EvaluationProtocol
 from features.synthetic import SyntheticConfig
-from features.typed_yaml import coerce, read_yaml, safe_load
-from trainer.config_rules import (  # noqa: F401  (BASELINES, ENCODER_MODES, _RULES: re-exported)
-    _RULES,
-    BASELINES,
-    ENCODER_MODES,
-    _check_value,
-    _cross_field_problems,
-    _leaves,
-)
+from features.typed_model import SEED_MAX, Names, TypedModel, as_tuple, cross_field, explain
+from trainer.config_files import ConfigError, assign, parse_override, read_config_file
+
+EncoderMode = Literal["frozen", "top_layers", "full"]
+Baseline = Literal["most_popular", "itemknn", "ease", "id_only", "sasrec"]
+Baselines = Annotated[tuple[Baseline, ...], BeforeValidator(as_tuple)]
+PositiveInts = Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(as_tuple)]
 
 
-class ConfigError(ValueError):
-    """A config file has an unknown key, a wrong type, or a missing path."""
+def _time_window(window: tuple[float, ...]) -> tuple[float, ...]:
+    if len(window) != 2 or not window[0] < window[1]:
+        raise ValueError(f"expected [start, end] with 0 <= start < end <= 1, got {list(window)}")
+    return window
 
 
+TimeWindow = Annotated[tuple[Annotated[float, Field(ge=0, le=1)], ...], BeforeValidator(as_tuple),
+                       AfterValidator(_time_window)]
 
 
-@dataclass
-class MaskedLMConfig:
+class MaskedLMConfig(TypedModel):
     """Continued masked-LM pre-training of the encoder on the ad text corpus, before two-tower training."""
 
-    epochs: int = 0  # 0 = off
-    head_epochs: int = 1  # first fit only the new masked-LM head, the encoder held fixed
-    mask_rate: float = 0.15  # share of word pieces selected for masking
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    holdout_fraction: float = 0.1  # ads whose text only measures masked-token accuracy before/after
+    epochs: int = Field(0, ge=0)  # 0 = off
+    head_epochs: int = Field(1, ge=0)  # first fit only the new masked-LM head, the encoder held fixed
+    mask_rate: float = Field(0.15, gt=0, lt=1)  # share of word pieces selected for masking
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # ads whose text only measures masked-token accuracy before/after
 
 
-@dataclass
-class EncoderConfig:
+class EncoderConfig(TypedModel):
     # "minilm" (bundled), "tiny" (random, small), a keras-hub preset name, or a directory in
     # keras-hub (config.json with registered_name) or Hugging Face (config.json + vocab.txt) format
     preset: str = "minilm"
     # "frozen": embeddings computed once per ad and cached; "top_layers": the last
     # `trainable_layers` transformer layers train with the towers; "full": all of BERT trains
-    mode: str = "frozen"
-    trainable_layers: int = 2
-    sequence_length: int = 32
+    mode: EncoderMode = "frozen"
+    trainable_layers: int = Field(2, ge=1)
+    sequence_length: int = Field(32, ge=2)
     cache_dir: str = ""  # frozen mode: reuse catalog text embeddings computed earlier for the same weights and texts
-    masked_lm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
-    tiny_layers: int = 2
-    tiny_hidden: int = 64
-    tiny_heads: int = 2
-    tiny_intermediate: int = 128
-    tiny_vocab_size: int = 4000
+    masked_lm: MaskedLMConfig = Field(default_factory=MaskedLMConfig)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_hidden: int = Field(64, ge=1)
+    tiny_heads: int = Field(2, ge=1)
+    tiny_intermediate: int = Field(128, ge=1)
+    tiny_vocab_size: int = Field(4000, ge=8)  # 5 special tokens and a few words
+
+    @model_validator(mode="after")
+    def _whole_heads(self) -> EncoderConfig:
+        if self.tiny_hidden % self.tiny_heads:
+            raise cross_field("tiny_hidden", f"{self.tiny_hidden} is not a multiple of encoder.tiny_heads "
+                              f"({self.tiny_heads})")
+        return self
 
 
-@dataclass
-class RetrievalConfig:
-    embedding_dim: int = 64
-    id_embedding_dim: int = 32
-    hidden_units: int = 128
-    text_dim: int = 0  # > 0, frozen encoder: the towers read this many principal components of the ad text
-    temperature: float = 0.05
-    learning_rate: float = 0.003
-    epochs: int = 8
-    batch_size: int = 512
-    top_k_metrics: tuple[int, ...] = (10, 100)
-    history_length: int = 20  # last N positive ad ids before the event, pooled in the query tower; 0 = off
+class RetrievalConfig(TypedModel):
+    embedding_dim: int = Field(64, ge=1)
+    id_embedding_dim: int = Field(32, ge=1)
+    hidden_units: int = Field(128, ge=1)
+    text_dim: int = Field(0, ge=0)  # > 0, frozen encoder: the towers read this many principal components of the ad text
+    temperature: float = Field(0.05, gt=0)
+    learning_rate: float = Field(0.003, gt=0)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=1)
+    top_k_metrics: PositiveInts = Field((10, 100), min_length=1)
+    # last N positive ad ids before the event, pooled in the query tower; 0 = off
+    history_length: int = Field(20, ge=0, le=1000)
     history_text: bool = True  # also pool the history ads' (frozen) text embeddings
-    history_attention_layers: int = 0  # > 0: a transformer encoder over the recent history, next to the mean
-    history_attention_length: int = 50  # the most recent entries the attention encoder reads
-    history_attention_heads: int = 2
-    history_attention_dim: int = 64
-    full_softmax_negatives: str = "all"  # all | seen (only ads with a training positive are negatives)
-    history_attention_pool: str = "mean"  # mean | mean_and_newest (also the newest entry's attended state)
-    history_dropout: float = 0.0  # training: share of history entries hidden (denoising; regularises ids)
+    # > 0: a transformer encoder over the recent history, next to the mean
+    history_attention_layers: int = Field(0, ge=0, le=8)
+    history_attention_length: int = Field(50, ge=1)  # the most recent entries the attention encoder reads
+    history_attention_heads: int = Field(2, ge=1)
+    history_attention_dim: int = Field(64, ge=1)
+    full_softmax_negatives: Literal["all", "seen"] = "all"  # seen: only ads with a training positive are negatives
+    # mean_and_newest: also the newest entry's attended state
+    history_attention_pool: Literal["mean", "mean_and_newest"] = "mean"
+    # training: share of history entries hidden (denoising; regularises ids)
+    history_dropout: float = Field(0.0, ge=0, lt=1)
     # "in_batch": softmax over the batch's positives (TFRS Retrieval; logQ-corrected); "full_softmax": over
     # the whole catalog each step (exact, for catalogs up to `full_softmax_max_ads`)
-    loss: str = "in_batch"
-    full_softmax_max_ads: int = 50_000
+    loss: Literal["in_batch", "full_softmax"] = "in_batch"
+    full_softmax_max_ads: int = Field(50_000, ge=1)
     # full_softmax: a query's history ads are not negatives (they are the ads evaluation.exclude_seen removes)
     exclude_history_from_loss: bool = False
     logq_correction: bool = True  # in-batch softmax corrected by log(training frequency) of each candidate
     remove_accidental_hits: bool = True  # in-batch negatives with the positive's ad id are not negatives
-    num_hard_negatives: int = 0  # > 0: keep only the hardest N in-batch negatives per query; 0 = all
-    user_id_dropout: float = 0.0  # training: share of user ids replaced by the unknown-user bucket
-    ad_id_dropout: float = 0.0  # training: share of ad ids replaced by the unknown-ad bucket (cold start)
-    eval_ks: tuple[int, ...] = (10, 50, 100)  # Recall@K / NDCG@K of the offline evaluation
-    baseline_epochs: int = 5
-    baseline_learning_rate: float = 0.1  # Adagrad, as in the TFRS basic retrieval tutorial
-    baseline_batch_size: int = 8192
+    num_hard_negatives: int = Field(0, ge=0)  # > 0: keep only the hardest N in-batch negatives per query; 0 = all
+    user_id_dropout: float = Field(0.0, ge=0, lt=1)  # training: share of user ids replaced by the unknown-user bucket
+    # training: share of ad ids replaced by the unknown-ad bucket (cold start)
+    ad_id_dropout: float = Field(0.0, ge=0, lt=1)
+    eval_ks: PositiveInts = Field((10, 50, 100), min_length=1)  # Recall@K / NDCG@K of the offline evaluation
+    baseline_epochs: int = Field(5, ge=1)
+    baseline_learning_rate: float = Field(0.1, gt=0)  # Adagrad, as in the TFRS basic retrieval tutorial
+    baseline_batch_size: int = Field(8192, ge=1)
 
 
-@dataclass
-class RankingConfig:
-    embedding_dim: int = 16
-    embedding_l2: float = 0.0  # L2 penalty on embedding tables (ids are many, clicks are few)
-    ad_categorical_dim: int = 0  # > 0: embedding width of every ad categorical (0: ~1.6 * cardinality ** 0.56)
-    cross_layers: int = 2
-    cross_projection_dim: int = 0  # > 0: low-rank DCN-v2 cross weights (W = U V^T of this rank)
-    architecture: str = "stacked"  # "stacked": cross -> deep; "parallel": cross || deep, concatenated
-    deep_units: tuple[int, ...] = (128, 64)
-    learning_rate: float = 0.002
-    epochs: int = 3
-    batch_size: int = 1024
+class RankingConfig(TypedModel):
+    embedding_dim: int = Field(16, ge=1)
+    embedding_l2: float = Field(0.0, ge=0)  # L2 penalty on embedding tables (ids are many, clicks are few)
+    # > 0: embedding width of every ad categorical (0: ~1.6 * cardinality ** 0.56)
+    ad_categorical_dim: int = Field(0, ge=0)
+    cross_layers: int = Field(2, ge=0)
+    cross_projection_dim: int = Field(0, ge=0)  # > 0: low-rank DCN-v2 cross weights (W = U V^T of this rank)
+    # "stacked": cross -> deep; "parallel": cross || deep, concatenated
+    architecture: Literal["stacked", "parallel"] = "stacked"
+    deep_units: PositiveInts = Field((128, 64), min_length=1)
+    learning_rate: float = Field(0.002, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(1024, ge=1)
     position_tower: bool = True  # shallow position tower added in training, dropped at serving
     # Context the position tower reads besides the position (when examination varies by device or
     # slot). Whatever main effect of these the tower absorbs is dropped with it at serving, so the
     # default is none: on the synthetic world device/placement in the tower cost 0.005 served AUC.
-    position_tower_context: tuple[str, ...] = ()
-    ctr_loss_weight: float = 1.0  # BCE(click, pCTR) over impressions
-    ctcvr_loss_weight: float = 1.0  # BCE(click*conversion, pCTR*pCVR) over impressions (ESMM); 0: no CVR head
+    position_tower_context: Names = ()
+    ctr_loss_weight: float = Field(1.0, ge=0)  # BCE(click, pCTR) over impressions
+    # BCE(click*conversion, pCTR*pCVR) over impressions (ESMM); 0: no CVR head
+    ctcvr_loss_weight: float = Field(1.0, ge=0)
     # What the user did before the event (both computed from earlier events only, on the whole log):
     history: bool = False  # pool `history` (the retrieval side's earlier positives; needs retrieval.history_length)
     negative_history: bool = False  # pool the user's earlier non-clicks (the same length N)
     user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
-    recent_window: int = 10
+    recent_window: int = Field(10, ge=1)
     item_stats: bool = False  # the ad's smoothed click rate and count over the training rows (out-of-fold in training)
     # Ids of users with few impressions (and users unseen in training, who share the OOV row):
-    user_id_dropout: float = 0.0  # training: share of user ids looked up as unknown (trains the OOV row)
-    id_frequency_l2: float = 0.0  # training: L2 on each looked-up user/ad id row, divided by its training count
+    # training: share of user ids looked up as unknown (trains the OOV row)
+    user_id_dropout: float = Field(0.0, ge=0, lt=1)
+    # training: L2 on each looked-up user/ad id row, divided by its training count
+    id_frequency_l2: float = Field(0.0, ge=0)
     # The latest share (by time) of the training rows: a first fit on the earlier rows early-stops on
     # its gAUC (patience: training.early_stopping_patience) and the calibrator is fitted on that fit's
     # out-of-sample logits there; the served model then trains on all rows for the chosen epochs.
     # 0: one fit on all rows for `epochs`, uncalibrated.
-    validation_fraction: float = 0.1
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
     # "beta" | "platt": smooth, strictly increasing maps; "isotonic": knots (near-flat steps); "none".
-    calibration: str = "beta"
-    calibration_half_life: float = 0.25  # recency weights: halve every this share of the calibration rows
-    calibration_check_fraction: float = 0.5  # latest share of them the map must improve (ECE) to be applied
-    calibration_knots: int = 64
+    calibration: Literal["beta", "platt", "isotonic", "none"] = "beta"
+    calibration_half_life: float = Field(0.25, ge=0)  # recency weights: halve every this share of the calibration rows
+    # latest share of them the map must improve (ECE) to be applied
+    calibration_check_fraction: float = Field(0.5, gt=0, lt=1)
+    calibration_knots: int = Field(64, ge=4)
     # Data with no negatives of its own (implicit labels: every row a positive): per positive, this
     # many ads drawn uniformly from the ads seen in training that the user has no positive with,
     # for training and for the held-out metrics. Such data with 0 is refused (ranking needs negatives).
-    sampled_negatives: int = 4
+    sampled_negatives: int = Field(4, ge=0, le=1000)
 
 
-@dataclass
-class TrainingConfig:
-    strategy: str = "default"  # "default" | "mirrored" | "multi_worker" | "tpu"
+class TrainingConfig(TypedModel):
+    strategy: Literal["default", "mirrored", "multi_worker", "tpu"] = "default"  # trainer.strategy.STRATEGIES
     tpu: str = ""  # TPU name or address for strategy "tpu" ("" = the local TPU VM)
-    seed: int = 42
-    early_stopping_patience: int = 2
-    mixed_precision: str = "none"  # "none" | "mixed_bfloat16" | "mixed_float16" (loss scaling)
-    steps_per_execution: int = 1
+    seed: int = Field(42, ge=0, le=SEED_MAX)
+    early_stopping_patience: int = Field(2, ge=0)
+    mixed_precision: Literal["none", "mixed_bfloat16", "mixed_float16"] = "none"  # mixed_float16: with loss scaling
+    steps_per_execution: int = Field(1, ge=1)
     jit_compile: bool = False  # XLA-compile the models' dense cores (lookups stay uncompiled)
-    backup_every_steps: int = 0  # BackupAndRestore frequency in steps; 0 = every epoch
+    backup_every_steps: int = Field(0, ge=0)  # BackupAndRestore frequency in steps; 0 = every epoch
     model_dir: str = "runs/demo"
 
 
-@dataclass
-class ExportConfig:
+class ExportConfig(TypedModel):
     export_dir: str = "runs/demo/models"
-    top_k: int = 100  # retrieval model output size
-    retrieve_n: int = 100  # recommender: candidates retrieved before ranking
-    recommend_k: int = 20  # recommender: ads returned per request
-    objective: str = "pctr"  # recommender order: "pctr" | "ecpm" (bid x pCTR) | "cpa" (bid x pCTR x pCVR)
+    top_k: int = Field(100, ge=1)  # retrieval model output size
+    retrieve_n: int = Field(100, ge=1)  # recommender: candidates retrieved before ranking
+    recommend_k: int = Field(20, ge=1)  # recommender: ads returned per request
+    # recommender order: "pctr", "ecpm" (bid x pCTR) or "cpa" (bid x pCTR x pCVR)
+    objective: Literal["pctr", "ecpm", "cpa"] = "pctr"
+
+    @model_validator(mode="after")
+    def _k_of_n(self) -> ExportConfig:  # the recommender graph ranks only retrieve_n candidates
+        if self.recommend_k > self.retrieve_n:
+            raise cross_field("recommend_k", f"{self.recommend_k} is more than export.retrieve_n {self.retrieve_n}: "
+                              "the recommender ranks retrieve_n candidates and returns k of them")
+        return self
 
 
-@dataclass
-class DataConfig:
-    source: str = "synthetic"  # "synthetic" | "spec" (real logs through a YAML data spec)
-    time_window: tuple[float, ...] = (0.0, 1.0)  # share of the log's time span to use, [start, end]
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+class DataConfig(TypedModel):
+    source: Literal["synthetic", "spec"] = "synthetic"  # "synthetic" | "spec" (real logs through a YAML data spec)
+    time_window: TimeWindow = (0.0, 1.0)  # share of the log's time span to use, [start, end]
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     spec: str = ""  # source "spec": path of the data spec (configs/data/*.yaml), relative to the CWD
     root: str = ""  # source "spec": overrides the spec's data directory when set
 
+    @model_validator(mode="after")
+    def _spec_named(self) -> DataConfig:
+        if self.source == "spec" and not self.spec:
+            raise cross_field("spec", "data.source is 'spec' but data.spec names no spec file")
+        return self
 
 
-
-@dataclass
 class EvaluationConfig(EvaluationProtocol):
     """The evaluation protocol (features.protocol) and the retrieval baselines compared with the model.
 
@@ -194,37 +216,40 @@ class EvaluationConfig(EvaluationProtocol):
     rows out of training.
     """
 
-    validation_fraction: float = 0.0
-    baselines: tuple[str, ...] = ("most_popular", "id_only")
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    baselines: Baselines = ("most_popular", "id_only")
     refit: bool = False
 
 
-@dataclass
-class JobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    ranking: RankingConfig = field(default_factory=RankingConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+class JobConfig(TypedModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _sections_fit_together(self) -> JobConfig:
+        if self.retrieval.loss == "full_softmax" and self.encoder.mode != "frozen":
+            raise cross_field("retrieval.loss", "'full_softmax' embeds the whole catalog every step, which needs "
+                              "encoder.mode 'frozen' (cached text); use 'in_batch' to fine-tune the encoder")
+        for key in ("history", "negative_history"):
+            if getattr(self.ranking, key) and not self.retrieval.history_length:
+                raise cross_field(f"ranking.{key}", "its length is retrieval.history_length, which is 0")
+        return self
 
 
 def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:
-    """A JobConfig from plain YAML values, validated whole: types, every field's rule, then the
-    rules across fields. Errors name `where` (the file) and the dotted key."""
-    cfg = coerce(JobConfig, raw or {}, where, ConfigError)
-    for dotted, value in _leaves(cfg):
-        problem = _check_value(dotted, value)
-        if problem:
-            raise ConfigError(f"{where}.{dotted}: {problem}")
+    """A JobConfig from plain YAML values, validated whole: types, every field's range or choices, then
+    the rules across fields. Errors name `where` (the file) and the dotted key."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     try:
-        cfg.evaluation.check()
-    except ValueError as err:
-        raise ConfigError(f"{where}.evaluation.{err}") from None
-    for dotted, problem in _cross_field_problems(cfg):
-        raise ConfigError(f"{where}.{dotted}: {problem}")
-    return cfg
+        return JobConfig.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(explain(err, JobConfig, where)) from None
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
@@ -232,37 +257,6 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
     (`section.key=value`, see `apply_overrides`) on top."""
     cfg = config_from_dict(read_config_file(path), str(path))
     return apply_overrides(cfg, overrides)
-
-
-MAX_BASE_DEPTH = 8
-
-
-def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """The plain YAML mapping of a config file. A top-level `base: other.yaml` (relative to the file)
-    is read first and this file's values are laid over it: sections merge key by key, any other
-    value (lists included) replaces the base's. A chain that loops or runs deeper than
-    `MAX_BASE_DEPTH` files is refused."""
-    resolved = Path(path).resolve()
-    if resolved in _chain:
-        raise ConfigError(f"{path}.base: the chain of bases loops back to {path}")
-    if len(_chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} files in the chain of bases")
-    raw = read_yaml(path, ConfigError, "config file")
-    if not isinstance(raw, dict) or "base" not in raw:
-        return raw
-    raw = dict(raw)
-    base = raw.pop("base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{path}.base: expected the path of another config file, got {base!r}")
-    return _laid_over(read_config_file(Path(path).parent / base, (*_chain, resolved)) or {}, raw)
-
-
-def _laid_over(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _laid_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
 
 
 def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
@@ -274,51 +268,11 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
     """
     raw = config_to_dict(cfg)
     for item in overrides:
-        path, value = _parse_override(item)
-        _assign(raw, JobConfig, path, value)
+        path, value = parse_override(item)
+        assign(raw, JobConfig, path, value)
     return config_from_dict(raw, "--set")  # the whole again: rules across fields (errors: "--set.<key>")
 
 
-def _parse_override(item: str) -> tuple[list[str], object]:
-    key, sep, text = item.partition("=")
-    path = key.strip().split(".")
-    if not sep or not all(path):
-        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. retrieval.epochs=2")
-    try:
-        return path, safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(err).split())}") from err
-
-
-def _assign(raw: dict, cls, path: list[str], value, done: tuple[str, ...] = ()) -> None:
-    """Set `path` (below the already-walked `done`) in the plain dict `raw` of dataclass `cls`."""
-    name, rest = path[0], path[1:]
-    dotted = ".".join((*done, name))
-    known = {f.name for f in dataclasses.fields(cls)}
-    if name not in known:
-        where = f" of {'.'.join(done)}" if done else ""
-        raise ConfigError(f"--set {dotted}: unknown key {name!r}; known keys{where} are {sorted(known)}")
-    hint = typing.get_type_hints(cls)[name]
-    if rest:
-        if not dataclasses.is_dataclass(hint):
-            raise ConfigError(f"--set {'.'.join((*done, *path))}: {dotted} is a value, not a section")
-        _assign(raw[name], hint, rest, value, (*done, name))
-    elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        for key, item in value.items():
-            _assign(raw[name], hint, [str(key)], item, (*done, name))
-    else:
-        typed = coerce(hint, value, f"--set {dotted}", ConfigError)
-        problem = _check_value(dotted, typed)
-        if problem:
-            raise ConfigError(f"--set {dotted}: {problem}")
-        raw[name] = value
-
-
-def config_to_dict(cfg) -> dict:
-    def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+def config_to_dict(cfg: BaseModel) -> dict:
+    """Plain values (lists for tuples): what YAML and JSON write."""
+    return cfg.model_dump(mode="json")

@@ -3,13 +3,13 @@
 - `BackupAndRestore` backs the stage up every epoch or N steps; a job killed mid-epoch
   resumes at the step it reached, so no epoch is lost or repeated.
 - A finished stage leaves a checkpoint and a DONE marker, so a restarted job does not
-  retrain a stage it already completed; markers are cleared when the whole job finishes.
+  retrain a stage it already completed (`trainer.resume` decides whether they may be reused and
+  clears them when the whole job finishes).
 - Only the chief writes where others can see; other workers write to private temp dirs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.config import JobConfig, config_to_dict
+from trainer.config import JobConfig
 from trainer.progress import fit_verbosity, log
+from trainer.resume import DONE
 from trainer.strategy import is_chief
-
-DONE = "DONE.json"
 
 
 def checkpoint_of(parts: dict) -> tf.train.Checkpoint:
@@ -66,14 +65,13 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     backup_dir = model_dir / "backup" / name
-    _forget_other_configs(name, cfg, (stage_dir, backup_dir), strategy)
     if done_file.exists():
         checkpoint_of(parts).read(str(stage_dir / "stage")).expect_partial()
         state = json.loads(done_file.read_text())
         log(f"{name}: stage already finished ({state['steps']} steps); restored, not retrained")
         return state
 
-    if backup_dir.exists() and any(p.name != FINGERPRINT for p in backup_dir.iterdir()):
+    if backup_dir.is_dir() and any(backup_dir.iterdir()):
         log(f"{name}: resuming from the backup in {backup_dir}")
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(
@@ -92,43 +90,10 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
              "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
              "epochs": [int(e) + 1 for e in hist.epoch]}  # 1-based; a resumed fit lists only the epochs it ran
     target = _writable(stage_dir, strategy)
+    target.mkdir(parents=True, exist_ok=True)
     checkpoint_of(parts).write(str(target / "stage"))
     if is_chief(strategy):
-        done_file.write_text(json.dumps(state))
+        (target / DONE).write_text(json.dumps(state))
     else:
         shutil.rmtree(target, ignore_errors=True)
     return state
-
-
-FINGERPRINT = "CONFIG_SHA256"
-
-
-def config_fingerprint(cfg: JobConfig) -> str:
-    """A hash of what shapes training (not where models are written or exported)."""
-    raw = config_to_dict(cfg)
-    raw.pop("export", None)
-    raw.get("training", {}).pop("model_dir", None)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _forget_other_configs(name: str, cfg: JobConfig, dirs: tuple[Path, ...], strategy) -> None:
-    """A finished stage or a backup left by a run with another config cannot be resumed (its variables
-    may not even have the same shapes): drop it and start the stage afresh, saying so."""
-    fingerprint = config_fingerprint(cfg)
-    for directory in dirs:
-        marker = directory / FINGERPRINT
-        if directory.exists() and any(p.name != FINGERPRINT for p in directory.iterdir()) and (
-                not marker.is_file() or marker.read_text() != fingerprint):
-            log(f"{name}: {directory} was left by a run with a different config; starting this stage afresh")
-            if is_chief(strategy):
-                shutil.rmtree(directory, ignore_errors=True)
-        if is_chief(strategy):
-            directory.mkdir(parents=True, exist_ok=True)
-            marker.write_text(fingerprint)
-
-
-def clear_stages(model_dir: Path, strategy) -> None:
-    """The job finished: the next run with this model_dir trains afresh."""
-    if is_chief(strategy):
-        shutil.rmtree(model_dir / "stages", ignore_errors=True)
-        shutil.rmtree(model_dir / "backup", ignore_errors=True)

@@ -24,12 +24,13 @@ from trainer.comparison import (
 )
 from trainer.config import JobConfig, config_to_dict
 from trainer.evaluate import evaluate_ranking
-from trainer.fit import build_model, clear_stages, fit_stage
+from trainer.fit import build_model, fit_stage
 from trainer.inputs import retrieval_dataset
 from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.progress import log
 from trainer.ranking_stage import train_ranking
+from trainer.resume import claim_stages, clear_stages
 from trainer.text_encoder import encode_cached, encode_packed
 from trainer.trained import TrainedModels
 
@@ -69,9 +70,13 @@ def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, cali
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                  schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
-                 with_ranking: bool = True) -> TrainedModels:
+                 with_ranking: bool = True, keep_stages: bool = False) -> TrainedModels:
     """Train and evaluate the job's models; `with_ranking=False` stops after retrieval (e.g. retrieval
-    quality benchmarks), leaving `ranking` None: such a job cannot be exported."""
+    quality benchmarks), leaving `ranking` None: such a job cannot be exported.
+
+    Stages an earlier run with the same config and data finished in `training.model_dir` are restored,
+    not retrained (`trainer.resume`). The finished stages are cleared at the end unless `keep_stages`
+    (a caller that exports clears them once the export is published)."""
     strategy = strategy or tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
@@ -87,6 +92,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
     data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking)
     catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
+    claim_stages(model_dir, cfg, data.fingerprint, strategy)
     fit_rows, validation_rows, validation = split.train, None, None
     if cfg.evaluation.validation_fraction > 0:  # carved by the evaluation protocol, histories rebuilt for it
         validation = data.validation(cfg.evaluation, cfg.retrieval.history_length)
@@ -159,5 +165,6 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     if text.masked_lm is not None:
         trained.metrics["encoder_masked_lm"] = asdict(text.masked_lm)
     save_checkpoint(trained, strategy, model_dir)
-    clear_stages(model_dir, strategy)
+    if not keep_stages:
+        clear_stages(model_dir, strategy)
     return trained

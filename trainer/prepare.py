@@ -19,6 +19,7 @@ from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
 from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
 from trainer.progress import Progress, log
+from trainer.resume import data_fingerprint
 
 
 class DataError(ValueError):
@@ -100,6 +101,7 @@ class PreparedData:
     vocabularies: Vocabularies
     excluded: list[np.ndarray] = field(default_factory=list)
     prior: pd.DataFrame | None = None  # rows before the time window: history sources only
+    fingerprint: str = ""  # of the loaded catalog and logs, the schema and the vocabularies (trainer.resume)
 
     def validation(self, protocol: EvaluationProtocol, history_length: int) -> ProtocolData:
         """The validation split carved from the training rows by the same protocol, with histories of its own."""
@@ -141,6 +143,7 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     `with_negatives` is False (a retrieval-only run reads positives alone).
     """
     catalog, logs, schema = load_job_data(cfg, schema)
+    loaded = (catalog, logs)
     logs, prior = select_time_window(logs, cfg.data.time_window, schema)
     data = apply_protocol(logs, cfg.evaluation, cfg.retrieval.history_length, schema, prior)
     dropped, overlap = leaking_context(data.split, cfg.evaluation, schema)
@@ -163,4 +166,5 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     log(f"evaluation protocol {cfg.evaluation.protocol}: {len(split.train):,d} training / {len(split.test):,d} "
         f"held-out rows; held-out histories: {cfg.evaluation.history_at_test}"
         + ("; seen ads excluded" if cfg.evaluation.exclude_seen else ""))
-    return PreparedData(catalog, schema, split, vocabularies, excluded, prior)
+    return PreparedData(catalog, schema, split, vocabularies, excluded, prior,
+                        data_fingerprint(loaded, dataclasses.asdict(schema), vocabularies.to_dict()))

@@ -58,9 +58,12 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
     from trainer.export import export_all
     from trainer.job import run_training
     from trainer.progress import log
+    from trainer.resume import clear_stages
 
     log_devices()
-    trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start)
+    # The finished stages outlive training until the export is published: a job killed or failing while
+    # it exports is rerun with the same config and only exports (docs/training.md#outputs-and-fault-tolerance).
+    trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start, keep_stages=export)
     result = None
     if export:
         # Saving multi-worker variables runs collectives, so every worker exports; only the
@@ -71,6 +74,7 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
         else:
             with tempfile.TemporaryDirectory(prefix="adrec-worker-export-") as scratch:
                 export_all(trained, scratch)
+        clear_stages(Path(cfg.training.model_dir), strategy)
     return trained, result
 
 

@@ -76,6 +76,9 @@ def train_id_only(rows: pd.DataFrame, schema: FeatureSchema, vocabularies: Vocab
     return model
 
 
+_RECIPE = RetrievalConfig()  # the config's defaults
+
+
 class IdOnlyScorer(Scorer):
     """`IdOnlyRetrieval` trained from `Interactions`; a user unseen in training (code -1) gets the OOV row.
 
@@ -85,9 +88,9 @@ class IdOnlyScorer(Scorer):
 
     name = "id_only"
 
-    def __init__(self, epochs: int = RetrievalConfig.baseline_epochs,
-                 batch_size: int = RetrievalConfig.baseline_batch_size,
-                 learning_rate: float = RetrievalConfig.baseline_learning_rate,
+    def __init__(self, epochs: int = _RECIPE.baseline_epochs,
+                 batch_size: int = _RECIPE.baseline_batch_size,
+                 learning_rate: float = _RECIPE.baseline_learning_rate,
                  dim: int = ID_ONLY_DIM, patience: int = 3, seed: int = 0):
         super().__init__(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, dim=dim,
                          patience=patience, seed=seed)
