@@ -321,6 +321,7 @@ def test_a_large_request_runs_in_slices_and_stops_at_its_deadline(at_defaults):
     print(f"{TALLEST}: {full * 1000:.0f} ms in full; with a deadline of {full / 8 * 1000:.0f} ms, "
           f"stopped after {stopped * 1000:.0f} ms")
     assert gate.in_flight == 0 and stopped < full / 2
+    assert stub.Predict(_request(), timeout=10).outputs["ad_ids"].tensor_shape.dim[0].size == 1  # still serving
 
 
 def test_the_flags_set_the_limits_and_bad_values_are_named():
