@@ -93,7 +93,8 @@ def test_new_version_swaps_in_under_load_without_failures(model_copy):
             _publish(model_copy, name, 2)
         swap_deadline = time.monotonic() + 180
         while any(s.version != 2 for s in server.registry.all().values()):
-            assert time.monotonic() < swap_deadline, "version 2 was not loaded within 180 s (a loaded 2-core machine takes about a minute)"
+            # a loaded 2-core machine takes about a minute
+            assert time.monotonic() < swap_deadline, "version 2 was not loaded within 180 s"
             time.sleep(0.05)
         swapped_at = time.monotonic()
         time.sleep(2.0)
