@@ -57,7 +57,7 @@ def text_cache_check(trained_ranking, schema, catalog, text, test, n_rows: int, 
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
-    from trainer.export import RankingServable
+    from trainer.servables import RankingServable
     from trainer.serving_artifacts import as_numpy_features
 
     known = test[test[schema.ad_id].isin(set(catalog[schema.ad_id]))]

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from serving.contract import EXCLUDED_AD_IDS, PAD_AD_ID
 from serving.servable import Servable
 from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
-from trainer.export import ExportError, RecommenderServable
 from trainer.inputs import query_inputs
+from trainer.servables import ExportError, RecommenderServable
 from trainer.serving_artifacts import as_numpy_features
 
 CATALOG = [f"c{i}" for i in range(12)]

@@ -10,16 +10,17 @@ import tensorflow as tf
 
 from features.schema import DEFAULT_SCHEMA as S
 from features.vocab import build_vocabularies
+from serving.contract import PAD_AD_ID
 from serving.servable import Servable
 from trainer.builders import build_ranking
 from trainer.calibration import Calibrator, fit_knots, pool_adjacent_violators
 from trainer.checkpoints import restore_parts, training_checkpoint
 from trainer.config import config_from_dict
 from trainer.evaluate import fit_calibration, predict_ranking, ranking_logits
-from trainer.export import PAD_AD_ID, RecommenderServable
 from trainer.fit import build_model
 from trainer.inputs import query_inputs, ranking_dataset
 from trainer.metrics import expected_calibration_error
+from trainer.servables import RecommenderServable
 from trainer.serving_artifacts import as_numpy_features
 
 

@@ -60,7 +60,7 @@ def _ranking_request(trained, rows):
 
 def test_known_ads_read_cached_text_and_unknown_ads_run_the_encoder(trained_past, tmp_path):
     from trainer.evaluate import predict_ranking
-    from trainer.export import RankingServable
+    from trainer.servables import RankingServable
 
     schema = trained_past.schema
     paths = {}

@@ -23,13 +23,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 import tensorflow_text  # noqa: F401  (registers the TF Text ops the ranking graph uses)
 from tensorflow.core.protobuf import saved_model_pb2
 
-from features.schema import FeatureSchema
 from serving.contract import (
     EXCLUDED_AD_IDS,
     HISTORY,
@@ -41,19 +38,14 @@ from serving.contract import (
     RECOMMENDER,
     RETRIEVAL,
     SIGNATURE_KEY,
-    USER_STATS,
     signature_inputs,
 )
 from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
-from trainer.builders import TextAssets
-from trainer.evaluate import ad_embeddings
-from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
 from trainer.progress import Progress
-from trainer.ranking import RankingModel
+from trainer.servables import ExportError, RankingServable, RecommenderServable, RetrievalServable
 from trainer.trained import TrainedModels
 
-OBJECTIVES = ("pctr", "ecpm", "cpa")
 METADATA_FILE = "adrec.json"
 
 # TF Text ops linked into tensorflow/serving 2.20+ that keras-hub tokenizers/packers emit.
@@ -63,219 +55,10 @@ TF_TEXT_OPS = frozenset({
 })
 
 
-class ExportError(RuntimeError):
-    """An export failed its checks; nothing was published."""
-
-
 @dataclass
 class ExportResult:
     version: int
     paths: dict[str, Path]
-
-
-def _query_specs(schema: FeatureSchema, history_length: int = 0) -> dict[str, tf.TensorSpec]:
-    specs = {n: tf.TensorSpec([None], tf.string, name=n) for n in schema.query_string_features}
-    specs.update({n: tf.TensorSpec([None], tf.int64, name=n) for n in schema.query_int_features})
-    if history_length:  # the user's last N positive ad ids, most recent first, padded with ""
-        specs[HISTORY] = tf.TensorSpec([None, history_length], tf.string, name=HISTORY)
-    return specs
-
-
-def _user_specs(ranking: RankingModel) -> dict[str, tf.TensorSpec]:
-    """What the ranking model reads about the user's past: `history` / `negative_history` [batch, N]
-    (string, padded with "") and the user counters (int64 [batch]), when it reads them."""
-    specs = {n: tf.TensorSpec([None, ranking.history_length], tf.string, name=n) for n in ranking.histories}
-    if ranking.user_stats is not None:
-        specs.update({n: tf.TensorSpec([None], tf.int64, name=n) for n in USER_STATS})
-    return specs
-
-
-def _ad_specs(schema: FeatureSchema) -> dict[str, tf.TensorSpec]:
-    names = (*schema.ad_string_features, *schema.ad_text)
-    return {n: tf.TensorSpec([None], tf.string, name=n) for n in names}
-
-
-class BruteForceIndex(tfrs.layers.factorized_top_k.BruteForce):
-    """TFRS's brute-force top-K index, with a `get_config`: its query model is a Keras model (saved as
-    the index's sublayer, not as configuration), which TFRS's own default config cannot serialize and
-    warns about on every save. The candidates are data, set by `index()`."""
-
-    def get_config(self) -> dict:
-        return {"name": self.name, "k": int(self._k)}
-
-
-class RetrievalServable(tf.Module):
-    def __init__(self, trained: TrainedModels, k: int):
-        super().__init__()
-        schema = trained.schema
-        self.query_tower = trained.retrieval.query_tower
-        k = min(k, len(trained.catalog))
-        self.index = BruteForceIndex(self.query_tower, k=k)
-        self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
-                         tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
-        specs = _query_specs(schema, self.query_tower.history_length)
-
-        @tf.function(input_signature=[specs])
-        def serve(features):
-            scores, ids = self.index(features, k=k)
-            return {"ad_ids": ids, "scores": scores}
-
-        self.serve = serve
-
-
-class RankingServable(tf.Module):
-    """Raw request rows -> calibrated pCTR and pCVR (position tower dropped).
-
-    The ad text embedding of an ad the model's catalog knows is read from the catalog's table of
-    cached (frozen-encoder) embeddings, keyed by ad id, inside the graph; only the rows of unknown ads
-    are tokenized (TF Text ops) and encoded by BERT, and only when a batch has any (`tf.cond`). A known
-    ad's text therefore comes from the catalog, not from the request (a changed creative needs a new
-    export or a new ad id). `cache_text=False` encodes every row's text (the reference path).
-    """
-
-    def __init__(self, ranking: RankingModel, schema: FeatureSchema, text: TextAssets, cache_text: bool = True):
-        super().__init__()
-        self.ranking = ranking
-        self.packer = text.packer.packer
-        self.tokenizer = text.tokenizer
-        self.encoder = text.adapter
-        # Keras 3 export duplicates variable handles; tracking the raw tf.Variables here is
-        # what lets the TF1 loader (TF Serving) restore them.
-        self.inner_vars = [v.value for v in text.adapter.backbone.variables]
-        specs = {**_query_specs(schema), **_user_specs(ranking), **_ad_specs(schema)}
-        separator = schema.text_separator
-        catalog_text = ranking.catalog_text
-
-        def encode(features, rows=None):
-            parts = [features[n] if rows is None else tf.gather(features[n], rows) for n in schema.ad_text]
-            text = parts[0]
-            for p in parts[1:]:
-                text = tf.strings.join([text, p], separator=separator)
-            token_ids, mask = self.packer(self.tokenizer(text))
-            return tf.cast(self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool)), tf.float32)
-
-        @tf.function(input_signature=[specs])
-        def serve(features):
-            inputs = {n: features[n] for n in ranking.feature_names}
-            if not cache_text:
-                inputs["text_embedding"] = encode(features)
-                return self.ranking.serve_probabilities(inputs)
-            ad_ids = features[schema.ad_id]
-            known = catalog_text.lookup(ad_ids) > 0
-            cached = tf.cast(catalog_text(ad_ids), tf.float32)
-            unknown = tf.where(tf.logical_not(known))[:, 0]
-            shape = tf.shape(cached, out_type=tf.int64)
-
-            def encode_unknown():
-                return tf.scatter_nd(unknown[:, None], encode(features, unknown), shape)
-
-            encoded = tf.cond(tf.size(unknown) > 0, encode_unknown, lambda: tf.zeros_like(cached))
-            inputs["text_embedding"] = tf.where(known[:, None], cached, encoded)
-            return self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
-
-        self.serve = serve
-
-
-def catalog_bids(catalog, schema: FeatureSchema) -> np.ndarray:
-    """Each catalog ad's bid (1.0 where the catalog has no bid column or a missing bid)."""
-    if schema.bid and schema.bid in catalog.columns:
-        return catalog[schema.bid].astype("float64").fillna(1.0).to_numpy(np.float32)
-    return np.ones(len(catalog), np.float32)
-
-
-def objective_score(objective: str, pctr, pcvr, bid):
-    """The ordering score: pCTR, eCPM = bid x pCTR (CPC bids), or bid x pCTR x pCVR (CPA bids)."""
-    if objective == "pctr":
-        return pctr
-    if objective == "ecpm":
-        return bid * pctr
-    if objective == "cpa":
-        return bid * pctr * pcvr
-    raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
-
-
-class RecommenderServable(tf.Module):
-    """retrieve -> drop excluded ads -> rank by the objective -> return the best k, in one graph.
-
-    Inputs: the query features and `excluded_ad_ids` [batch, M] (ads already shown, frequency-capped
-    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the most distinct
-    catalog ads any request of the batch excludes (at most the whole catalog), drops the excluded
-    ones (trainer/exclusion.py: by catalog row, never by comparing strings) and ranks exactly each
-    request's best `retrieve_n` remaining (by retrieval score), so a request's answer does not
-    depend on the rest of its batch; excluded ads never come back. If fewer than k ads remain, the
-    tail slots hold the sentinel ad id "" with pctr = pcvr = score = 0 and retrieval_scores = -inf
-    (the client drops them).
-    When the ranking model reads the user's past, the request's `history`, `negative_history` and
-    counters are given to every candidate's ranking (`history` feeds retrieval too).
-    Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
-    objective's value, the order), `retrieval_scores`.
-    """
-
-    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int, objective: str = "pctr"):
-        super().__init__()
-        if objective not in OBJECTIVES:
-            raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
-        schema = trained.schema
-        catalog = trained.catalog
-        size = len(catalog)
-        n = min(retrieve_n, size)
-        k = min(k, n)
-        self.query_tower = trained.retrieval.query_tower
-        self.ranking = trained.ranking
-        self.index = BruteForceIndex(self.query_tower, k=n)
-        self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
-                         tf.range(size, dtype=tf.int32))
-        self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
-                           for c in schema.ad_string_features}
-        self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
-                                      name="text_embeddings")
-        self.bids = tf.Variable(catalog_bids(catalog, schema), trainable=False, name="bids")
-        try:
-            self.catalog_rows = CatalogRows(catalog[schema.ad_id].astype(str).tolist())
-        except ValueError as err:
-            raise ExportError(f"recommender: {err}") from err
-        specs = {**_query_specs(schema, self.query_tower.history_length), **_user_specs(self.ranking)}
-        if HISTORY in specs and specs[HISTORY].shape[1] != self.query_tower.history_length:
-            raise ExportError(f"the ranking model reads a history of {specs[HISTORY].shape[1]} ads, the retrieval "
-                              f"model {self.query_tower.history_length}: one request history cannot feed both")
-        specs[EXCLUDED_AD_IDS] = tf.TensorSpec([None, None], tf.string, name=EXCLUDED_AD_IDS)
-        retrieval_inputs = tuple(_query_specs(schema, self.query_tower.history_length))
-        per_request = (*schema.query_features, *self.ranking.user_inputs)  # the ranking reads them per candidate
-
-        @tf.function(input_signature=[specs])
-        def serve(features):
-            query = {name: features[name] for name in retrieval_inputs}  # + history
-            excluded = self.catalog_rows.sorted_rows(features[EXCLUDED_AD_IDS])  # [B, M + 1]
-            # Over-fetch by the most distinct catalog ads any request in the batch excludes.
-            fetch = tf.minimum(n + tf.maximum(tf.reduce_max(distinct_known(excluded)), 0), size)
-            fetched_scores, fetched = self.index(query, k=fetch)  # [B, fetch], by retrieval score
-            # Each request ranks its own best `n` non-excluded candidates, whatever else is in the batch.
-            columns, valid = first_allowed(tf.logical_not(is_excluded(excluded, fetched)), n)  # [B, n]
-            rows = tf.gather(fetched, columns, batch_dims=1)
-            retrieval_scores = tf.gather(fetched_scores, columns, batch_dims=1)
-            flat_rows = tf.reshape(rows, [-1])
-            inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
-            for name in per_request:  # each request's values, once per candidate (history: [B * n, N])
-                value = features[name]
-                inputs[name] = tf.reshape(tf.repeat(value[:, None], n, axis=1),
-                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
-            inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
-            probs = self.ranking.serve_probabilities(inputs)
-            pctr = tf.reshape(probs["pctr"], [-1, n])
-            pcvr = tf.reshape(probs["pcvr"], [-1, n])
-            score = objective_score(objective, pctr, pcvr, tf.gather(self.bids, rows))
-            ids = tf.gather(self.ad_columns[schema.ad_id], rows)
-            # Filler slots (fewer than n allowed) sort after every valid one and are masked below.
-            top = tf.math.top_k(tf.where(valid, score, float("-inf")), k=k)
-
-            def pick(values, fill):
-                chosen = tf.gather(values, top.indices, batch_dims=1)
-                return tf.where(tf.gather(valid, top.indices, batch_dims=1), chosen, fill)
-
-            return {"ad_ids": pick(ids, PAD_AD_ID), "pctr": pick(pctr, 0.0), "pcvr": pick(pcvr, 0.0),
-                    "score": pick(score, 0.0), "retrieval_scores": pick(retrieval_scores, float("-inf"))}
-
-        self.serve = serve
 
 
 def graph_ops(saved_model_dir: Path) -> set[str]:
