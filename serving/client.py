@@ -10,6 +10,7 @@ restarting, unreachable) is retried with exponential backoff and jitter, at most
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -84,8 +85,10 @@ class RecommendationClient:
                  signature_name: str = SIGNATURE_KEY, timeout: float = 10.0,
                  root_certificates: str | Path | bytes | None = None, server_name: str | None = None,
                  retry: RetryPolicy | None = None, max_batch_size: int = CLIENT_MAX_BATCH_SIZE):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         self.address = address
         self.max_batch_size = max_batch_size
         self.model_name = model_name

@@ -190,3 +190,9 @@ def test_value_rules_keep_values():
 def test_wire_refuses_lossy_or_non_finite_numbers(given, dtype, pattern):
     with pytest.raises(ValueError, match=pattern):
         wire.make_tensor_proto(given, dtype)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan, True, "10"])
+def test_client_refuses_a_deadline_it_cannot_keep(timeout):
+    with pytest.raises(ValueError, match="timeout must be a positive, finite number of seconds"):
+        RecommendationClient("127.0.0.1:1", timeout=timeout)
