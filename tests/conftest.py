@@ -18,10 +18,13 @@ def tiny_config(tmp: Path, **overrides):
     cfg.training.model_dir = str(tmp / "run")
     cfg.export.export_dir = str(tmp / "models")
     for section, values in overrides.items():
-        for key, value in values.items():
-            if not hasattr(getattr(cfg, section), key):  # a stale key would otherwise pass silently
-                raise KeyError(f"tiny_config: {section} has no key {key!r}")
-            setattr(getattr(cfg, section), key, value)
+        current = getattr(cfg, section)
+        stale = sorted(set(values) - set(type(current).model_fields))
+        if stale:  # a stale key would otherwise pass silently
+            raise KeyError(f"tiny_config: {section} has no key(s) {stale}")
+        # The section's keys together: one at a time, a validated assignment would see half-set states
+        # (data.source "spec" before data.spec is set).
+        setattr(cfg, section, type(current).model_validate({**current.__dict__, **values}))
     return cfg
 
 
