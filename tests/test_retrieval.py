@@ -83,7 +83,8 @@ def test_retrieval_config_switches_and_ranges():
                                           "remove_accidental_hits": False, "num_hard_negatives": 8}})
     assert cfg.retrieval.history_length == 0 and cfg.retrieval.num_hard_negatives == 8
     for key, value, message in (("history_length", -1, "an integer in"), ("user_id_dropout", 1.0, "a fraction"),
-                                ("num_hard_negatives", -2, "an integer >= 0"), ("eval_ks", [], "integers >= 1")):
+                                ("num_hard_negatives", -2, "an integer >= 0"),
+                                ("eval_ks", [], "a non-empty list of integers >= 1")):
         with pytest.raises(ConfigError, match=f"retrieval.{key}: expected {message}"):
             config_from_dict({"retrieval": {key: value}})
 
