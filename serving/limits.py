@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from google.protobuf import struct_pb2
 
@@ -55,9 +55,7 @@ DEFAULT_LIMITS = RequestLimits()
 
 def limits_from_args(args) -> RequestLimits:
     """The limits `add_arguments`' flags set."""
-    return RequestLimits(max_batch_size=args.max_batch_size, max_excluded_ad_ids=args.max_excluded_ad_ids,
-                         max_request_elements=args.max_request_elements, max_request_bytes=args.max_request_bytes,
-                         max_concurrent_predicts=args.max_concurrent_predicts, max_rows_per_run=args.max_rows_per_run)
+    return RequestLimits(**{f.name: getattr(args, f.name) for f in fields(RequestLimits)})
 
 
 class InFlightGate:
