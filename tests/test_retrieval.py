@@ -203,3 +203,19 @@ def test_full_softmax_with_seen_negatives_leaves_ads_without_training_positives_
     every = np.ones_like(keep)
     assert float(model.compute_loss(batch, training=False)) == pytest.approx(cross_entropy(every), rel=1e-4)
     assert HISTORY in batch  # the query reads a history, as the quality configs' model does
+
+
+def test_mask_history_sets_each_rows_history_ads_and_keeps_its_target():
+    from trainer.retrieval import mask_history
+
+    logits = tf.constant(np.arange(12, dtype=np.float32).reshape(2, 6))
+    history = tf.constant([[4, 1, 4, -1], [2, -1, -1, -1]], tf.int64)  # a repeat, padding; row 1's target in it
+    target = tf.constant([0, 2], tf.int64)
+    out = mask_history(logits, history, target).numpy()
+    expected = logits.numpy().copy()
+    expected[0, [1, 4]] = -1e9  # row 1: its history 2 is its target, so nothing is masked
+    np.testing.assert_array_equal(out, expected)
+    with tf.GradientTape() as tape:  # masked entries pass no gradient, the others all of it
+        tape.watch(logits)
+        grad = tape.gradient(tf.reduce_sum(mask_history(logits, history, target)), logits).numpy()
+    np.testing.assert_array_equal(grad, (expected > -1).astype(np.float32))

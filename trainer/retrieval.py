@@ -32,6 +32,19 @@ def _float32_policy():
         tf.keras.mixed_precision.set_global_policy(policy)
 
 
+def mask_history(logits, history_rows, target):
+    """[batch, catalog] logits with each row's history ads (catalog rows; -1 = padding or unknown) set to
+    -1e9, its target kept: a query's earlier positives are excluded at serving, so they are not negatives.
+
+    Written into the logits where the history points (batch x N updates), not through a dense
+    [batch, catalog] mask: the history is short and the catalog is not."""
+    batch = tf.shape(history_rows)[0]
+    keep = (history_rows >= 0) & tf.not_equal(history_rows, target[:, None])
+    index = tf.stack([tf.broadcast_to(tf.range(batch, dtype=history_rows.dtype)[:, None],
+                                      tf.shape(history_rows))[keep], history_rows[keep]], axis=1)
+    return tf.tensor_scatter_nd_update(logits, index, tf.fill(tf.shape(index)[:1], tf.constant(-1e9, logits.dtype)))
+
+
 class QueryTower(tf.keras.Model):
     """User id, user categoricals, context and the user's recent positives -> L2-normalised query embedding.
 
@@ -234,14 +247,7 @@ class RetrievalModel(tfrs.Model):
         logits = tf.matmul(queries, ads, transpose_b=True) / self.temperature  # [batch, catalog]
         target = self.catalog_rows(features[self.schema.ad_id]) - 1  # every training positive is in the catalog
         if self.exclude_history_from_loss and HISTORY in features:
-            rows = self.catalog_rows(features[HISTORY]) - 1  # [batch, N]; padding and unknown ads: -1
-            batch = tf.shape(rows)[0]
-            keep = rows >= 0
-            index = tf.stack([tf.broadcast_to(tf.range(batch, dtype=rows.dtype)[:, None], tf.shape(rows))[keep],
-                              rows[keep]], axis=1)
-            seen = tf.scatter_nd(index, tf.ones(tf.shape(index)[:1]), tf.shape(logits, out_type=rows.dtype)) > 0
-            seen &= tf.not_equal(tf.range(tf.shape(logits)[1], dtype=rows.dtype)[None, :], target[:, None])
-            logits = tf.where(seen, tf.constant(-1e9, logits.dtype), logits)
+            logits = mask_history(logits, self.catalog_rows(features[HISTORY]) - 1, target)
         if training and self.never_positive is not None:
             logits = tf.where(self.never_positive[None, :], tf.constant(-1e9, logits.dtype), logits)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)

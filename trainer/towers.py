@@ -218,8 +218,11 @@ class HistoryPooling(tf.keras.layers.Layer):
         length = tf.reduce_sum(tf.cast(present, tf.float32), axis=1, keepdims=True)
         parts.append(tf.math.log1p(length))
         if self.attention is not None:
-            items = ids if text is None else tf.concat([ids, text], axis=-1)
-            parts.append(self.attention(items, present, training=training))
+            # The encoder reads only its `length` newest entries: slicing before the concat keeps the
+            # concat and its gradient at that width instead of the whole history's.
+            n = self.attention.length
+            items = ids[:, :n] if text is None else tf.concat([ids[:, :n], text[:, :n]], axis=-1)
+            parts.append(self.attention(items, present[:, :n], training=training))
         return tf.concat(parts, axis=-1)
 
 
