@@ -19,8 +19,9 @@ def _world_and_text(cfg, **kwargs):
 
 
 @pytest.mark.parametrize("encoder, message", [
-    ({"mode": "partial"}, "encoder.mode: expected one of ['frozen', 'top_layers', 'full'], got 'partial'"),
+    ({"mode": "partial"}, "encoder.mode: expected one of ['frozen', 'top_layers', 'lora', 'full'], got 'partial'"),
     ({"trainable_layers": 0}, "encoder.trainable_layers: expected an integer >= 1"),
+    ({"lora_rank": 0}, "encoder.lora_rank: expected an integer >= 1"),
     ({"masked_lm": {"mask_rate": 1.5}}, "encoder.masked_lm.mask_rate: expected a fraction in (0, 1)"),
     ({"masked_lm": {"epochs": -1}}, "encoder.masked_lm.epochs: expected an integer >= 0"),
 ])

@@ -19,7 +19,7 @@ from trainer.progress import log
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
-from trainer.text_encoder import BertEncoderAdapter, encode_packed, load_backbone, train_top_layers
+from trainer.text_encoder import BertEncoderAdapter, enable_lora, encode_packed, load_backbone, train_top_layers
 from trainer.towers import CatalogText, item_statistics
 
 
@@ -61,6 +61,8 @@ def build_text_assets(cfg: JobConfig, catalog: pd.DataFrame, schema: FeatureSche
         report = _adapt_encoder(cfg, backbone, tokenizer, corpus, model_dir, progress)
     if cfg.encoder.mode == "top_layers":
         train_top_layers(backbone, cfg.encoder.trainable_layers)
+    elif cfg.encoder.mode == "lora":
+        enable_lora(backbone, cfg.encoder.lora_rank)
     adapter = BertEncoderAdapter(backbone, fine_tune=cfg.encoder.mode != "frozen", name="text_encoder")
     return TextAssets(tokenizer, packer, packed, adapter, vocabulary, report)
 

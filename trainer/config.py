@@ -23,7 +23,7 @@ from features.synthetic import SyntheticConfig
 from features.typed_model import SEED_MAX, Names, TypedModel, as_tuple, cross_field, explain
 from trainer.config_files import ConfigError, assign, parse_override, read_config_file
 
-EncoderMode = Literal["frozen", "top_layers", "full"]
+EncoderMode = Literal["frozen", "top_layers", "lora", "full"]
 Baseline = Literal["most_popular", "itemknn", "ease", "id_only", "sasrec"]
 Baselines = Annotated[tuple[Baseline, ...], BeforeValidator(as_tuple)]
 PositiveInts = Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(as_tuple)]
@@ -55,9 +55,12 @@ class EncoderConfig(TypedModel):
     # keras-hub (config.json with registered_name) or Hugging Face (config.json + vocab.txt) format
     preset: str = "minilm"
     # "frozen": embeddings computed once per ad and cached; "top_layers": the last
-    # `trainable_layers` transformer layers train with the towers; "full": all of BERT trains
+    # `trainable_layers` transformer layers train with the towers; "lora": low-rank adapters of rank
+    # `lora_rank` on every attention's query and value projections train, the rest stays frozen;
+    # "full": all of BERT trains
     mode: EncoderMode = "frozen"
     trainable_layers: int = Field(2, ge=1)
+    lora_rank: int = Field(8, ge=1)
     sequence_length: int = Field(32, ge=2)
     cache_dir: str = ""  # frozen mode: reuse catalog text embeddings computed earlier for the same weights and texts
     masked_lm: MaskedLMConfig = Field(default_factory=MaskedLMConfig)

@@ -44,6 +44,7 @@ from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
 from trainer.progress import Progress
 from trainer.servables import ExportError, RankingServable, RecommenderServable, RetrievalServable
+from trainer.text_encoder import merge_lora
 from trainer.trained import TrainedModels
 
 METADATA_FILE = "adrec.json"
@@ -143,6 +144,7 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     # Served graphs run without XLA JIT: TF Serving builds without it by default.
     trained.retrieval.set_jit(False)
     trained.ranking.interact.jit = False
+    merge_lora(trained.text.adapter.backbone)  # encoder.mode lora: the graphs carry merged weights
     version = version or next_version(export_dir)
     builders = {
         RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k),

@@ -55,6 +55,31 @@ def train_top_layers(backbone, n: int) -> None:
             layer.trainable = False  # token/position/segment embeddings and their layer norm
 
 
+def enable_lora(backbone, rank: int) -> None:
+    """Low-rank adapters (Hu et al. 2021) on the query and value projections of every attention layer
+    (encoder.mode lora): each kernel W serves as W + (alpha / rank) A B, A and B train (B starts at
+    zero, so training starts from the pretrained encoder), every other weight stays frozen apart from
+    those projections' biases. keras-hub's `enable_lora` does the wiring."""
+    if not 1 <= rank <= backbone.hidden_dim:
+        raise ValueError(f"encoder.lora_rank is {rank}, but the encoder's hidden size is {backbone.hidden_dim}: "
+                         "the rank must be between 1 and that")
+    backbone.enable_lora(rank)
+
+
+def merge_lora(backbone) -> int:
+    """Fold each adapter into its kernel (W <- W + (alpha / rank) A B), zero B and switch the adapter
+    off, so a graph traced afterwards computes plain projections with the merged weights: TF Serving
+    needs nothing new, and the outputs are unchanged. Returns how many projections were merged."""
+    merged = 0
+    for layer in backbone._flatten_layers(include_self=False):  # the attention's nested EinsumDense layers
+        if getattr(layer, "lora_enabled", False):
+            layer._kernel.assign(layer.kernel)  # the `kernel` property adds the scaled A B
+            layer.lora_kernel_b.assign(tf.zeros_like(layer.lora_kernel_b))
+            layer.lora_enabled = False
+            merged += 1
+    return merged
+
+
 class BertEncoderAdapter(tf.keras.layers.Layer):
     """tf_keras layer: (token_ids, padding_mask) -> mean-pooled sequence output."""
 
