@@ -15,12 +15,13 @@ from tests.conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def trained_past(tmp_path_factory):
-    """A tiny job whose ranking model pools the history and reads the user counters."""
+    """A tiny job whose ranking model reads the user counters and both histories, pooled by target
+    attention (the candidate's weights over the history ads; mean pooling is the simpler default)."""
     from trainer.job import run_training
 
     cfg = tiny_config(tmp_path_factory.mktemp("ranking_past"),
                       ranking={"history": True, "negative_history": True, "user_stats": True,
-                               "user_id_dropout": 0.3, "epochs": 2},
+                               "history_pool": "target_attention", "user_id_dropout": 0.3, "epochs": 2},
                       retrieval={"epochs": 1}, evaluation={"baselines": ("most_popular",)})
     cfg.data.synthetic = type(cfg.data.synthetic)(n_users=150, n_advertisers=15, n_ads=80, n_impressions=6000)
     return run_training(cfg, progress=False)
@@ -117,3 +118,28 @@ def test_ranking_and_recommender_take_the_history_and_counters(trained_past, exp
     ranked_rows, ranked = _ranking_request(trained_past, rows)
     np.testing.assert_allclose(ranking.run(ranked)["pctr"],
                                predict_ranking(trained_past.ranking, ranked_rows, schema)["pctr"], rtol=1e-5, atol=1e-6)
+
+
+def test_target_attention_starts_as_the_mean_and_weighs_history_by_the_candidate(trained_past):
+    from trainer.towers import TargetAttention
+
+    rng = np.random.default_rng(0)
+    history = tf.constant(rng.normal(size=(3, 5, 8)).astype(np.float32))
+    present = tf.constant([[True] * 5, [True, True, False, False, False], [False] * 5])
+    candidates = tf.constant(rng.normal(size=(3, 8)).astype(np.float32))
+    unit = TargetAttention(units=4)
+    summary, weights = unit(history, candidates, present)
+    mask = present.numpy()[:, :, None].astype(np.float32)
+    mean = (history.numpy() * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+    np.testing.assert_allclose(summary.numpy(), mean, rtol=1e-6, atol=1e-6)  # untrained: the mean pooling
+    np.testing.assert_array_equal(weights.numpy(), present.numpy().astype(np.float32))
+    unit.out.kernel.assign(rng.normal(size=unit.out.kernel.shape).astype(np.float32))
+    _, one = unit(history, candidates, present)
+    _, other = unit(history, -candidates, present)
+    assert not np.allclose(one.numpy()[0], other.numpy()[0])  # another candidate, other weights
+    np.testing.assert_array_equal(one.numpy()[~present.numpy()], 0.0)  # absent entries weigh nothing
+
+    # The trained job's units moved away from the mean: the candidate changes what the history says.
+    trained_units = trained_past.ranking.history_attention
+    assert set(trained_units) == {HISTORY, NEGATIVE_HISTORY}
+    assert all(np.abs(u.out.kernel.numpy()).max() > 0 for u in trained_units.values())

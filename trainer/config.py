@@ -143,6 +143,9 @@ class RankingConfig(TypedModel):
     # What the user did before the event (both computed from earlier events only, on the whole log):
     history: bool = False  # pool `history` (the retrieval side's earlier positives; needs retrieval.history_length)
     negative_history: bool = False  # pool the user's earlier non-clicks (the same length N)
+    # how a history is pooled: "mean" of its ads' text, or "target_attention" (DIN): each history ad
+    # weighted by an MLP of (history ad, candidate ad), so the summary depends on the ad being scored
+    history_pool: Literal["mean", "target_attention"] = "mean"
     user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
     recent_window: int = Field(10, ge=1)
     item_stats: bool = False  # the ad's smoothed click rate and count over the training rows (out-of-fold in training)

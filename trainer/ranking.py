@@ -32,6 +32,7 @@ from trainer.towers import (
     CategoricalEmbedding,
     FeatureEmbeddings,
     ItemStatsFeatures,
+    TargetAttention,
     UserStatsFeatures,
     XlaSwitch,
     embedding_dims,
@@ -111,6 +112,8 @@ class RankingModel(tfrs.Model):
         self.histories = (*((HISTORY,) if cfg.history else ()),
                           *((NEGATIVE_HISTORY,) if cfg.negative_history else ()))
         self.history_length = history_length if self.histories else 0  # the history inputs' width
+        self.history_attention = {name: TargetAttention(name=f"{name}_attention") for name in self.histories} \
+            if cfg.history_pool == "target_attention" else {}
         self.user_stats = UserStatsFeatures(cfg.recent_window, click_prior, name="user_stats") \
             if cfg.user_stats else None
         self.item_stats = None
@@ -171,6 +174,8 @@ class RankingModel(tfrs.Model):
         for name in ("position_tower", "user_stats", "item_stats"):
             if getattr(self, name) is not None:
                 parts[name] = getattr(self, name)
+        for name, attention in self.history_attention.items():
+            parts[f"{name}_attention"] = attention
         return parts
 
     def logits(self, features, with_position: bool = False, training: bool = False) -> dict[str, tf.Tensor]:
@@ -181,7 +186,7 @@ class RankingModel(tfrs.Model):
         text = tf.cast(text, tf.float32)
         parts = [self.embeddings(features, training=training), self.text_projection(text)]
         for name in self.histories:
-            parts += self._history_features(features[name], text)
+            parts += self._history_features(features[name], text, self.history_attention.get(name))
         if self.user_stats is not None:
             parts.append(self.user_stats(features[USER_EVENTS], features[USER_CLICKS], features[RECENT_CLICKS]))
         if self.item_stats is not None:
@@ -195,17 +200,23 @@ class RankingModel(tfrs.Model):
             out["ctr_train"] = out["ctr"] + out["position"]
         return out
 
-    def _history_features(self, history, text):
-        """[projected mean text embedding of the history's ads, its cosine with the ad's text, log(1 + length)].
+    def _history_features(self, history, text, attention=None):
+        """[projected pooled text embedding of the history's ads, its cosine with the ad's text, log(1 + length)].
 
-        Ads outside the catalog add nothing to the mean (but count in the length); "" is padding."""
+        Pooled by the mean, or with `attention` (`ranking.history_pool: target_attention`) by the
+        candidate's weights over the history ads. Ads outside the catalog add nothing to the pool (but
+        count in the length); "" is padding."""
         rows = self.catalog_text.lookup(history)
         known = tf.cast(rows > 0, tf.float32)[:, :, None]
         vectors = tf.math.l2_normalize(tf.cast(tf.gather(self.catalog_text.table, rows), tf.float32), -1)
-        mean = tf.reduce_sum(vectors * known, axis=1) / tf.maximum(tf.reduce_sum(known, axis=1), 1.0)
-        cosine = tf.reduce_sum(tf.math.l2_normalize(mean, -1) * tf.math.l2_normalize(text, -1), axis=-1, keepdims=True)
+        unit_text = tf.math.l2_normalize(text, -1)
+        if attention is None:
+            pooled = tf.reduce_sum(vectors * known, axis=1) / tf.maximum(tf.reduce_sum(known, axis=1), 1.0)
+        else:
+            pooled, _ = attention(vectors, unit_text, rows > 0)
+        cosine = tf.reduce_sum(tf.math.l2_normalize(pooled, -1) * unit_text, axis=-1, keepdims=True)
         length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
-        return [self.text_projection(mean), cosine, tf.math.log1p(length)]
+        return [self.text_projection(pooled), cosine, tf.math.log1p(length)]
 
     def call(self, features):
         """The served (position-free, uncalibrated) CTR logit."""

@@ -226,6 +226,34 @@ class HistoryPooling(tf.keras.layers.Layer):
         return tf.concat(parts, axis=-1)
 
 
+class TargetAttention(tf.keras.layers.Layer):
+    """DIN's activation unit (Zhou et al. 2018): the candidate ad attends over the user's history ads.
+
+    Each history vector h gets the weight 1 + MLP([h, c, h * c, h - c]) for the candidate vector c;
+    the output is the weighted sum over the present entries divided by their count. The weights are
+    not softmax-normalised (as in DIN: the summary keeps how strongly the history speaks for this ad),
+    and the MLP's last layer starts at zero, so an untrained unit is exactly the mean pooling it
+    replaces. Returns (summary [batch, d], weights [batch, N], 0 where absent)."""
+
+    def __init__(self, units: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = tf.keras.layers.Dense(units, activation="relu", name="hidden")
+        self.out = tf.keras.layers.Dense(1, kernel_initializer="zeros", name="weight")
+
+    def get_config(self) -> dict:
+        """The constructor's arguments; `from_config` rebuilds the layer."""
+        return {**super().get_config(), "units": int(self.hidden.units)}
+
+    def call(self, history, candidate, present):
+        c = tf.broadcast_to(candidate[:, None, :], tf.shape(history))
+        x = tf.concat([history, c, history * c, history - c], axis=-1)
+        mask = tf.cast(present, history.dtype)
+        weights = (1.0 + tf.squeeze(self.out(self.hidden(x)), axis=-1)) * mask
+        summary = tf.reduce_sum(weights[:, :, None] * history, axis=1) / tf.maximum(
+            tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+        return summary, weights
+
+
 class SequenceEncoder(tf.keras.layers.Layer):
     """[batch, N, d_in] item vectors + a [batch, N] presence mask -> [batch, dim]: the first `length`
     entries (most recent first) projected to `dim`, plus a learned position embedding, through
