@@ -28,6 +28,15 @@ def tiny_config(tmp: Path, **overrides):
     return cfg
 
 
+def fewer_impressions(n: int) -> dict:
+    """tiny.yaml's world with `n` impressions, as a `data` override of `tiny_config`: for tests whose checks
+    do not depend on how much the models learn, only on the job running (fewer steps per epoch)."""
+    from trainer.config import load_config
+
+    synthetic = load_config(ROOT / "configs" / "tiny.yaml").data.synthetic
+    return {"synthetic": synthetic.model_copy(update={"n_impressions": n})}
+
+
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
     from trainer.job import run_training

@@ -1,6 +1,8 @@
 """Each SavedModel is loaded the way TF Serving loads it (TF1 graph mode, SignatureDef names)
 and must give the outputs the trained models give in-process."""
 
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -165,10 +167,11 @@ def test_recommender_chains_retrieval_and_ranking(exported_tiny, trained_tiny):
 
 def test_next_export_is_a_new_version_and_failures_publish_nothing(trained_tiny, exported_tiny,
                                                                    monkeypatch, tmp_path):
-    base = tmp_path / "models"
-    first = export_all(trained_tiny, base)
+    # Version 1 is the session's export (a fresh directory's first version), copied so that the
+    # shared one stays as other tests expect it.
+    base = shutil.copytree(exported_tiny.paths["recommender"].parent.parent, tmp_path / "models")
     second = export_all(trained_tiny, base)
-    assert (first.version, second.version) == (1, 2)
+    assert (exported_tiny.version, second.version) == (1, 2)
     monkeypatch.setattr("trainer.export.TF_TEXT_OPS", frozenset())
     with pytest.raises(ExportError, match="FastWordpieceTokenizeWithOffsets"):
         export_all(trained_tiny, base)

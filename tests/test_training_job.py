@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, fewer_impressions, tiny_config
 from trainer.config import config_to_dict
 
 
@@ -78,27 +78,33 @@ def _run_to_end(config: Path, timeout: float = 300) -> str:
 
 
 def test_killed_job_resumes_without_lost_or_repeated_steps(tmp_path):
+    # 5,000 impressions: 8 retrieval steps an epoch, so the kill at the first backup (step 4) is mid-epoch.
     overrides = dict(retrieval={"epochs": 4, "batch_size": 64}, ranking={"epochs": 2, "batch_size": 256},
-                     training={"backup_every_steps": 4})
+                     training={"backup_every_steps": 4}, data=fewer_impressions(5000))
     baseline_cfg, baseline = _write_config(tmp_path, "baseline", **overrides)
-    _run_to_end(baseline_cfg)
-    expected = json.loads((Path(baseline["training"]["model_dir"]) / "metrics.json").read_text())["train_steps"]
-
     config, cfg = _write_config(tmp_path, "killed", **overrides)
     model_dir = Path(cfg["training"]["model_dir"])
     backup = model_dir / "backup"
-    p = _task(config, "--no-export")
-    deadline = time.monotonic() + 240
-    while not (backup.exists() and any(backup.rglob("*.index"))):
-        assert p.poll() is None, "training ended before its first backup"
-        assert time.monotonic() < deadline, "no backup written in time"
-        time.sleep(0.02)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait(30)
-    assert p.returncode == -signal.SIGKILL
-    assert not (model_dir / "metrics.json").exists()
+    # The uninterrupted run goes alongside the killed one and its rerun: neither reads the other's dirs.
+    uninterrupted = _task(baseline_cfg, "--no-export")
+    try:
+        p = _task(config, "--no-export")
+        deadline = time.monotonic() + 240
+        while not (backup.exists() and any(backup.rglob("*.index"))):
+            assert p.poll() is None, "training ended before its first backup"
+            assert time.monotonic() < deadline, "no backup written in time"
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        assert p.returncode == -signal.SIGKILL
+        assert not (model_dir / "metrics.json").exists()
 
-    out = _run_to_end(config)
+        out = _run_to_end(config)
+        baseline_out, _ = uninterrupted.communicate(timeout=300)
+    finally:
+        uninterrupted.kill()
+    assert uninterrupted.returncode == 0, baseline_out[-3000:]
+    expected = json.loads((Path(baseline["training"]["model_dir"]) / "metrics.json").read_text())["train_steps"]
     assert "resuming from the backup" in out or "stage already finished" in out, out[-2000:]
     got = json.loads((model_dir / "metrics.json").read_text())["train_steps"]
     assert got == expected
