@@ -99,18 +99,19 @@ def faiss_at_recall(faiss, ads, queries, exact, targets, n_partitions, k, args) 
         reached.append((nprobe, recall(index.search(queries, k)[1], exact)))
         if reached[-1][1] >= max(targets):
             break
-    rows, timed = [], {}
+    rows: dict[int, dict] = {}  # one row per nprobe, with the IVF recalls it matches
     for target in targets:
         nprobe, got = next(((p, r) for p, r in reached if r >= target), reached[-1])
-        if nprobe not in timed:
-            index.nprobe = nprobe
-            timed[nprobe] = timings(lambda q: index.search(q, k), queries, args)
-        rows.append({"method": "faiss_ivf_flat", "target_recall": target, "nprobe": nprobe, "recall": got,
-                     "build_seconds": build,
-                     # float32 vectors, int64 ids, centroids
-                     "index_mb": (ads.nbytes + len(ads) * 8 + n_partitions * ads.shape[1] * 4) / 2**20,
-                     **timed[nprobe]})
-    return rows
+        if nprobe in rows:
+            rows[nprobe]["target_recalls"].append(target)
+            continue
+        index.nprobe = nprobe
+        rows[nprobe] = {"method": "faiss_ivf_flat", "target_recalls": [target], "nprobe": nprobe, "recall": got,
+                        "build_seconds": build,
+                        # float32 vectors, int64 ids, centroids
+                        "index_mb": (ads.nbytes + len(ads) * 8 + n_partitions * ads.shape[1] * 4) / 2**20,
+                        **timings(lambda q: index.search(q, k), queries, args)}
+    return list(rows.values())
 
 
 def bench_size(n_ads: int, args, faiss) -> list[dict]:
