@@ -34,6 +34,8 @@ lint: setup
 # 10-25 min); JSON results land in runs/bench/.
 bench: setup
 	$(BIN)/python benchmarks/retrieval_scaling.py --ads 10000 100000 1000000
+	$(BIN)/pip install --quiet -e ".[bench]" || echo "no faiss-cpu: benchmarks/ann.py runs without its faiss column"
+	$(BIN)/python benchmarks/ann.py --ads 100000 1000000
 	$(BIN)/python benchmarks/training_throughput.py --encoder minilm --fine-tune
 	$(BIN)/python benchmarks/serving_latency.py --ads 10000 100000 --requests 300
 	$(BIN)/python benchmarks/read_logs.py --out runs/bench/read_logs.json

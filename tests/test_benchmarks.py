@@ -14,6 +14,8 @@ CASES = {
                             "--uncached-steps", "1"],
     "serving_latency": ["--ads", "300", "--requests", "20"],
     "retrieval_scaling": ["--ads", "2000", "--min-calls", "2", "--min-seconds", "0.05"],
+    "ann": ["--ads", "3000", "--clusters", "30", "--queries", "64", "--nprobe", "2", "8", "--storage", "float32",
+            "int8", "--min-calls", "2", "--min-seconds", "0.05"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",
                      "--text-cache", "", "--score-rows", "64", "--bootstrap", "20"],

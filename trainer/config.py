@@ -190,12 +190,22 @@ class ExportConfig(TypedModel):
     recommend_k: int = Field(20, ge=1)  # recommender: ads returned per request
     # recommender order: "pctr", "ecpm" (bid x pCTR) or "cpa" (bid x pCTR x pCVR)
     objective: Literal["pctr", "ecpm", "cpa"] = "pctr"
+    # The retrieval and recommender graphs' top-K index (trainer/ivf_index.py): "brute_force" scores
+    # every ad (exact); "ivf" k-means partitions at export time and scores the `nprobe` nearest.
+    index: Literal["brute_force", "ivf"] = "brute_force"
+    ivf_partitions: int = Field(0, ge=0, le=1_000_000)  # 0 = ~4 sqrt(catalog size), at most one per ad
+    nprobe: int = Field(32, ge=1, le=1_000_000)  # partitions scored per query (widened when k needs more ads)
+    ivf_storage: Literal["float32", "bfloat16", "int8"] = "float32"  # int8: per-vector symmetric scale
+    ivf_iterations: int = Field(10, ge=1, le=100)  # k-means Lloyd iterations
 
     @model_validator(mode="after")
     def _k_of_n(self) -> ExportConfig:  # the recommender graph ranks only retrieve_n candidates
         if self.recommend_k > self.retrieve_n:
             raise cross_field("recommend_k", f"{self.recommend_k} is more than export.retrieve_n {self.retrieve_n}: "
                               "the recommender ranks retrieve_n candidates and returns k of them")
+        if self.ivf_partitions and self.nprobe > self.ivf_partitions:
+            raise cross_field("nprobe", f"{self.nprobe} is more than export.ivf_partitions {self.ivf_partitions}: "
+                              "a query cannot probe more partitions than the index has")
         return self
 
 

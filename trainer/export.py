@@ -1,7 +1,8 @@
 """Versioned SavedModels in TensorFlow Serving's layout: `<export_dir>/<model>/<version>/`.
 
 Three servables, each taking raw values (strings, ints), never vocabulary indices:
-- `retrieval`: user + context -> top-K ad ids and scores (brute-force index in the graph);
+- `retrieval`: user + context -> top-K ad ids and scores (the `export.index` in the graph: brute
+  force, or IVF partitions built here once for retrieval and recommender, trainer/ivf_index.py);
 - `ranking`: user + context + ad (ids, categoricals, title, description) -> calibrated pCTR
   and pCVR (position tower dropped), with the ad text tokenized and encoded by BERT inside the
   graph (TF Text ops);
@@ -43,7 +44,7 @@ from serving.contract import (
 from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
 from trainer.progress import Progress
-from trainer.servables import ExportError, RankingServable, RecommenderServable, RetrievalServable
+from trainer.servables import ExportError, RankingServable, RecommenderServable, RetrievalServable, ivf_layout
 from trainer.text_encoder import merge_lora
 from trainer.trained import TrainedModels
 
@@ -93,7 +94,7 @@ def next_version(export_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str]) -> dict:
+def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str], index: dict) -> dict:
     schema, ranking = trained.schema, trained.ranking
     history_length = trained.retrieval.query_tower.history_length
     widths = {HISTORY: history_length if name != RANKING else ranking.history_length,
@@ -115,6 +116,7 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == RECOMMENDER
                else {}),
             **user_stats,
+            **({"index": index} if name != RANKING else {}),
             "offline_metrics": trained.metrics.get(name if name != RECOMMENDER else RANKING)}
 
 
@@ -146,10 +148,14 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     trained.ranking.interact.jit = False
     merge_lora(trained.text.adapter.backbone)  # encoder.mode lora: the graphs carry merged weights
     version = version or next_version(export_dir)
+    layout = ivf_layout(trained) if cfg.index == "ivf" else None  # one k-means for both servables
+    index = {"kind": cfg.index}
+    if layout is not None:
+        index.update(layout.describe(), nprobe=min(cfg.nprobe, layout.n_partitions), storage=cfg.ivf_storage)
     builders = {
-        RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k),
+        RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k, layout),
         RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text),
-        RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective),
+        RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective, layout),
     }
     rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
     staged: dict[str, tuple[Path, Path]] = {}
@@ -160,7 +166,7 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
-            metadata = _metadata(trained, name, version, list(OUTPUTS[name]))
+            metadata = _metadata(trained, name, version, list(OUTPUTS[name]), index)
             staged[name] = (_stage(build(), target, metadata, warmup), target)
             shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)

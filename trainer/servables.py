@@ -1,6 +1,7 @@
 """The servables' graphs, each a `tf.Module` with one `serve` function, written by `trainer.export`.
 
-- `RetrievalServable`: user + context (+ history) -> top-K ad ids and scores (brute-force index);
+- `RetrievalServable`: user + context (+ history) -> top-K ad ids and scores (brute-force or IVF
+  index, `export.index`);
 - `RankingServable`: user + context + ad -> calibrated pCTR and pCVR, the ad text tokenized and
   encoded inside the graph (TF Text ops);
 - `RecommenderServable`: retrieve -> drop excluded ads -> rank -> the best k by the objective.
@@ -23,6 +24,7 @@ from serving.contract import (
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
 from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
+from trainer.ivf_index import IvfIndex, IvfLayout, build_layout
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
 
@@ -64,15 +66,40 @@ class BruteForceIndex(tfrs.layers.factorized_top_k.BruteForce):
         return {"name": self.name, "k": int(self._k)}
 
 
+def ivf_layout(trained: TrainedModels) -> IvfLayout:
+    """The IVF partitions of the catalog's ad embeddings (seeded k-means; export.ivf_*)."""
+    cfg = trained.config.export
+    try:
+        return build_layout(ad_embeddings(trained.retrieval, trained.catalog, trained.schema), cfg.ivf_partitions,
+                            seed=trained.config.training.seed, iterations=cfg.ivf_iterations)
+    except ValueError as err:
+        raise ExportError(f"ivf index: {err}") from err
+
+
+def catalog_index(trained: TrainedModels, identifiers: tf.Tensor, k: int, layout: IvfLayout | None = None):
+    """The top-K index over the catalog that export.index names; either answers
+    `index(query features, k=...)` -> ([batch, k] scores, [batch, k] identifiers), best first, with
+    min(k, catalog size) real ads (the IVF index widens its probe rather than pad). `layout`: IVF
+    partitions built once for several servables (else built here)."""
+    cfg = trained.config.export
+    query_tower = trained.retrieval.query_tower
+    embeddings = ad_embeddings(trained.retrieval, trained.catalog, trained.schema)
+    if cfg.index == "ivf":
+        return IvfIndex(query_tower, embeddings, identifiers, layout or ivf_layout(trained), cfg.nprobe,
+                        cfg.ivf_storage)
+    index = BruteForceIndex(query_tower, k=k)
+    index.index(tf.constant(embeddings), identifiers)
+    return index
+
+
 class RetrievalServable(tf.Module):
-    def __init__(self, trained: TrainedModels, k: int):
+    def __init__(self, trained: TrainedModels, k: int, layout: IvfLayout | None = None):
         super().__init__()
         schema = trained.schema
         self.query_tower = trained.retrieval.query_tower
         k = min(k, len(trained.catalog))
-        self.index = BruteForceIndex(self.query_tower, k=k)
-        self.index.index(tf.constant(ad_embeddings(trained.retrieval, trained.catalog, schema)),
-                         tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()))
+        self.index = catalog_index(trained, tf.constant(trained.catalog[schema.ad_id].astype(str).tolist()), k,
+                                   layout)
         specs = _query_specs(schema, self.query_tower.history_length)
 
         @tf.function(input_signature=[specs])
@@ -158,7 +185,8 @@ class RecommenderServable(tf.Module):
     """retrieve -> drop excluded ads -> rank by the objective -> return the best k, in one graph.
 
     Inputs: the query features and `excluded_ad_ids` [batch, M] (ads already shown, frequency-capped
-    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates, m the most distinct
+    or blocked; padded with ""). The graph retrieves `retrieve_n + m` candidates (from the
+    export.index's index: an IVF index probes as many partitions as that needs), m the most distinct
     catalog ads any request of the batch excludes (at most the whole catalog), drops the excluded
     ones (trainer/exclusion.py: by catalog row, never by comparing strings) and ranks exactly each
     request's best `retrieve_n` remaining (by retrieval score), so a request's answer does not
@@ -171,7 +199,8 @@ class RecommenderServable(tf.Module):
     objective's value, the order), `retrieval_scores`.
     """
 
-    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int, objective: str = "pctr"):
+    def __init__(self, trained: TrainedModels, retrieve_n: int, k: int, objective: str = "pctr",
+                 layout: IvfLayout | None = None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
@@ -182,9 +211,7 @@ class RecommenderServable(tf.Module):
         k = min(k, n)
         self.query_tower = trained.retrieval.query_tower
         self.ranking = trained.ranking
-        self.index = BruteForceIndex(self.query_tower, k=n)
-        self.index.index(tf.constant(ad_embeddings(trained.retrieval, catalog, schema)),
-                         tf.range(size, dtype=tf.int32))
+        self.index = catalog_index(trained, tf.range(size, dtype=tf.int32), n, layout)
         self.ad_columns = {c: tf.Variable(catalog[c].astype(str).tolist(), trainable=False, name=c)
                            for c in schema.ad_string_features}
         self.text_table = tf.Variable(trained.catalog_text_embeddings, trainable=False,
