@@ -24,6 +24,7 @@ columns:
   ad_text: [headline, body]
   position: slot
   bid: cpc
+  pii: [country]                 # user/context categoricals that identify people: pseudonymised like user ids
 derive_time_context: true      # hour and weekday (UTC) from the timestamp
 policy: {bad_timestamp: fail}  # per problem: fail | skip (skip counts and reports)
 ```
@@ -99,6 +100,13 @@ class ColumnsSpec:
     ad_text: tuple[str, ...] = ()
     position: str = ""
     bid: str = ""
+    # Columns that identify people (e.g. an email, a postcode): replaced by keyed pseudonyms at ingest
+    # like the user id, which always is (`privacy.pseudonymize`). User or context categoricals only: a
+    # number or a text would lose its meaning as a hash.
+    pii: tuple[str, ...] = ()
+
+
+PII_ROLES = ("user_categoricals", "context_categoricals")
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,8 @@ class DataSpec:
             conversion="conversion" if labels.conversion else "",
             text_separator=self.text_separator,
             extra={"numerics": (*c.user_numerics, *c.context_numerics, *c.ad_numerics),
-                   "spec": self.name, "labels": "implicit" if labels.implicit else "logged"},
+                   "spec": self.name, "labels": "implicit" if labels.implicit else "logged",
+                   "pii": tuple(n for n in c.pii if n != c.user_id)},
         )
 
 
@@ -181,6 +190,7 @@ def _check(spec: DataSpec, where: str) -> None:
         if clash:
             raise DataSpecError(f"{where}.columns.{role}: {clash} are reserved for canonical columns; "
                                 "map them through their role (user_id, ad_id, labels, ...) instead")
+    _check_pii(c, where)
     if spec.chunk_rows < 1:
         raise DataSpecError(f"{where}.chunk_rows: expected a positive integer, got {spec.chunk_rows}")
     # A NaN guard compares False with everything and would turn the guard off.
@@ -193,6 +203,17 @@ def _check(spec: DataSpec, where: str) -> None:
         if not labels.rating_min <= labels.rating_max:  # NaN fails too
             raise DataSpecError(f"{where}.columns.labels.rating_min: expected a number <= rating_max "
                                 f"({labels.rating_max!r}), got {labels.rating_min!r}")
+
+
+def _check_pii(c: ColumnsSpec, where: str) -> None:
+    allowed = {col for role in PII_ROLES for col in getattr(c, role)}
+    for col in c.pii:
+        if col not in allowed and col != c.user_id:  # the user id is pseudonymised anyway
+            raise DataSpecError(f"{where}.columns.pii: {col!r} is not one of the user or context categoricals "
+                                f"{sorted(allowed)}; only categoricals can be pseudonymised and keep their use "
+                                "(leave a number or text that identifies people out of the spec)")
+    if len(set(c.pii)) != len(c.pii):
+        raise DataSpecError(f"{where}.columns.pii: a column is listed twice: {list(c.pii)}")
 
 
 def _check_text_options(table: TableSpec, where: str) -> None:

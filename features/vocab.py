@@ -40,17 +40,31 @@ def _ordered_values(column: pd.Series, min_count: int) -> list:
     return [str(v) for v in values]
 
 
+def _common_user_values(train_logs: pd.DataFrame, name: str, schema: FeatureSchema, k: int) -> pd.Series:
+    """The rows of user categorical `name` whose value at least `k` distinct users hold: a value
+    fewer people share points at them however many rows they have."""
+    column = train_logs[name]
+    holders = train_logs.groupby(name, sort=False)[schema.user_id].nunique()
+    return column[column.isin(set(holders.index[holders >= k]))]
+
+
 def build_vocabularies(train_logs: pd.DataFrame, catalog: pd.DataFrame,
                        schema: FeatureSchema = DEFAULT_SCHEMA,
-                       min_count: int = 1) -> Vocabularies:
+                       min_count: int = 1, user_min_count: int = 1) -> Vocabularies:
     """Query vocabularies come from training logs; ad vocabularies from ads seen in them.
 
     Ads that only appear later (cold start) stay out of the id vocabulary, so the model
-    must rely on their text and categoricals.
+    must rely on their text and categoricals. `user_min_count` (`privacy.min_count`) minimises
+    what the models keep about people: a user id with fewer training rows, and a user
+    categorical value held by fewer distinct users, stay out and are looked up as OOV.
     """
     values: dict[str, list] = {}
     for name in schema.query_features:
-        values[name] = _ordered_values(train_logs[name], min_count)
+        column = train_logs[name]
+        if user_min_count > 1 and name in schema.user_categoricals:
+            column = _common_user_values(train_logs, name, schema, user_min_count)
+        counted = max(min_count, user_min_count) if name == schema.user_id else min_count
+        values[name] = _ordered_values(column, counted)
     seen = catalog[catalog[schema.ad_id].isin(set(train_logs[schema.ad_id]))]
     values[schema.ad_id] = _ordered_values(
         train_logs[schema.ad_id][train_logs[schema.ad_id].isin(set(seen[schema.ad_id]))],

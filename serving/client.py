@@ -6,6 +6,14 @@ Needs grpcio, protobuf and numpy only (`pip install 'adrec[client]'`): no Tensor
 Every call has a deadline (`timeout`, covering its retries); UNAVAILABLE (server starting,
 restarting, unreachable) is retried with exponential backoff and jitter, at most
 `max_attempts` times; every other error is raised at once. TLS with `root_certificates`.
+
+Pseudonymised models (`privacy.pseudonymize`, docs/data.md#privacy): with the job's key the client
+replaces the user id (and the other inputs the model takes as pseudonyms) by its keyed pseudonym
+before sending (`serving.pseudonym`), so callers keep sending their own ids. The embedded server
+says which inputs a model takes as pseudonyms and under which key id: a client without the key
+sending ids that are not pseudonyms, a client with another key, or a client with a key to a model
+trained on plain ids is refused before anything is sent. (`tensorflow/serving` does not say; a
+client with a key then hashes `user_id` alone.)
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf import struct_pb2
 
 from serving import rows as rows_of
 from serving import values, wire
@@ -31,6 +40,15 @@ from serving.contract import (
     PREDICTION_SERVICE,
     RECOMMENDER,
     SIGNATURE_KEY,
+)
+from serving.pseudonym import (
+    DEFAULT_KEY_ENV,
+    PRIVACY_METADATA_FIELD,
+    check_key,
+    is_pseudonym,
+    key_from_env,
+    key_id,
+    pseudonym,
 )
 from serving.values import RequestError
 
@@ -61,6 +79,24 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt))
 
 
+def _as_text(value) -> str | None:
+    """A string input's value as the text the server gets (bytes as UTF-8, an integer as its digits,
+    `serving/values.py`); None for anything else, left for those checks to refuse."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        return str(int(value))
+    return str(value) if isinstance(value, str) else None
+
+
+def _pseudonym_of(value, key: bytes):
+    text = _as_text(value)
+    return value if text is None else pseudonym(text, key)
+
+
 def _read_pem(value: str | Path | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -79,16 +115,25 @@ class RecommendationClient:
     checked against the server certificate. `timeout` is each call's deadline, retries included.
     `recommend_batch` splits its rows into Predict calls of at most `max_batch_size` (keep it at
     or under the server's limit).
+
+    `pseudonym_key` (bytes or text): the key the model's training job pseudonymised user ids with;
+    not given, the environment variable `key_env` (ADREC_PSEUDONYM_KEY) when set (`key_env=None`:
+    never). With a key, user ids are sent as their pseudonyms; without, as they are.
     """
 
     def __init__(self, address: str, model_name: str = RECOMMENDER,
                  signature_name: str = SIGNATURE_KEY, timeout: float = 10.0,
                  root_certificates: str | Path | bytes | None = None, server_name: str | None = None,
-                 retry: RetryPolicy | None = None, max_batch_size: int = CLIENT_MAX_BATCH_SIZE):
+                 retry: RetryPolicy | None = None, max_batch_size: int = CLIENT_MAX_BATCH_SIZE,
+                 pseudonym_key: bytes | str | None = None, key_env: str | None = DEFAULT_KEY_ENV):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+        if pseudonym_key is not None:
+            self._key: bytes | None = check_key(pseudonym_key, "pseudonym_key")
+        else:
+            self._key = key_from_env(key_env) if key_env else None
         self.address = address
         self.max_batch_size = max_batch_size
         self.model_name = model_name
@@ -113,6 +158,7 @@ class RecommendationClient:
         self._inputs: dict[str, dict[str, str]] = {}
         self._shapes: dict[str, dict[str, list[int]]] = {}
         self._widths: dict[str, int] = {}  # the ad_ids output's width per model (-1: open)
+        self._privacy: dict[str, dict | None] = {}  # per model: its privacy block, None when the server has none
         self._stats_lock = threading.Lock()
         self.calls = 0
         self.retries = 0
@@ -164,10 +210,7 @@ class RecommendationClient:
         from GetModelMetadata (cached)."""
         model_name = model_name or self.model_name
         if model_name not in self._inputs:
-            request = wire.GetModelMetadataRequest()
-            request.model_spec.name = model_name
-            request.metadata_field.append("signature_def")
-            response = self._call(self._rpc["GetModelMetadata"], request)
+            response = self._metadata(model_name)
             packed = response.metadata["signature_def"]
             if not packed.type_url.endswith("/" + wire.SignatureDefMap.DESCRIPTOR.full_name):
                 raise RequestError(f"model {model_name!r}: metadata holds {packed.type_url!r}, not a SignatureDefMap")
@@ -182,6 +225,57 @@ class RecommendationClient:
                 if ad_ids is not None and len(ad_ids.tensor_shape.dim) == 2 else -1
             self._inputs[model_name] = {k: wire.dtype_name(v.dtype) for k, v in sig.inputs.items()}
         return self._inputs[model_name]
+
+    def _metadata(self, model_name: str):
+        """GetModelMetadata with the signatures and, from the embedded server, the privacy block; a server
+        that knows no such field (tensorflow/serving) is asked again for the signatures alone."""
+        request = wire.GetModelMetadataRequest()
+        request.model_spec.name = model_name
+        request.metadata_field.extend(["signature_def", PRIVACY_METADATA_FIELD])
+        try:
+            response = self._call(self._rpc["GetModelMetadata"], request)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            del request.metadata_field[1:]
+            response = self._call(self._rpc["GetModelMetadata"], request)
+        privacy = None
+        if PRIVACY_METADATA_FIELD in response.metadata:
+            struct = struct_pb2.Struct()
+            response.metadata[PRIVACY_METADATA_FIELD].Unpack(struct)
+            shown = struct.fields
+            names = shown["pseudonymized_inputs"].list_value.values if "pseudonymized_inputs" in shown else []
+            privacy = {"pseudonymized_inputs": [v.string_value for v in names],
+                       "key_id": shown["key_id"].string_value if "key_id" in shown else ""}
+        self._privacy[model_name] = privacy
+        return response
+
+    def _pseudonymized(self, inputs: dict[str, object], model_name: str) -> dict[str, object]:
+        """`inputs` with the values of the inputs the model takes as pseudonyms replaced by them (with the
+        key), or checked to be pseudonyms already (without); refused when the key does not fit the model."""
+        privacy = self._privacy.get(model_name)
+        if privacy is None:  # the server does not say: with a key, the user id is what the job always hashes
+            names = ["user_id"] if self._key is not None else []
+        else:
+            names = privacy["pseudonymized_inputs"]
+            if self._key is not None and not names:
+                raise RequestError(f"model {model_name!r} was trained on plain user ids, but this client has a "
+                                   "pseudonymisation key (pseudonym_key or $ADREC_PSEUDONYM_KEY): drop the key")
+            if self._key is not None and key_id(self._key) != privacy["key_id"]:
+                raise RequestError(f"model {model_name!r} was trained on ids pseudonymised under another key "
+                                   f"(key id {privacy['key_id']}, this client's {key_id(self._key)}): give the "
+                                   "job's key (its privacy.key_file or $ADREC_PSEUDONYM_KEY)")
+        out, key = dict(inputs), self._key
+        for name in (n for n in names if n in out):
+            given = np.asarray(out[name], dtype=object)
+            if key is not None:
+                out[name] = np.vectorize(lambda v: _pseudonym_of(v, key), otypes=[object])(given) \
+                    if given.size else given
+            elif any(not is_pseudonym(text) for text in map(_as_text, given.ravel()) if text):
+                raise RequestError(f"model {model_name!r} takes {name!r} as keyed pseudonyms, and this client has "
+                                   "no key to make them: give the job's key (pseudonym_key, $ADREC_PSEUDONYM_KEY, "
+                                   "adrec recommend --key-file)")
+        return out
 
     def max_k(self, model_name: str | None = None) -> int | None:
         """The most ads the model returns per request: its `ad_ids` output's width, fixed at export
@@ -207,7 +301,7 @@ class RecommendationClient:
         request = wire.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = self.signature_name
-        inputs = dict(inputs)
+        inputs = self._pseudonymized(dict(inputs), model_name)
         if EXCLUDED_AD_IDS in specs and inputs:
             given = inputs.get(EXCLUDED_AD_IDS)
             if given is None:

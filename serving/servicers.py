@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 import tensorflow as tf
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -23,11 +24,12 @@ from serving.contract import (
 )
 from serving.decode import BadRequest, decode_inputs
 from serving.limits import LIMITS_METADATA_FIELD, InFlightGate, RequestLimits
+from serving.pseudonym import PRIVACY_METADATA_FIELD
 from serving.registry import ModelRegistry, UnknownLabelError
 from serving.servable import ServableError
 from serving.slicing import DeadlinePassed, run_sliced
 
-METADATA_FIELDS = {"signature_def", LIMITS_METADATA_FIELD}
+METADATA_FIELDS = {"signature_def", LIMITS_METADATA_FIELD, PRIVACY_METADATA_FIELD}
 
 
 def _requested_version(model_spec) -> tuple[int | None, str]:
@@ -122,6 +124,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.metadata["signature_def"].Pack(sig_map)
         if LIMITS_METADATA_FIELD in fields:  # the embedded server's own: TF Serving has no such field
             response.metadata[LIMITS_METADATA_FIELD].Pack(self.limits.as_struct())
+        # The embedded server's own too: which inputs the model takes as pseudonyms, under which key id
+        # (assets.extra/adrec.json). Left out for a model exported without it: the client then cannot check.
+        if PRIVACY_METADATA_FIELD in fields and "privacy" in servable.metadata:
+            privacy = struct_pb2.Struct()
+            privacy.update(servable.metadata["privacy"])
+            response.metadata[PRIVACY_METADATA_FIELD].Pack(privacy)
         return response
 
 

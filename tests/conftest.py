@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The pseudonymisation key of every job and client the tests start (privacy.key_env's default variable),
+# as an operator would set it for both: jobs pseudonymise user ids with it, clients hash "u00001" with it.
+os.environ.setdefault("ADREC_PSEUDONYM_KEY", "adrec-test-key-not-secret-0123456789")
 
 from pathlib import Path
 

@@ -13,7 +13,8 @@ from trainer.config import ConfigError, JobConfig, apply_overrides, config_from_
 ROOT = Path(__file__).resolve().parent.parent
 # Text that is not a choice: paths, names, columns. Booleans need no rule.
 FREE_TEXT = {"data.spec", "data.root", "encoder.preset", "encoder.cache_dir", "training.tpu", "training.model_dir",
-             "export.export_dir", "evaluation.split_column", "evaluation.test_values", "ranking.position_tower_context"}
+             "export.export_dir", "evaluation.split_column", "evaluation.test_values", "ranking.position_tower_context",
+             "privacy.key_file", "privacy.key_env"}
 
 
 def _fields(cls, prefix=""):

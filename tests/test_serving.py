@@ -20,12 +20,15 @@ from tensorflow_serving.apis import (
 from serving.client import RecommendationClient, RequestError, RetryPolicy
 from serving.config import read_model_config
 from serving.process import ServerProcess
+from serving.pseudonym import pseudonym
 from serving.server import EmbeddedModelServer, TlsConfig, discover_models
 from tests.conftest import make_self_signed_cert
 from trainer.config import RetrievalConfig
 
 USER = {"user_id": "u00001", "age_bucket": "25-34", "gender": "f", "region": "r1"}
 CONTEXT = {"device": "mobile", "placement": "feed", "hour": 20, "weekday": 4}
+# USER as the client sends it: the user id as its pseudonym under the jobs' key (conftest)
+SENT_USER = {**USER, "user_id": pseudonym(USER["user_id"], os.environ["ADREC_PSEUDONYM_KEY"].encode())}
 HISTORY_LENGTH = RetrievalConfig().history_length  # what configs/tiny.yaml exports with
 NO_HISTORY = np.full((1, HISTORY_LENGTH), b"", dtype=object)
 
@@ -59,7 +62,7 @@ def test_recommend_round_trip_matches_tf1_servable(client, server, trained_tiny)
     assert all(a.ad_id in set(trained_tiny.catalog["ad_id"]) for a in ads)
     assert all(ads[i].score >= ads[i + 1].score for i in range(4))
     direct = server.registry.get("recommender").run(
-        {**_arrays({**USER, **CONTEXT}), "history": NO_HISTORY, "excluded_ad_ids": np.array([[""]], dtype=object)})
+        {**_arrays({**SENT_USER, **CONTEXT}), "history": NO_HISTORY, "excluded_ad_ids": np.array([[""]], dtype=object)})
     assert [a.ad_id for a in ads] == [i.decode() for i in direct["ad_ids"][0][:5]]
     np.testing.assert_allclose([a.score for a in ads], direct["score"][0][:5], rtol=1e-6)
     np.testing.assert_allclose([a.scores["pctr"] for a in ads], direct["pctr"][0][:5], rtol=1e-6)

@@ -1,5 +1,5 @@
 """The files tensorflow/serving reads beside the SavedModels: models.config, batching and
-monitoring configs, and per-version warmup requests built from training rows."""
+monitoring configs, and per-version warmup requests built from made-up rows (no real user's)."""
 
 from pathlib import Path
 
@@ -68,8 +68,8 @@ def test_batching_and_monitoring_configs_parse(exported_tiny):
     assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
 
 
-def test_warmup_requests_are_training_rows_and_replay(exported_tiny, trained_tiny):
-    schema = trained_tiny.schema
+def test_warmup_requests_are_made_up_rows_of_known_values_and_replay(exported_tiny, trained_tiny):
+    schema, vocab = trained_tiny.schema, trained_tiny.vocabularies
     train_users = set(trained_tiny.split.train[schema.user_id])
     titles = dict(zip(trained_tiny.catalog[schema.ad_id], trained_tiny.catalog["title"], strict=True))
     for name in MODEL_NAMES:
@@ -81,7 +81,11 @@ def test_warmup_requests_are_training_rows_and_replay(exported_tiny, trained_tin
         try:
             in_infos, _ = servable.signature()
             assert set(requests[0].inputs) == set(in_infos)
-            assert {u.decode() for r in requests for u in r.inputs["user_id"].string_val} <= train_users
+            users = {u.decode() for r in requests for u in r.inputs["user_id"].string_val}
+            assert users == {serving_artifacts.WARMUP_USER} and not users & train_users  # no real user's row
+            for feature in (*schema.user_categoricals, *schema.context_categoricals):  # known values, mixed
+                sent = {v.decode() for r in requests for v in r.inputs[feature].string_val}
+                assert sent <= set(vocab[feature]) and len(sent) > 1, feature
             if name == "ranking":
                 for r in requests:
                     ads = [a.decode() for a in r.inputs["ad_id"].string_val]

@@ -61,7 +61,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     model_dir, export_dir = Path(cfg["training"]["model_dir"]), Path(cfg["export"]["export_dir"])
     assert (model_dir / "checkpoints" / "checkpoint").exists()
     assert sorted(p.name for p in model_dir.iterdir()) == ["checkpoints", "config.json", "logs", "metrics.json",
-                                                           "vocabularies.json"]
+                                                           "privacy.json", "vocabularies.json"]
     for name in ("retrieval", "ranking", "recommender"):
         assert sorted(p.name for p in (export_dir / name).iterdir()) == ["1"]  # the chief exported once
     assert "exported version 1" in outputs[0] and "exported version" not in outputs[1]

@@ -12,6 +12,7 @@ import tensorflow as tf
 from features.vocab import Vocabularies
 from trainer.config import config_to_dict
 from trainer.prepare import DataError
+from trainer.privacy import write_privacy_file
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
@@ -40,6 +41,7 @@ def save_checkpoint(trained: TrainedModels, strategy, model_dir: Path) -> Path |
     (model_dir / "metrics.json").write_text(json.dumps(trained.metrics, indent=2))
     (model_dir / "config.json").write_text(json.dumps(config_to_dict(trained.config), indent=2))
     (model_dir / "vocabularies.json").write_text(json.dumps(trained.vocabularies.to_dict()))
+    write_privacy_file(model_dir, trained.schema)
     return Path(path)
 
 

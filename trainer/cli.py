@@ -105,11 +105,13 @@ def _cmd_recommend(args) -> int:
 
     quiet_import("serving.client")  # should the client load TensorFlow, without its banners
     from serving.client import RecommendationClient, RetryPolicy
+    from serving.pseudonym import read_key_file
 
     features = _parse_features(args.feature, args.user)
+    key = read_key_file(args.key_file) if args.key_file else None  # None: $ADREC_PSEUDONYM_KEY when set
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
-                              retry=RetryPolicy(max_attempts=args.attempts)) as client:
+                              retry=RetryPolicy(max_attempts=args.attempts), pseudonym_key=key) as client:
         frame = client.recommend_df(features, {}, k=args.k, history=args.history, exclude=args.exclude)
     print(frame.to_string(index=False))
     return 0
@@ -214,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--attempts", type=int, default=4, help="attempts when the server is UNAVAILABLE")
     rec.add_argument("--root-cert", type=Path, help="CA / server certificate (PEM): connect with TLS")
     rec.add_argument("--server-name", help="name to verify in the server certificate (default: the host)")
+    rec.add_argument("--key-file", type=Path, help="the training job's pseudonymisation key (its privacy.key_file): "
+                     "the user id is sent as its keyed pseudonym (default: $ADREC_PSEUDONYM_KEY when set, "
+                     "else the id as given)")
     rec.set_defaults(func=_cmd_recommend)
 
     _add_data_parser(sub)

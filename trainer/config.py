@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Validati
 from features.protocol import EvaluationProtocol
 from features.synthetic import SyntheticConfig
 from features.typed_model import SEED_MAX, Names, TypedModel, as_tuple, cross_field, explain
+from serving.pseudonym import DEFAULT_KEY_ENV
 from trainer.config_files import ConfigError, assign, parse_override, read_config_file
 
 EncoderMode = Literal["frozen", "top_layers", "lora", "full"]
@@ -223,6 +224,24 @@ class DataConfig(TypedModel):
         return self
 
 
+class PrivacyConfig(TypedModel):
+    """Pseudonymisation at ingest and data minimisation (docs/data.md#privacy).
+
+    With `pseudonymize` the user ids, and the columns a data spec marks `pii`, are replaced by
+    keyed pseudonyms (HMAC-SHA256, `serving.pseudonym`) before anything else reads them. The key:
+    `key_file` when set, else the environment variable `key_env` when set, else a random key the
+    job writes once to `pseudonym.key` beside `training.model_dir` (never inside it or the export
+    directory) and reuses, `key_file` then naming it. The key itself is never written to an artifact.
+    """
+
+    pseudonymize: bool = True
+    key_file: str = ""
+    key_env: str = Field(DEFAULT_KEY_ENV, min_length=1)
+    # user ids with fewer training rows, and user categorical values held by fewer distinct users,
+    # are left out of the vocabularies (looked up as OOV); 1 keeps every value
+    min_count: int = Field(1, ge=1)
+
+
 class EvaluationConfig(EvaluationProtocol):
     """The evaluation protocol (features.protocol) and the retrieval baselines compared with the model.
 
@@ -245,6 +264,7 @@ class JobConfig(TypedModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> JobConfig:

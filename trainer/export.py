@@ -117,6 +117,9 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
                else {}),
             **user_stats,
             **({"index": index} if name != RANKING else {}),
+            # which inputs the model takes as pseudonyms and under which key (its id, never the key):
+            # the embedded server returns this block, and the client hashes or refuses by it
+            **({"privacy": schema.extra["privacy"]} if "privacy" in schema.extra else {}),
             "offline_metrics": trained.metrics.get(name if name != RECOMMENDER else RANKING)}
 
 
@@ -157,7 +160,8 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
         RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text),
         RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective, layout),
     }
-    rows = serving_artifacts.warmup_rows(trained.split.train, trained.catalog, trained.schema)
+    rows = serving_artifacts.warmup_rows(trained.catalog, trained.schema, trained.vocabularies,
+                                         trained.config.retrieval.history_length, trained.ranking.user_inputs)
     staged: dict[str, tuple[Path, Path]] = {}
     shown = Progress(f"exporting version {version}", total=len(builders), unit="SavedModels").start()
     try:

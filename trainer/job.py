@@ -28,6 +28,7 @@ from trainer.fit import build_model, fit_stage
 from trainer.inputs import retrieval_dataset
 from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
+from trainer.privacy import check_warm_start
 from trainer.progress import log
 from trainer.ranking_stage import train_ranking
 from trainer.resume import claim_stages, clear_stages
@@ -92,6 +93,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
     data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking)
     catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
+    if warm_start:
+        check_warm_start(Path(warm_start), schema)
     claim_stages(model_dir, cfg, data.fingerprint, strategy)
     fit_rows, validation_rows, validation = split.train, None, None
     if cfg.evaluation.validation_fraction > 0:  # carved by the evaluation protocol, histories rebuilt for it

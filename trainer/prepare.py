@@ -18,6 +18,7 @@ from features.user_stats import USER_STATS, add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
 from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
+from trainer.privacy import pseudonymize_job_data
 from trainer.progress import Progress, log
 from trainer.resume import data_fingerprint
 
@@ -36,11 +37,18 @@ def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
                   ) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
-    """Catalog, logs and their schema: the synthetic world, or real logs through a data spec.
+    """Catalog, logs and their schema: the synthetic world, or real logs through a data spec; user ids
+    and the spec's `pii` columns pseudonymised here, where the loaded frames enter the job, before
+    anything else reads them (`trainer.privacy`).
 
     With `data.source: spec` the schema is the spec's (its columns, possibly no context); the
     spec's validation report is printed, and a `fail` policy raises DataValidationError.
     """
+    catalog, logs, schema = _load_raw(cfg, schema)
+    return pseudonymize_job_data(cfg, catalog, logs, schema)
+
+
+def _load_raw(cfg: JobConfig, schema: FeatureSchema | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
     if cfg.data.source != "spec":
         catalog, logs = load_data(cfg)
         return catalog, logs, schema or DEFAULT_SCHEMA
@@ -155,7 +163,7 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
             n for n in schema.context_integers if n not in dropped))
     split = add_event_features(data.split, cfg, schema)
     if vocabularies is None:
-        vocabularies = build_vocabularies(split.train, catalog, schema)
+        vocabularies = build_vocabularies(split.train, catalog, schema, user_min_count=cfg.privacy.min_count)
     split = split.with_frames(join_ad_features(split.train, catalog, schema),
                               join_ad_features(split.test, catalog, schema))
     excluded = data.excluded

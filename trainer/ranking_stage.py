@@ -72,7 +72,8 @@ def train_ranking(cfg: JobConfig, strategy, schema: FeatureSchema, vocabularies:
     if rc.validation_fraction > 0:
         inner = time_split(rows, rc.validation_fraction, schema)
         earlier, validation = inner.train, inner.test
-        probe_vocab = vocabularies if warm_checkpoint else build_vocabularies(earlier, catalog, schema)
+        probe_vocab = vocabularies if warm_checkpoint else build_vocabularies(
+            earlier, catalog, schema, user_min_count=cfg.privacy.min_count)
         probe = build_ranking(cfg, strategy, schema, probe_vocab, catalog, cached, earlier)
         probe_ds = ranking_dataset(earlier, cfg, schema)
         build_model(probe, next(iter(probe_ds)), strategy)

@@ -1,8 +1,8 @@
 """What `tensorflow/serving` reads beside the SavedModels, written at export time.
 
-- per version: `assets.extra/tf_serving_warmup_requests`, real Predict requests built from
-  training rows (one of batch 1, one of a small batch), written into the staged version
-  directory before it is renamed into place;
+- per version: `assets.extra/tf_serving_warmup_requests`, Predict requests (one of batch 1, one
+  of a small batch) built from made-up rows of known values, never a real user's, written into
+  the staged version directory before it is renamed into place;
 - per export directory: `models.config` (all three models, latest version),
   `batching_parameters.txt` and `monitoring.config` (Prometheus), written atomically.
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from features.history import history_matrix
 from features.schema import FeatureSchema
+from features.vocab import Vocabularies
 from serving.config import (
     BATCHING_FILE,
     MODEL_CONFIG_FILE,
@@ -29,19 +30,51 @@ from serving.config import (
     model_config_text,
     monitoring_config_text,
 )
-from serving.contract import EXCLUDED_AD_IDS, HISTORY, NEGATIVE_HISTORY, RECOMMENDER, signature_inputs
+from serving.contract import (
+    EXCLUDED_AD_IDS,
+    HISTORY,
+    NEGATIVE_HISTORY,
+    PAD_AD_ID,
+    RECOMMENDER,
+    USER_STATS,
+    signature_inputs,
+)
 from serving.warmup import predict_request, write_warmup_file
 
 WARMUP_BATCH_SIZES = (1, 8)
+WARMUP_USER = "warmup-user"  # no pseudonym's form and in no vocabulary: warmup exercises the unknown-user path
 
 
-def warmup_rows(train: pd.DataFrame, catalog: pd.DataFrame, schema: FeatureSchema,
-                n: int = max(WARMUP_BATCH_SIZES)) -> pd.DataFrame:
-    """`n` training impressions spread over the log, with their ad's catalog text attached."""
-    step = max(1, len(train) // n)
-    rows = train.iloc[::step].head(n).reset_index(drop=True)
-    text = catalog[[schema.ad_id, *schema.ad_text]]
-    return rows.drop(columns=[c for c in schema.ad_text if c in rows]).merge(text, on=schema.ad_id, how="left")
+def warmup_rows(catalog: pd.DataFrame, schema: FeatureSchema, vocabularies: Vocabularies, history_length: int,
+                user_inputs: tuple[str, ...] = (), n: int = max(WARMUP_BATCH_SIZES)) -> pd.DataFrame:
+    """`n` made-up requests that are no real user's row, so warmup records carry nothing personal.
+
+    The user id is WARMUP_USER, in no vocabulary (the unknown-user path); every other query
+    feature steps through its vocabulary's values from its own offset, so rows mix values no
+    logged row needs to have had together. Each row asks about an ad spread over the catalog,
+    with its catalog columns and text; `history_length` > 0 adds a `history` of other catalog ads
+    (padded with ""), and `user_inputs` (the ranking model's) get such lists or small counters.
+    """
+    ads = catalog[[*schema.ad_string_features, *schema.ad_text]]
+    rows = ads.iloc[np.linspace(0, len(ads) - 1, n).astype(int)].reset_index(drop=True)
+    rows[schema.ad_id] = rows[schema.ad_id].astype(str)
+    for offset, name in enumerate(schema.query_features):
+        known = vocabularies.values.get(name) or [0 if schema.is_int_feature(name) else ""]
+        rows[name] = WARMUP_USER if name == schema.user_id else [known[(i + offset) % len(known)] for i in range(n)]
+    ad_ids = catalog[schema.ad_id].astype(str).tolist()
+    lists = [HISTORY] if history_length else []
+    lists += [name for name in user_inputs if name in (HISTORY, NEGATIVE_HISTORY) and name not in lists]
+    for shift, name in enumerate(lists, start=1):
+        filled = min(3, history_length)
+        rows[name] = [[ad_ids[(i * 7 + shift + j) % len(ad_ids)] for j in range(filled)]
+                      + [PAD_AD_ID] * (history_length - filled) for i in range(n)]
+    # events >= clicks >= recent clicks, as counters from logs are
+    counters = dict(zip(USER_STATS, ([3 * i for i in range(n)], list(range(n)), [i // 2 for i in range(n)]),
+                        strict=True))
+    for name in user_inputs:
+        if name in counters:
+            rows[name] = counters[name]
+    return rows
 
 
 def as_numpy_features(rows: pd.DataFrame, names, schema: FeatureSchema) -> dict[str, np.ndarray]:
