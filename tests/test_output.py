@@ -120,6 +120,9 @@ def test_demo_run_is_clean(tmp_path):
                                                                       STDERR_LINES[2:])]
     body = [line for line in out if line.strip()]
     assert body[0].startswith("user ") and sum(line.startswith("user ") for line in body) == 3
+    # The job saw only pseudonyms; the demo asks as a caller would, by the world's own ids (u00001 ...),
+    # and the client hashes them with the job's key.
+    assert all(line.startswith("user u") for line in body if line.startswith("user "))
     assert sum("marked as shown" in line for line in body) == 3
     assert any(line.startswith("Retrieval, held-out clicks") for line in body)
     assert any(line.startswith("Ranking, held-out impressions") for line in body)

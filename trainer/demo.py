@@ -30,6 +30,18 @@ def demo_requests(trained: TrainedModels, n_users: int) -> list[tuple[dict, dict
     return requests
 
 
+def own_user_ids(cfg: JobConfig, key: bytes | None) -> dict[str, str]:
+    """Pseudonym -> the synthetic world's own user id. The job only ever saw pseudonyms; the demo plays
+    a caller, who knows its users by their own ids and leaves the hashing to the client."""
+    if key is None or cfg.data.source != "synthetic":
+        return {}
+    from features import generate_world
+    from serving.pseudonym import pseudonym
+
+    world = generate_world(cfg.data.synthetic)
+    return {pseudonym(i, key): i for i in world.logs[world.schema.user_id].astype(str).unique()}
+
+
 def format_metrics(metrics: dict) -> str:
     r, k = metrics["retrieval"], metrics["ranking"]
     ks = [c.split("@")[1] for c in r["model"] if c.startswith("recall@")]
@@ -89,6 +101,7 @@ def format_ranking_metrics(k: dict) -> list[str]:
 def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True) -> dict:
     from serving.client import RecommendationClient
     from serving.process import ServerProcess
+    from trainer.privacy import job_key
     from trainer.progress import stdout_to_stderr
     from trainer.task import train_and_export
 
@@ -103,10 +116,14 @@ def run_demo(cfg: JobConfig, n_users: int = 3, k: int = 5, progress: bool = True
     label = ["category"] if "category" in schema.ad_categoricals else list(schema.ad_categoricals[:1])
     text = list(schema.ad_text[:1])
     shown, next_pages = {}, {}
+    key = job_key(cfg)
+    own_ids = own_user_ids(cfg, key)
     with ServerProcess(export_dir, lifetime=600) as server:
         log(f"server pid {server.pid} at {server.address}")
-        with RecommendationClient(server.address, model_name="recommender") as client:
+        # The job's own key (None: the job kept plain ids), not whatever $ADREC_PSEUDONYM_KEY holds.
+        with RecommendationClient(server.address, model_name="recommender", pseudonym_key=key, key_env=None) as client:
             for user, context, history in demo_requests(trained, n_users):
+                user[schema.user_id] = own_ids.get(user[schema.user_id], user[schema.user_id])
                 ads = client.recommend_df(user, context, k=k, history=history)
                 ads = ads.join(catalog[label + text], on="ad_id")
                 shown[user["user_id"]] = ads
