@@ -115,3 +115,8 @@ def test_make_quality_rewrites_the_table_in_docs(tmp_path, monkeypatch):
     assert "Recall@100 0.400 >= ease 0.380 (1.05x)" in line  # the best baseline of each metric, named
     assert "NDCG@10 0.040 < sasrec 0.050 (0.80x)" in line
     assert "cold-start ads Recall@100 0.050 against 0.010" in line
+    readme = tmp_path / "README.md"  # the README's summary of the same run: the verdict lines
+    readme.write_text(README.read_text())
+    quality.update_docs(readme, "", line, quality.SUMMARY_START, quality.SUMMARY_END)
+    text = readme.read_text()
+    assert line in text[text.index(quality.SUMMARY_START):text.index(quality.SUMMARY_END)]
