@@ -30,6 +30,7 @@ from features.validate import (
     parse_timestamps,
     require_columns,
 )
+from features.vectors import VectorFile, VectorFileError, parse_vectors, read_vector_file
 
 
 @dataclass
@@ -47,6 +48,8 @@ def _catalog_columns(spec: DataSpec) -> dict[str, str]:
         needed.update({col: role for col in getattr(c, role)})
     if c.bid:
         needed[c.bid] = "bid"
+    if c.ad_vector.column:
+        needed[c.ad_vector.column] = "ad_vector"
     return needed
 
 
@@ -94,13 +97,34 @@ def _check_keyed_chunk(check: ChunkChecker, frame: pd.DataFrame, id_col: str, nu
     return ids, numerics, ~check.bad
 
 
+def _check_vectors(check: ChunkChecker, spec: DataSpec, frame: pd.DataFrame, ids: pd.Series,
+                   vector_file: VectorFile | None) -> pd.Series:
+    """Each catalog row's creative vector (from its column or the spec's .npz), flagging bad and missing ones."""
+    v = spec.columns.ad_vector
+    expected = f"{v.dim} finite numbers"
+    if vector_file is None:
+        vectors, bad, why = parse_vectors(frame[v.column], v.dim)
+        check.flag(bad, "bad_vector", v.column, expected, why)
+        return vectors
+    id_col = spec.columns.catalog_ad_id or spec.columns.ad_id
+    vectors, missing, why = vector_file.lookup(ids)
+    check.flag(missing, "missing_vector", id_col, f"an ad id with a vector in {vector_file.path}", ids)
+    check.flag(why != "", "bad_vector", id_col, expected, why)
+    return vectors
+
+
 def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
-                         seen: set[str]) -> pd.DataFrame:
+                         seen: set[str], vector_file: VectorFile | None = None) -> pd.DataFrame:
     c = spec.columns
+    check = ChunkChecker(spec, report, "catalog", frame)
     ids, numerics, keep = _check_keyed_chunk(
-        ChunkChecker(spec, report, "catalog", frame), frame, c.catalog_ad_id or c.ad_id,
+        check, frame, c.catalog_ad_id or c.ad_id,
         (*c.ad_numerics, *([c.bid] if c.bid else [])), seen, "ad id",
         ("duplicate_catalog_id", "an ad id not already in the catalog"))
+    vectors = None
+    if c.ad_vector.dim:
+        vectors = _check_vectors(check, spec, frame, ids, vector_file)
+        keep = ~check.bad
     out = pd.DataFrame({"ad_id": ids[keep]})
     for col in (*c.ad_categoricals, *c.ad_text):
         out[col] = parse_text(frame.loc[keep, col], col, report)
@@ -108,6 +132,8 @@ def _check_catalog_chunk(spec: DataSpec, report: ValidationReport, frame: pd.Dat
         out[col] = numerics[col][keep].astype("float64")
     if c.bid:
         out["bid"] = numerics[c.bid][keep].astype("float32")
+    if vectors is not None:
+        out["ad_vector"] = vectors[keep]
     seen.update(out["ad_id"])
     return out
 
@@ -230,9 +256,15 @@ def load_dataset(spec: DataSpec, on_chunk: Callable[[str, int], None] | None = N
     `on_chunk(table, rows)` is called after each chunk is read and checked ("catalog", "users",
     "logs"; the chunk's source rows): a caller's progress display."""
     report = ValidationReport(spec_name=spec.name, root=str(spec.root_dir))
+    vector_file = None
+    if spec.columns.ad_vector.file:  # read (bounded) before the catalog: each catalog chunk looks its ads up
+        try:
+            vector_file = read_vector_file(spec.columns.ad_vector, spec.root_dir)
+        except VectorFileError as err:
+            raise DataValidationError(f"{err} [bad_vector_file]", report=report) from None
     seen: set[str] = set()
     catalog = _read(spec, report, "catalog", _catalog_columns(spec),
-                    lambda f: _check_catalog_chunk(spec, report, f, seen), on_chunk)
+                    lambda f: _check_catalog_chunk(spec, report, f, seen, vector_file), on_chunk)
     catalog_ids = set(catalog["ad_id"])
     users = None
     if spec.has_users:

@@ -36,6 +36,10 @@ class FeatureSchema:
     click: str = "click"
     conversion: str = "conversion"
     text_separator: str = " . "
+    # A precomputed creative embedding per ad (an image or video vector from any model): the catalog
+    # column holding one float vector of `ad_vector_dim` per ad ("" = the catalog has none).
+    ad_vector: str = ""
+    ad_vector_dim: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -79,6 +83,20 @@ class FeatureSchema:
         for p in parts[1:]:
             joined = joined + self.text_separator + p
         return joined.tolist()
+
+    def ad_vectors_of(self, catalog: pd.DataFrame) -> np.ndarray | None:
+        """[ads, ad_vector_dim] float32 in catalog order, or None when the schema has no ad vector."""
+        if not self.ad_vector:
+            return None
+        self.require_columns(catalog, (self.ad_vector,), "ad vectors")
+        if not len(catalog):
+            return np.zeros((0, self.ad_vector_dim), np.float32)
+        vectors = np.stack([np.asarray(v, np.float32) for v in catalog[self.ad_vector]])
+        if vectors.shape[1] != self.ad_vector_dim or not np.isfinite(vectors).all():
+            raise SchemaError(f"ad vectors: expected finite vectors of {self.ad_vector_dim} numbers in column "
+                              f"{self.ad_vector!r}, got shape {list(vectors.shape)}"
+                              + ("" if np.isfinite(vectors).all() else " with NaN or inf"))
+        return vectors
 
     def require_columns(self, frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
         missing = [c for c in columns if c not in frame.columns]

@@ -22,6 +22,7 @@ columns:
   context_integers: []
   ad_categoricals: [advertiser]
   ad_text: [headline, body]
+  ad_vector: {column: image_embedding, dim: 512}   # optional creative vectors; or {file: creatives.npz, dim: 512}
   position: slot
   bid: cpc
   pii: [country]                 # user/context categoricals that identify people: pseudonymised like user ids
@@ -43,7 +44,7 @@ from features.typed_yaml import coerce, read_yaml
 
 # Row-level problems a policy can fail on or skip; a missing column always fails.
 PROBLEMS = ("null_id", "bad_type", "bad_timestamp", "label_domain", "duplicate_catalog_id", "duplicate_user_id",
-            "unknown_ad")
+            "unknown_ad", "bad_vector", "missing_vector")
 POLICIES = ("fail", "skip")
 TABLE_FORMATS = ("auto", "csv", "parquet", "mind_behaviors", "movielens_100k_items")
 PLAIN_FORMATS = ("auto", "csv", "parquet")  # the users table has no format-specific reader
@@ -82,6 +83,22 @@ class LabelSpec:
     implicit: bool = False  # or: every log row is an interaction, a positive (click = 1)
 
 
+MAX_VECTOR_DIM = 8192
+VECTOR_FILE_KEYS = ("ad_id", "vectors")  # the arrays of an `ad_vector.file` (.npz)
+
+
+@dataclass(frozen=True)
+class AdVectorSpec:
+    """A precomputed creative embedding per ad (an image or video vector from any model): a catalog
+    column holding a list of `dim` numbers per row (a Parquet list column; in CSV the numbers as text,
+    "0.1 0.2" or "[0.1, 0.2]"), or an .npz file holding `ad_id` [n] and `vectors` [n, dim]."""
+
+    column: str = ""
+    file: str = ""  # relative to the spec's root
+    dim: int = 0
+    max_bytes: int = 4 << 30  # an .npz whose vectors would take more memory than this is refused unread
+
+
 @dataclass(frozen=True)
 class ColumnsSpec:
     user_id: str = "user_id"
@@ -98,6 +115,7 @@ class ColumnsSpec:
     context_numerics: tuple[str, ...] = ()
     ad_numerics: tuple[str, ...] = ()
     ad_text: tuple[str, ...] = ()
+    ad_vector: AdVectorSpec = field(default_factory=AdVectorSpec)
     position: str = ""
     bid: str = ""
     # Columns that identify people (e.g. an email, a postcode): replaced by keyed pseudonyms at ingest
@@ -153,6 +171,8 @@ class DataSpec:
             position="position" if c.position else "",
             conversion="conversion" if labels.conversion else "",
             text_separator=self.text_separator,
+            ad_vector="ad_vector" if c.ad_vector.dim else "",
+            ad_vector_dim=c.ad_vector.dim,
             extra={"numerics": (*c.user_numerics, *c.context_numerics, *c.ad_numerics),
                    "spec": self.name, "labels": "implicit" if labels.implicit else "logged",
                    "pii": tuple(n for n in c.pii if n != c.user_id)},
@@ -181,7 +201,7 @@ def _check(spec: DataSpec, where: str) -> None:
                             "or `implicit: true`")
     if not c.ad_text:
         raise DataSpecError(f"{where}.columns.ad_text: the ad tower reads text; name at least one text column")
-    reserved = {"user_id", "ad_id", "timestamp", "click", "conversion", "position", "bid"}
+    reserved = {"user_id", "ad_id", "timestamp", "click", "conversion", "position", "bid", "ad_vector"}
     if spec.derive_time_context:
         reserved |= set(TIME_CONTEXT)
     for role in ("user_categoricals", "context_categoricals", "context_integers", "ad_categoricals",
@@ -191,6 +211,7 @@ def _check(spec: DataSpec, where: str) -> None:
             raise DataSpecError(f"{where}.columns.{role}: {clash} are reserved for canonical columns; "
                                 "map them through their role (user_id, ad_id, labels, ...) instead")
     _check_pii(c, where)
+    _check_ad_vector(c.ad_vector, f"{where}.columns.ad_vector")
     if spec.chunk_rows < 1:
         raise DataSpecError(f"{where}.chunk_rows: expected a positive integer, got {spec.chunk_rows}")
     # A NaN guard compares False with everything and would turn the guard off.
@@ -203,6 +224,21 @@ def _check(spec: DataSpec, where: str) -> None:
         if not labels.rating_min <= labels.rating_max:  # NaN fails too
             raise DataSpecError(f"{where}.columns.labels.rating_min: expected a number <= rating_max "
                                 f"({labels.rating_max!r}), got {labels.rating_min!r}")
+
+
+def _check_ad_vector(v: AdVectorSpec, where: str) -> None:
+    if not (v.column or v.file or v.dim):
+        return
+    if bool(v.column) == bool(v.file):
+        raise DataSpecError(f"{where}: give exactly one of `column` (a catalog column) or `file` (an .npz with "
+                            f"arrays {list(VECTOR_FILE_KEYS)})")
+    if not 1 <= v.dim <= MAX_VECTOR_DIM:
+        raise DataSpecError(f"{where}.dim: expected the vectors' length, 1..{MAX_VECTOR_DIM}, got {v.dim}")
+    if v.file and not v.file.lower().endswith(".npz"):
+        raise DataSpecError(f"{where}.file: expected an .npz file with arrays {list(VECTOR_FILE_KEYS)}, "
+                            f"got {v.file!r}")
+    if v.max_bytes < 1:
+        raise DataSpecError(f"{where}.max_bytes: expected a positive number of bytes, got {v.max_bytes}")
 
 
 def _check_pii(c: ColumnsSpec, where: str) -> None:

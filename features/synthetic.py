@@ -11,6 +11,7 @@ the training split: those are the cold-start ads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,18 @@ class SyntheticConfig(TypedModel):
     max_position: int = Field(5, ge=1)
     targeted_share: float = Field(0.5, ge=0, le=1)
     n_regions: int = Field(8, ge=1)
+    # Multimodal creatives: each ad gets a creative vector (column `creative`, `creative_dim` floats, an
+    # "image embedding") that reveals a latent visual style, independent of its text; users have a taste
+    # for styles and `creative_weight` scales that match in the click logit. 0 / 0.0: no vector, no term
+    # (drawn from a separate random stream, so the rest of the world is the same either way).
+    creative_dim: int = Field(0, ge=0, le=4096)
+    creative_weight: float = Field(0.0, ge=0, le=10)
 
     @model_validator(mode="after")
     def _a_day_before_cold_start(self) -> SyntheticConfig:
+        if self.creative_weight > 0 and not self.creative_dim:
+            raise cross_field("creative_weight", f"{self.creative_weight} plants a click signal in the creative "
+                              "vector, but creative_dim is 0 (no vector); set creative_dim")
         if self.cold_start_days >= self.n_days:
             raise cross_field("cold_start_days", f"{self.cold_start_days} leaves no day before the cold-start ads "
                               f"launch; expected fewer than n_days ({self.n_days})")
@@ -169,6 +179,21 @@ def _make_catalog(cfg: SyntheticConfig, rng: np.random.Generator):
     return catalog, ad_topic, quality, cvr_quality
 
 
+CREATIVE_COLUMN = "creative"
+STYLE_DIM = 4  # the latent visual style the creative vector reveals
+
+
+def _creative(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per ad its creative vector [n_ads, creative_dim], per ad its style, per user its taste), from a
+    random stream of their own: a style seen through a fixed random linear map plus noise."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    style = rng.normal(0.0, 1.0, (cfg.n_ads, STYLE_DIM))
+    taste = rng.normal(0.0, 1.0, (cfg.n_users, STYLE_DIM))
+    mixing = rng.normal(0.0, 1.0 / np.sqrt(STYLE_DIM), (STYLE_DIM, cfg.creative_dim))
+    vectors = style @ mixing + 0.3 * rng.normal(0.0, 1.0, (cfg.n_ads, cfg.creative_dim))
+    return vectors.astype(np.float32), style, taste
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -217,8 +242,16 @@ def generate_world(cfg: SyntheticConfig | None = None) -> SyntheticWorld:
     device_effect = np.array([0.15, -0.1, 0.0])[device]
     placement_effect = np.array([0.1, -0.4, 0.3, 0.0])[placement]
     hour_effect = 0.15 * np.sin(2 * np.pi * (hour - 6) / 24)
+    creative_effect = 0.0
+    schema = DEFAULT_SCHEMA
+    if cfg.creative_dim:
+        vectors, style, taste = _creative(cfg)
+        catalog[CREATIVE_COLUMN] = list(vectors)
+        schema = dataclasses.replace(schema, ad_vector=CREATIVE_COLUMN, ad_vector_dim=cfg.creative_dim)
+        # Unit variance before the weight: each of the style's dimensions is N(0, 1) for ads and users.
+        creative_effect = cfg.creative_weight * (taste[user_idx] * style[ad_idx]).sum(axis=1) / np.sqrt(STYLE_DIM)
     relevance = _sigmoid(-1.6 + 0.9 * affinity + quality[ad_idx] + device_effect
-                         + placement_effect + hour_effect)
+                         + placement_effect + hour_effect + creative_effect)
     examination = 1.0 / position ** 0.8
     p_click = relevance * examination
     click = rng.random(n) < p_click
@@ -242,4 +275,4 @@ def generate_world(cfg: SyntheticConfig | None = None) -> SyntheticWorld:
         "true_relevance": relevance.astype("float32"),
         "true_p_click": p_click.astype("float32"),
     })
-    return SyntheticWorld(users=users, catalog=catalog, logs=logs, config=cfg)
+    return SyntheticWorld(users=users, catalog=catalog, logs=logs, config=cfg, schema=schema)

@@ -4,7 +4,8 @@ Each problem names its file, line, column, the value found and the form expected
 spec's policy decides per problem: `fail` raises `DataValidationError` at the first
 occurrence; `skip` drops the row, counts it under its reason and keeps a few examples for
 the report. A row with several problems is counted once, under the first one checked
-(ids, then timestamp, labels, typed columns, catalog membership). A missing column always
+(ids, then timestamp, labels, typed columns, catalog membership; in the catalog: ids, numbers,
+duplicates, then the creative vector, `features/vectors.py`). A missing column always
 fails. Null categoricals and texts are not problems: they become "" and are counted. Log rows
 whose user is missing from the users table are not problems either: they are kept with empty
 user features and counted (`ValidationReport.users_missing`).

@@ -20,7 +20,7 @@ from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
 from trainer.text_encoder import BertEncoderAdapter, enable_lora, encode_packed, load_backbone, train_top_layers
-from trainer.towers import CatalogText, item_statistics
+from trainer.towers import CatalogText, CatalogVectors, item_statistics
 
 
 @dataclass
@@ -106,9 +106,17 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
         model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
                                jit_compile=cfg.training.jit_compile, history_text_table=history_table,
-                               sampling_counts=counts)
+                               sampling_counts=counts, catalog_vectors=catalog_vectors(catalog, schema))
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
+
+
+def catalog_vectors(catalog: pd.DataFrame, schema: FeatureSchema) -> CatalogVectors | None:
+    """The catalog's creative vectors as a lookup layer, when the schema names an ad vector column."""
+    vectors = schema.ad_vectors_of(catalog)
+    if vectors is None:
+        return None
+    return CatalogVectors(catalog[schema.ad_id].astype(str).tolist(), vectors, name="catalog_vectors")
 
 
 def principal_components(embeddings: np.ndarray, dim: int) -> np.ndarray:
@@ -157,6 +165,7 @@ def build_ranking(cfg: JobConfig, strategy, schema, vocabularies, catalog, cache
         catalog_text = CatalogText(catalog[schema.ad_id].astype(str).tolist(), cached_embeddings=cached)
         model = RankingModel(schema, vocabularies, cfg.ranking, catalog_text, jit_compile=cfg.training.jit_compile,
                              use_position=has["position"], use_conversion=has["conversion"], id_counts=id_counts,
-                             click_prior=prior, history_length=cfg.retrieval.history_length, item_statistics=items)
+                             click_prior=prior, history_length=cfg.retrieval.history_length, item_statistics=items,
+                             catalog_vectors=catalog_vectors(catalog, schema))
         _compile(model, cfg.ranking.learning_rate, cfg)
     return model

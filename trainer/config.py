@@ -216,6 +216,9 @@ class DataConfig(TypedModel):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     spec: str = ""  # source "spec": path of the data spec (configs/data/*.yaml), relative to the CWD
     root: str = ""  # source "spec": overrides the spec's data directory when set
+    # The catalog's creative vectors (a spec's `columns.ad_vector`, the synthetic world's `creative`):
+    # "use" fuses them in both ad towers; "ignore" leaves them out (a text-only run on the same data).
+    ad_vectors: Literal["use", "ignore"] = "use"
 
     @model_validator(mode="after")
     def _spec_named(self) -> DataConfig:

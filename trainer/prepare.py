@@ -11,7 +11,7 @@ import pandas as pd
 
 from features.history import HISTORY
 from features.protocol import EvaluationProtocol, ProtocolData, apply_protocol, leaking_context
-from features.schema import DEFAULT_SCHEMA, FeatureSchema
+from features.schema import FeatureSchema
 from features.split import DataSplit
 from features.synthetic import generate_world
 from features.user_stats import USER_STATS, add_negative_history, add_user_stats
@@ -27,12 +27,12 @@ class DataError(ValueError):
     """Training data does not fit together (e.g. a logged ad missing from the catalog)."""
 
 
-def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
     if cfg.data.source != "synthetic":
         raise DataError(f"data.source {cfg.data.source!r} is not known; use 'synthetic' or 'spec'")
     with Progress("generating the synthetic world"):
         world = generate_world(cfg.data.synthetic)
-    return world.catalog, world.logs
+    return world.catalog, world.logs, world.schema
 
 
 def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
@@ -45,13 +45,16 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
     spec's validation report is printed, and a `fail` policy raises DataValidationError.
     """
     catalog, logs, schema = _load_raw(cfg, schema)
+    if cfg.data.ad_vectors == "ignore" and schema.ad_vector:  # e.g. a text-only baseline on the same data
+        catalog = catalog.drop(columns=[schema.ad_vector])
+        schema = dataclasses.replace(schema, ad_vector="", ad_vector_dim=0)
     return pseudonymize_job_data(cfg, catalog, logs, schema)
 
 
 def _load_raw(cfg: JobConfig, schema: FeatureSchema | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
     if cfg.data.source != "spec":
-        catalog, logs = load_data(cfg)
-        return catalog, logs, schema or DEFAULT_SCHEMA
+        catalog, logs, world_schema = load_data(cfg)
+        return catalog, logs, schema or world_schema
     if not cfg.data.spec:
         raise DataError("data.source is 'spec' but data.spec names no spec file")
     from features.loader import load_dataset

@@ -29,6 +29,7 @@ from trainer.calibration import Calibrator
 from trainer.config import RankingConfig
 from trainer.towers import (
     CatalogText,
+    CatalogVectors,
     CategoricalEmbedding,
     FeatureEmbeddings,
     ItemStatsFeatures,
@@ -68,7 +69,8 @@ class RankingModel(tfrs.Model):
     """DCN-v2: x0 -> Cross x N and a deep MLP (stacked or parallel) -> CTR and CVR logits.
 
     x0 concatenates the embeddings of the user, context and ad features, the projected ad text
-    embedding, and, when configured, what the user did before the event: the `history` of earlier
+    embedding, the projected L2-normalised creative vector (`catalog_vectors`, when the catalog has
+    them), and, when configured, what the user did before the event: the `history` of earlier
     positives (`ranking.history`) and the `negative_history` of earlier non-clicks
     (`ranking.negative_history`), each pooled as the mean of its ads' frozen text embeddings (through
     the ad text's projection), the cosine between that mean and the ad's text, and log(1 + length);
@@ -90,7 +92,8 @@ class RankingModel(tfrs.Model):
                  catalog_text: CatalogText, jit_compile: bool = False, use_position: bool = True,
                  use_conversion: bool = True, id_counts: dict[str, np.ndarray] | None = None,
                  click_prior: float = 0.5, history_length: int = 0,
-                 item_statistics: tuple[np.ndarray, np.ndarray] | None = None):
+                 item_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+                 catalog_vectors: CatalogVectors | None = None):
         super().__init__()
         if cfg.architecture not in ("stacked", "parallel"):
             raise ValueError(f"ranking.architecture {cfg.architecture!r}: expected 'stacked' or 'parallel'")
@@ -109,6 +112,11 @@ class RankingModel(tfrs.Model):
                                             row_l2=row_l2)
         self.catalog_text = catalog_text
         self.text_projection = tf.keras.layers.Dense(32, name="text_projection")
+        # The ads' creative vectors (image / video embeddings): looked up by ad id in the catalog's table,
+        # in training and in every served graph alike (an ad outside the catalog reads zeros).
+        self.catalog_vectors = catalog_vectors
+        self.vector_projection = None if catalog_vectors is None else \
+            tf.keras.layers.Dense(32, name="vector_projection")
         self.histories = (*((HISTORY,) if cfg.history else ()),
                           *((NEGATIVE_HISTORY,) if cfg.negative_history else ()))
         self.history_length = history_length if self.histories else 0  # the history inputs' width
@@ -169,6 +177,7 @@ class RankingModel(tfrs.Model):
     def checkpoint_parts(self) -> dict:
         """The trained layers and fitted calibrators; the catalog's text table is rebuilt from the catalog."""
         parts = {"embeddings": self.embeddings, "text_projection": self.text_projection,
+                 **({"vector_projection": self.vector_projection} if self.vector_projection is not None else {}),
                  "cross_layers": self.cross_layers, "deep": self.deep, "heads": self.heads,
                  "ctr_calibrator": self.ctr_calibrator, "cvr_calibrator": self.cvr_calibrator}
         for name in ("position_tower", "user_stats", "item_stats"):
@@ -185,6 +194,9 @@ class RankingModel(tfrs.Model):
             text = self.catalog_text(features[self.schema.ad_id])
         text = tf.cast(text, tf.float32)
         parts = [self.embeddings(features, training=training), self.text_projection(text)]
+        if self.catalog_vectors is not None:
+            vectors = tf.math.l2_normalize(self.catalog_vectors(features[self.schema.ad_id]), -1)
+            parts.append(self.vector_projection(vectors))
         for name in self.histories:
             parts += self._history_features(features[name], text, self.history_attention.get(name))
         if self.user_stats is not None:

@@ -14,7 +14,15 @@ from features.history import HISTORY
 from features.schema import FeatureSchema
 from features.vocab import Vocabularies
 from trainer.config import RetrievalConfig
-from trainer.towers import CatalogText, FeatureEmbeddings, HistoryPooling, XlaSwitch, embedding_dims, mlp
+from trainer.towers import (
+    CatalogText,
+    CatalogVectors,
+    FeatureEmbeddings,
+    HistoryPooling,
+    XlaSwitch,
+    embedding_dims,
+    mlp,
+)
 
 
 @contextlib.contextmanager
@@ -103,21 +111,28 @@ class QueryTower(tf.keras.Model):
 
 
 class AdTower(tf.keras.Model):
-    """Ad id, ad categoricals and the ad's text embedding -> L2-normalised ad embedding."""
+    """Ad id, ad categoricals, the ad's text embedding and, when the catalog has them, its creative
+    vector (`creative_embedding`, L2-normalised then projected like the text) -> L2-normalised ad embedding."""
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,
-                 jit_compile: bool = False):
+                 jit_compile: bool = False, with_vectors: bool = False):
         super().__init__(name="ad_tower")
         names = schema.ad_string_features
         dims = embedding_dims(names, vocabularies, (schema.ad_id,), cfg.id_embedding_dim, 16)
         self.embeddings = FeatureEmbeddings(names, vocabularies, dims, oov_rates={schema.ad_id: cfg.ad_id_dropout})
         self.text_projection = tf.keras.layers.Dense(cfg.hidden_units, activation="relu",
                                                      name="text_projection")
+        self.vector_projection = tf.keras.layers.Dense(cfg.hidden_units, activation="relu",
+                                                       name="vector_projection") if with_vectors else None
         self.head = mlp((cfg.hidden_units,), cfg.embedding_dim, name="ad_mlp")
-        self.core = XlaSwitch(
-            lambda ids, text: tf.math.l2_normalize(
-                tf.cast(self.head(tf.concat([ids, self.text_projection(text)], axis=-1)), tf.float32), axis=-1),
-            jit_compile)
+        self.core = XlaSwitch(self._embed, jit_compile)
+
+    def _embed(self, ids, text, vectors=None):
+        parts = [ids, self.text_projection(text)]
+        if vectors is not None:
+            parts.append(self.vector_projection(tf.math.l2_normalize(tf.cast(vectors, tf.float32), -1)))
+        return tf.math.l2_normalize(tf.cast(self.head(tf.concat([tf.cast(p, ids.dtype) for p in parts], axis=-1)),
+                                            tf.float32), axis=-1)
 
     def get_config(self) -> dict:
         """Nothing for Keras to serialize (as `RankingModel.get_config`): the constructor takes the job's
@@ -127,7 +142,10 @@ class AdTower(tf.keras.Model):
         return {}
 
     def call(self, features, training=None):
-        return self.core(self.embeddings(features, training=training), features["text_embedding"])
+        ids = self.embeddings(features, training=training)
+        if self.vector_projection is None:
+            return self.core(ids, features["text_embedding"])
+        return self.core(ids, features["text_embedding"], features["creative_embedding"])
 
 
 class RetrievalModel(tfrs.Model):
@@ -135,16 +153,19 @@ class RetrievalModel(tfrs.Model):
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,
                  catalog_text: CatalogText, catalog_features: dict | None = None, jit_compile: bool = False,
-                 history_text_table: np.ndarray | None = None, sampling_counts: dict[str, float] | None = None):
+                 history_text_table: np.ndarray | None = None, sampling_counts: dict[str, float] | None = None,
+                 catalog_vectors: CatalogVectors | None = None):
         """`history_text_table`: per catalog ad (in `catalog_features` order) the frozen text embedding the
-        query tower pools over a history; `sampling_counts`: ad id -> training positives, for logQ."""
+        query tower pools over a history; `sampling_counts`: ad id -> training positives, for logQ;
+        `catalog_vectors`: the ads' creative vectors, fused in the ad tower."""
         super().__init__()
         self.schema = schema
         catalog_ids = None if catalog_features is None else [
             v.decode() if isinstance(v, bytes) else str(v) for v in catalog_features[schema.ad_id]]
         self.query_tower = QueryTower(schema, vocabularies, cfg, jit_compile, catalog_ids, history_text_table)
-        self.ad_tower = AdTower(schema, vocabularies, cfg, jit_compile)
+        self.ad_tower = AdTower(schema, vocabularies, cfg, jit_compile, with_vectors=catalog_vectors is not None)
         self.catalog_text = catalog_text
+        self.catalog_vectors = catalog_vectors
         self.loss_kind = cfg.loss
         self.top_ks = tuple(cfg.top_k_metrics)
         self.exclude_history_from_loss = cfg.exclude_history_from_loss
@@ -223,6 +244,8 @@ class RetrievalModel(tfrs.Model):
     def ad_embedding(self, features, training=None):
         ad = {n: features[n] for n in self.schema.ad_string_features}
         ad["text_embedding"] = self.catalog_text(features[self.schema.ad_id])
+        if self.catalog_vectors is not None:
+            ad["creative_embedding"] = self.catalog_vectors(features[self.schema.ad_id])
         return self.ad_tower(ad, training=training)
 
     def sampling_probability(self, ad_ids):

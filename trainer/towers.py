@@ -150,6 +150,34 @@ class CatalogText(tf.keras.layers.Layer):
         return pooled * tf.cast(rows > 0, pooled.dtype)[:, None]  # bfloat16 when BERT runs in bf16
 
 
+class CatalogVectors(tf.keras.layers.Layer):
+    """Ad id -> the ad's precomputed creative vector (an image or video embedding from the catalog).
+
+    A constant table of the catalog the model was built with, baked into every exported graph like
+    the cached text embeddings; unknown ads get a zero vector."""
+
+    def __init__(self, catalog_ids: list[str], vectors: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        if vectors.ndim != 2 or len(vectors) != len(catalog_ids):
+            raise ValueError(f"CatalogVectors: expected one vector per catalog ad ({len(catalog_ids)}), "
+                             f"got shape {list(vectors.shape)}")
+        self.lookup = tf.keras.layers.StringLookup(
+            vocabulary=list(catalog_ids), mask_token=None, num_oov_indices=1)
+        table = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors.astype(np.float32)])
+        self.output_dim = table.shape[1]
+        self.table = self.add_weight(name="ad_vectors", shape=table.shape, trainable=False,
+                                     initializer=tf.keras.initializers.Constant(table))
+
+    def get_config(self) -> dict:
+        """The catalog's size and the vectors' width; the vectors are data (a weight), so `from_config`
+        cannot rebuild the layer."""
+        return {**super().get_config(), "catalog_size": int(self.table.shape[0]) - 1,
+                "output_dim": int(self.output_dim)}
+
+    def call(self, ad_ids):
+        return tf.gather(self.table, self.lookup(ad_ids))
+
+
 class HistoryPooling(tf.keras.layers.Layer):
     """A [batch, N] history of ad ids ("" = padding) -> a fixed-width summary of the user's recent positives.
 
