@@ -90,6 +90,9 @@ class SyntheticConfig(TypedModel):
     # (drawn from a separate random stream, so the rest of the world is the same either way).
     creative_dim: int = Field(0, ge=0, le=4096)
     creative_weight: float = Field(0.0, ge=0, le=10)
+    # > 0: from this day (0-based) on, every user's interests move to other topics (one fixed
+    # permutation of the topics for all users): a drift world for continuous training; 0: off
+    drift_day: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _a_day_before_cold_start(self) -> SyntheticConfig:
@@ -99,6 +102,9 @@ class SyntheticConfig(TypedModel):
         if self.cold_start_days >= self.n_days:
             raise cross_field("cold_start_days", f"{self.cold_start_days} leaves no day before the cold-start ads "
                               f"launch; expected fewer than n_days ({self.n_days})")
+        if self.drift_day >= self.n_days:
+            raise cross_field("drift_day", f"{self.drift_day} is not a day of the log; expected fewer than n_days "
+                              f"({self.n_days}), or 0 for no drift")
         return self
 
 
@@ -198,6 +204,22 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _interests_by_day(cfg: SyntheticConfig, interests: np.ndarray, user_idx: np.ndarray,
+                      day: np.ndarray) -> np.ndarray:
+    """Each impression's user interests: from `drift_day` on, every topic's weight moves to another
+    topic (a cyclic shift of a random topic order, so no topic keeps its weight). The permutation has
+    its own generator, so a world without drift is the same, bit for bit, as before the knob."""
+    rows = interests[user_idx]
+    if cfg.drift_day <= 0:
+        return rows
+    order = np.random.default_rng(cfg.seed + 1).permutation(interests.shape[1])
+    moved = np.empty_like(order)
+    moved[order] = np.roll(order, 1)  # topic order[i] takes the weight of topic order[i - 1]
+    shifted = day >= cfg.drift_day
+    rows[shifted] = interests[user_idx[shifted]][:, moved]
+    return rows
+
+
 def generate_world(cfg: SyntheticConfig | None = None) -> SyntheticWorld:
     """Build the world. Same config, same frames, bit for bit."""
     cfg = cfg or SyntheticConfig()
@@ -224,8 +246,9 @@ def generate_world(cfg: SyntheticConfig | None = None) -> SyntheticWorld:
             ads_by_topic_day[(t, cold_live)] = np.flatnonzero((ad_topic == t) & live)
     cold_period = day >= cfg.n_days - cfg.cold_start_days
     targeted = rng.random(n) < cfg.targeted_share
-    cum = interests.cumsum(axis=1)
-    topic_draw = (rng.random(n)[:, None] > cum[user_idx]).sum(axis=1).clip(max=n_topics - 1)
+    row_interests = _interests_by_day(cfg, interests, user_idx, day)
+    cum = row_interests.cumsum(axis=1)
+    topic_draw = (rng.random(n)[:, None] > cum).sum(axis=1).clip(max=n_topics - 1)
     ad_idx = np.empty(n, dtype=np.int64)
     live_all = np.flatnonzero(catalog["launch_day"].to_numpy() == 0)
     all_ads = np.arange(cfg.n_ads)
@@ -238,7 +261,7 @@ def generate_world(cfg: SyntheticConfig | None = None) -> SyntheticWorld:
             pool = all_ads if cold_period[i] else live_all
         ad_idx[i] = pool[rng.integers(len(pool))]
 
-    affinity = np.log(interests[user_idx, ad_topic[ad_idx]] * n_topics + 1e-3)
+    affinity = np.log(row_interests[np.arange(n), ad_topic[ad_idx]] * n_topics + 1e-3)
     device_effect = np.array([0.15, -0.1, 0.0])[device]
     placement_effect = np.array([0.1, -0.4, 0.3, 0.0])[placement]
     hour_effect = 0.15 * np.sin(2 * np.pi * (hour - 6) / 24)

@@ -17,7 +17,7 @@ EPILOG = """TensorFlow's own log lines are off by default; TF_CPP_MIN_LOG_LEVEL=
 Results go to stdout; logs and progress to stderr (--quiet: no progress)."""
 
 # Commands that run TensorFlow: quiet defaults are set and TensorFlow imported before they start.
-TF_COMMANDS = ("demo", "train", "evaluate", "serve")
+TF_COMMANDS = ("demo", "train", "evaluate", "serve", "continuous")
 
 # A user's mistake: one line on stderr, exit 1. Named (module, class): a class can only be raised
 # once its module is imported, so `main` never imports a module just to catch its errors.
@@ -26,6 +26,7 @@ USER_ERRORS = (
     ("features.readers", "DataReadError"), ("features.validate", "DataValidationError"),
     ("features.schema", "SchemaError"), ("features.text", "EncoderNotFoundError"),
     ("trainer.export", "ExportError"), ("serving.servable", "ServableError"), ("serving.client", "RequestError"),
+    ("features.partitions", "PartitionError"),
 )
 
 
@@ -51,6 +52,34 @@ def _cmd_train(args) -> int:
     if args.metrics_out:
         write_metrics(args.metrics_out, trained.metrics)
     print(json.dumps(trained.metrics, indent=2))
+    return 0
+
+
+def _cmd_continuous(args) -> int:
+    """One JSON line per day on stdout (its decision and both metric sets); logs on stderr."""
+    from trainer.continuous import run_loop
+    from trainer.progress import stdout_to_stderr
+    from trainer.task import resolve_config
+
+    cfg = resolve_config(args)
+    if args.warm_start or args.no_export:
+        raise ValueError("continuous warm-starts from the served version and exports each candidate itself: "
+                         "--warm-start and --no-export do not apply")
+    if args.interval < 0 or args.max_iterations < 0:
+        raise ValueError("--interval and --max-iterations must be >= 0")
+    with stdout_to_stderr():
+        records = run_loop(cfg, args.logs_dir, once=args.once, interval=args.interval,
+                           max_iterations=args.max_iterations, progress=not args.quiet)
+    for record in records:
+        print(json.dumps(record))
+    return 0
+
+
+def _cmd_rollback(args) -> int:
+    from serving.rollback import rollback
+
+    rolled_back, served = rollback(args.export_dir)
+    print(f"version {rolled_back} moved to {Path(args.export_dir) / '.rolled_back'}; version {served} is served")
     return 0
 
 
@@ -125,6 +154,13 @@ def _cmd_data_synthetic(args) -> int:
     world = generate_world(cfg.data.synthetic)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.by_day:
+        from features.partitions import write_partitions
+
+        written = write_partitions(world.catalog, world.logs, out)
+        print(f"wrote {len(world.catalog)} ads and {len(world.logs)} impressions in {len(written)} day partitions "
+              f"to {out}")
+        return 0
     world.catalog.to_parquet(out / "catalog.parquet", index=False)
     world.logs.to_parquet(out / "impressions.parquet", index=False)
     world.users.to_parquet(out / "users.parquet", index=False)
@@ -162,6 +198,8 @@ def _add_data_parser(sub) -> None:
     synthetic = data_sub.add_parser("synthetic", help="write the synthetic world to Parquet files")
     add_arguments(synthetic)
     synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--by-day", action="store_true", help="catalog.parquet and one YYYY-MM-DD.parquet per "
+                           "day of impressions, the layout `adrec continuous --logs-dir` reads")
     synthetic.set_defaults(func=_cmd_data_synthetic)
     for name, func, text in (("validate", _cmd_data_validate, "read and check logs + catalog; report skips"),
                              ("describe", _cmd_data_describe, "counts, cardinalities, label rates, text lengths")):
@@ -220,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "the user id is sent as its keyed pseudonym (default: $ADREC_PSEUDONYM_KEY when set, "
                      "else the id as given)")
     rec.set_defaults(func=_cmd_recommend)
+
+    cont = sub.add_parser("continuous", help="train on each new day of logs; publish a version only when it is no "
+                          "worse than the served one (docs/training.md#continuous-training)")
+    add_arguments(cont)
+    cont.add_argument("--logs-dir", required=True, help="catalog.parquet and one YYYY-MM-DD.parquet (or .csv, or "
+                      "folder with _SUCCESS) per day")
+    cont.add_argument("--once", action="store_true", help="process the partitions there now, then exit")
+    cont.add_argument("--interval", type=float, default=60.0, help="seconds between looks at --logs-dir")
+    cont.add_argument("--max-iterations", type=int, default=0, help="stop after this many looks (0: never)")
+    cont.set_defaults(func=_cmd_continuous)
+
+    back = sub.add_parser("rollback", help="serve the previous version again: the served one is moved to "
+                          "EXPORT_DIR/.rolled_back")
+    back.add_argument("export_dir", help="the export directory (export.export_dir) holding retrieval/, ranking/, "
+                      "recommender/")
+    back.set_defaults(func=_cmd_rollback)
 
     _add_data_parser(sub)
     return parser

@@ -245,6 +245,18 @@ class PrivacyConfig(TypedModel):
     min_count: int = Field(1, ge=1)
 
 
+class ContinuousConfig(TypedModel):
+    """`adrec continuous` (docs/training.md#continuous-training): each new day partition is held out,
+    a candidate warm-started from the served version trains on the `window_days` before it, and is
+    published only when it is no worse than the served version on that day by more than the margins."""
+
+    window_days: int = Field(3, ge=1)  # training days before the held-out day
+    recall_k: int = Field(0, ge=0)  # the gate's Recall@K, at most export.top_k; 0: export.top_k
+    recall_margin: float = Field(0.01, ge=0, le=1)  # the candidate may be this much lower (absolute) and pass
+    auc_margin: float = Field(0.01, ge=0, le=1)  # the same for the ranking AUC
+    state_dir: str = ""  # state, training runs, staged and rejected versions; "": <training.model_dir>/continuous
+
+
 class EvaluationConfig(EvaluationProtocol):
     """The evaluation protocol (features.protocol) and the retrieval baselines compared with the model.
 
@@ -268,6 +280,7 @@ class JobConfig(TypedModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    continuous: ContinuousConfig = Field(default_factory=ContinuousConfig)
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> JobConfig:
@@ -277,6 +290,9 @@ class JobConfig(TypedModel):
         for key in ("history", "negative_history"):
             if getattr(self.ranking, key) and not self.retrieval.history_length:
                 raise cross_field(f"ranking.{key}", "its length is retrieval.history_length, which is 0")
+        if self.continuous.recall_k > self.export.top_k:  # 0 (the default) stands for top_k
+            raise cross_field("continuous.recall_k", f"{self.continuous.recall_k} is more than export.top_k "
+                              f"{self.export.top_k}, the ads the served retrieval model returns")
         return self
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from features.protocol import one_list_per_user
@@ -71,13 +72,15 @@ def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, cali
 
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                  schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
-                 with_ranking: bool = True, keep_stages: bool = False) -> TrainedModels:
+                 with_ranking: bool = True, keep_stages: bool = False,
+                 frames: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> TrainedModels:
     """Train and evaluate the job's models; `with_ranking=False` stops after retrieval (e.g. retrieval
     quality benchmarks), leaving `ranking` None: such a job cannot be exported.
 
     Stages an earlier run with the same config and data finished in `training.model_dir` are restored,
     not retrained (`trainer.resume`). The finished stages are cleared at the end unless `keep_stages`
-    (a caller that exports clears them once the export is published)."""
+    (a caller that exports clears them once the export is published). `frames`: (catalog, logs) read by
+    the caller, instead of `data.source` (`trainer.prepare.load_job_data`)."""
     strategy = strategy or tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
@@ -91,7 +94,7 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         if cfg.encoder.masked_lm.epochs > 0 and adapted.is_dir() and not (model_dir / MASKED_LM_DIR).exists():
             # The warm-started towers learned on this encoder's embeddings: keep it, do not re-adapt.
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
-    data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking)
+    data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking, frames=frames)
     catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
     if warm_start:
         check_warm_start(Path(warm_start), schema)

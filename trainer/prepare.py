@@ -11,9 +11,9 @@ import pandas as pd
 
 from features.history import HISTORY
 from features.protocol import EvaluationProtocol, ProtocolData, apply_protocol, leaking_context
-from features.schema import FeatureSchema
+from features.schema import DEFAULT_SCHEMA, FeatureSchema
 from features.split import DataSplit
-from features.synthetic import generate_world
+from features.synthetic import CREATIVE_COLUMN, generate_world
 from features.user_stats import USER_STATS, add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
@@ -35,20 +35,36 @@ def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema
     return world.catalog, world.logs, world.schema
 
 
-def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None
+def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None,
+                  frames: tuple[pd.DataFrame, pd.DataFrame] | None = None
                   ) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
     """Catalog, logs and their schema: the synthetic world, or real logs through a data spec; user ids
     and the spec's `pii` columns pseudonymised here, where the loaded frames enter the job, before
     anything else reads them (`trainer.privacy`).
 
     With `data.source: spec` the schema is the spec's (its columns, possibly no context); the
-    spec's validation report is printed, and a `fail` policy raises DataValidationError.
+    spec's validation report is printed, and a `fail` policy raises DataValidationError. `frames`:
+    a (catalog, logs) pair read by the caller (the continuous loop's day partitions) in the
+    synthetic world's columns, used instead of `data.source`.
     """
-    catalog, logs, schema = _load_raw(cfg, schema)
+    if frames is not None:
+        catalog, logs = frames
+        schema = schema or _frames_schema(cfg, catalog)
+    else:
+        catalog, logs, schema = _load_raw(cfg, schema)
     if cfg.data.ad_vectors == "ignore" and schema.ad_vector:  # e.g. a text-only baseline on the same data
         catalog = catalog.drop(columns=[schema.ad_vector])
         schema = dataclasses.replace(schema, ad_vector="", ad_vector_dim=0)
     return pseudonymize_job_data(cfg, catalog, logs, schema)
+
+
+def _frames_schema(cfg: JobConfig, catalog: pd.DataFrame) -> FeatureSchema:
+    """The synthetic world's schema for frames in its columns, its creative vectors included when the
+    config's world has them and the catalog carries them."""
+    dim = cfg.data.synthetic.creative_dim
+    if dim and CREATIVE_COLUMN in catalog:
+        return dataclasses.replace(DEFAULT_SCHEMA, ad_vector=CREATIVE_COLUMN, ad_vector_dim=dim)
+    return DEFAULT_SCHEMA
 
 
 def _load_raw(cfg: JobConfig, schema: FeatureSchema | None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
@@ -144,7 +160,8 @@ EXCLUDED = "_excluded_ad_ids"  # a held-out row's exclusions, carried through th
 
 
 def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
-                 vocabularies: Vocabularies | None = None, with_negatives: bool = True) -> PreparedData:
+                 vocabularies: Vocabularies | None = None, with_negatives: bool = True,
+                 frames: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> PreparedData:
     """Load and window the job's data, split it by `cfg.evaluation`'s protocol and give every row its
     history; vocabularies from training rows unless given.
 
@@ -153,7 +170,7 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     (implicit labels) get sampled ones on both sides of the split (`trainer.labels`) unless
     `with_negatives` is False (a retrieval-only run reads positives alone).
     """
-    catalog, logs, schema = load_job_data(cfg, schema)
+    catalog, logs, schema = load_job_data(cfg, schema, frames)
     loaded = (catalog, logs)
     logs, prior = select_time_window(logs, cfg.data.time_window, schema)
     data = apply_protocol(logs, cfg.evaluation, cfg.retrieval.history_length, schema, prior)

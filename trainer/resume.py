@@ -28,6 +28,7 @@ def config_fingerprint(cfg: JobConfig) -> str:
     """A hash of what shapes training (not where models are written or how they are exported)."""
     raw = config_to_dict(cfg)
     raw.pop("export", None)
+    raw.pop("continuous", None)  # how the loop gates versions, not how a model trains
     raw.get("training", {}).pop("model_dir", None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
