@@ -21,6 +21,7 @@ it can be trained on. A day's candidate never trains on that day; it does in the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -242,6 +243,8 @@ def _carry_out(cfg: JobConfig, state_dir: Path, record: dict) -> None:
         shutil.rmtree(rejected, ignore_errors=True)
         rejected.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, rejected)
+    with contextlib.suppress(OSError):  # the staging directory, once empty
+        staging.parent.rmdir()
     clear_stages(Path(record["model_dir"]), tf.distribute.get_strategy())
 
 
