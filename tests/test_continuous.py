@@ -144,3 +144,10 @@ def test_rollback_serves_the_previous_version_through_the_embedded_server(served
     assert sorted(os.listdir(served_dir / ROLLED_BACK_DIR / "ranking")) == ["2"]
     with pytest.raises(ValueError, match="only version 1"):
         rollback(served_dir)
+
+
+def test_the_gate_k_cannot_exceed_what_retrieval_returns():
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="continuous.recall_k: 100 is more than export.top_k 50"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["continuous.recall_k=100"])
