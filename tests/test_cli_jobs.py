@@ -53,7 +53,7 @@ def test_overrides_set_nested_keys_type_checked_like_the_file():
 
 @pytest.mark.parametrize("item, message", [
     ("retrieval.epochz=3", "--set retrieval.epochz: unknown key 'epochz'; known keys of retrieval are ["),
-    ("nope.epochs=3", "--set nope: unknown key 'nope'; known keys are ['data', 'encoder', "),
+    ("nope.epochs=3", "--set nope: unknown key 'nope'; known keys are ['continuous', 'data', 'encoder', "),
     ("encoder.masked_lm.epochz=1", "--set encoder.masked_lm.epochz: unknown key 'epochz'; known keys of "
                                    "encoder.masked_lm are ["),
     ("ranking={epochz: 1}", "--set ranking.epochz: unknown key 'epochz'"),
