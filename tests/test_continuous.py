@@ -151,3 +151,27 @@ def test_the_gate_k_cannot_exceed_what_retrieval_returns():
 
     with pytest.raises(ConfigError, match="continuous.recall_k: 100 is more than export.top_k 50"):
         load_config(ROOT / "configs" / "tiny.yaml", ["continuous.recall_k=100"])
+
+
+def test_a_decision_recorded_before_a_kill_is_carried_out_on_restart(served_dir, tmp_path):
+    """Killed while publishing: ranking had moved in, recommender and retrieval had not."""
+    from tests.conftest import tiny_config
+    from trainer.continuous import process_new, read_state, write_state
+
+    state_dir = tmp_path / "state"
+    for name in MODELS:
+        shutil.copytree(served_dir / name / "1", state_dir / "staging" / "2" / name / "2")
+    os.replace(state_dir / "staging" / "2" / "ranking" / "2", served_dir / "ranking" / "2")
+    record = {"day": "2026-01-02", "version": 2, "decision": "published", "model_dir": str(tmp_path / "runs")}
+    write_state(state_dir, {"processed": {"2026-01-01": {"day": "2026-01-01"}}, "pending": record,
+                            "next_version": 3})
+    logs_dir = tmp_path / "logs"
+    write_partitions(pd.DataFrame({"ad_id": ["ad1"]}), pd.DataFrame(
+        {"ad_id": ["ad1"] * 2, "timestamp": [1_767_225_600, 1_767_225_600 + 86400]}), logs_dir)
+    cfg = tiny_config(tmp_path, continuous={"state_dir": str(state_dir)}, export={"export_dir": str(served_dir)})
+    assert process_new(cfg, logs_dir, strategy=None, progress=False) == []  # both days are recorded: no training
+    for name in MODELS:
+        assert sorted(os.listdir(served_dir / name)) == ["1", "2"], name
+    state = read_state(state_dir)
+    assert state["pending"] is None and state["processed"]["2026-01-02"] == record
+    assert not (state_dir / "staging").exists()
