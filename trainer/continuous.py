@@ -296,9 +296,9 @@ def run_loop(cfg: JobConfig, logs_dir: str | Path, once: bool = False, interval:
     pass; `max_iterations` > 0: at most that many passes. Returns every record made."""
     from trainer.strategy import make_strategy
 
-    strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)
     if cfg.training.strategy == "multi_worker":
         raise ValueError("adrec continuous runs on one host (training.strategy default, mirrored or tpu)")
+    strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)
     logs_dir, records, passes = Path(logs_dir), [], 0
     while True:
         records += process_new(cfg, logs_dir, strategy, progress)
