@@ -104,7 +104,7 @@ def _cmd_recommend(args) -> int:
     from trainer.quiet import quiet_import
 
     quiet_import("serving.client")  # should the client load TensorFlow, without its banners
-    from serving.client import RecommendationClient, RetryPolicy
+    from serving.client import RecommendationClient, RetryPolicy, ads_frame
     from serving.pseudonym import read_key_file
 
     features = _parse_features(args.feature, args.user)
@@ -112,8 +112,11 @@ def _cmd_recommend(args) -> int:
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
                               retry=RetryPolicy(max_attempts=args.attempts), pseudonym_key=key) as client:
-        frame = client.recommend_df(features, {}, k=args.k, history=args.history, exclude=args.exclude)
-    print(frame.to_string(index=False))
+        ads = client.recommend(features, {}, k=args.k, history=args.history, exclude=args.exclude)
+    print(ads_frame(ads).to_string(index=False))
+    why = [f"{a.rank:>5}  {a.ad_id}: {a.why()}" for a in ads if a.why()]
+    if why:  # after a blank line, so the table above reads as before
+        print("\nwhy:\n" + "\n".join(why))
     return 0
 
 
