@@ -17,6 +17,7 @@ CASES = {
     "ann": ["--ads", "3000", "--clusters", "30", "--queries", "64", "--nprobe", "2", "8", "--storage", "float32",
             "int8", "--min-calls", "2", "--min-seconds", "0.05"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
+    "explanations": ["--impressions", "2000", "--history-length", "5", "--batches", "2", "--calls", "2"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",
                      "--text-cache", "", "--score-rows", "64", "--bootstrap", "20"],
 }

@@ -123,6 +123,7 @@ def test_explanations_load_the_tf1_way_and_match_the_model(trained_past, exporte
     from features.dataset import frame_to_tensors
     from trainer.explain import explain, reference_input
     from trainer.inputs import query_inputs
+    from trainer.servables import RankingServable
     from trainer.serving_artifacts import as_numpy_features
 
     schema, model = trained_past.schema, trained_past.ranking
@@ -145,6 +146,10 @@ def test_explanations_load_the_tf1_way_and_match_the_model(trained_past, exporte
     for b, history in enumerate(feats[HISTORY]):  # named ads come from the request's history, "" past its end
         named = [a for a in served["because_ad_ids"][b] if a]
         assert set(named) <= {a.encode() for a in history if a} and len(named) == min(3, sum(map(bool, history)))
+
+    # export.explanations false: the signature is what it was before them
+    plain = RankingServable(model, schema, trained_past.text, explanations=False)
+    assert set(plain.serve.get_concrete_function().structured_outputs) == {"pctr", "pcvr"}
 
     recommender = TF1(exported_past.paths["recommender"])
     picked = trained_past.split.test.iloc[[0, 7]].reset_index(drop=True)

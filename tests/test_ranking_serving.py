@@ -43,7 +43,8 @@ def test_known_ads_read_cached_text_and_unknown_ads_run_the_encoder(trained_past
     schema = trained_past.schema
     paths = {}
     for cache in (True, False):
-        module = RankingServable(trained_past.ranking, schema, trained_past.text, cache_text=cache)
+        module = RankingServable(trained_past.ranking, schema, trained_past.text, cache_text=cache,
+                                 explanations=False)  # the text paths only (tests/test_explanations.py)
         paths[cache] = tmp_path / f"ranking-{cache}"
         tf.saved_model.save(module, str(paths[cache]), signatures={"serving_default": module.serve})
     cached, encoding = TF1(paths[True]), TF1(paths[False])

@@ -32,6 +32,7 @@ from serving.contract import (
     EXCLUDED_AD_IDS,
     EXPLAINED_HISTORY,
     EXPLANATION_GROUPS,
+    EXPLANATIONS,
     HISTORY,
     MODEL_NAMES,
     NEGATIVE_HISTORY,
@@ -119,7 +120,8 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == RECOMMENDER
                else {}),
             **user_stats,
-            **({"explanations": _explanations_metadata(trained)} if name != RETRIEVAL else {}),
+            **({"explanations": _explanations_metadata(trained)}
+               if name != RETRIEVAL and trained.config.export.explanations else {}),
             **({"index": index} if name != RANKING else {}),
             # which inputs the model takes as pseudonyms and under which key (its id, never the key):
             # the embedded server returns this block, and the client hashes or refuses by it
@@ -171,12 +173,13 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     if layout is not None:
         index.update(layout.describe(), nprobe=min(cfg.nprobe, layout.n_partitions), storage=cfg.ivf_storage)
     # The baseline group contributions are measured against: the average training input.
-    reference = reference_input(trained.ranking, trained.split.train, trained.schema)
+    reference = reference_input(trained.ranking, trained.split.train, trained.schema) if cfg.explanations else None
     builders = {
         RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k, layout),
-        RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text, reference=reference),
+        RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text, reference=reference,
+                                         explanations=cfg.explanations),
         RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective, layout,
-                                                 reference=reference),
+                                                 reference=reference, explanations=cfg.explanations),
     }
     rows = serving_artifacts.warmup_rows(trained.catalog, trained.schema, trained.vocabularies,
                                          trained.config.retrieval.history_length, trained.ranking.user_inputs)
@@ -188,7 +191,8 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
-            metadata = _metadata(trained, name, version, list(OUTPUTS[name]), index)
+            outputs = [o for o in OUTPUTS[name] if cfg.explanations or o not in EXPLANATIONS]
+            metadata = _metadata(trained, name, version, outputs, index)
             staged[name] = (_stage(build(), target, metadata, warmup), target)
             shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)

@@ -241,6 +241,10 @@ class RecommenderServable(tf.Module):
         retrieval_inputs = tuple(_query_specs(schema, self.query_tower.history_length))
         per_request = (*schema.query_features, *self.ranking.user_inputs)  # the ranking reads them per candidate
 
+        def repeated(value, times):
+            """[B, ...] -> [B * times, ...]: each request's row once per candidate."""
+            return tf.reshape(tf.repeat(value[:, None], times, axis=1), tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+
         @tf.function(input_signature=[specs])
         def serve(features):
             query = {name: features[name] for name in retrieval_inputs}  # + history
@@ -255,9 +259,7 @@ class RecommenderServable(tf.Module):
             flat_rows = tf.reshape(rows, [-1])
             inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
             for name in per_request:  # each request's values, once per candidate (history: [B * n, N])
-                value = features[name]
-                inputs[name] = tf.reshape(tf.repeat(value[:, None], n, axis=1),
-                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+                inputs[name] = repeated(features[name], n)
             inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
             probs = self.ranking.serve_probabilities(inputs)
             pctr = tf.reshape(probs["pctr"], [-1, n])
@@ -280,9 +282,7 @@ class RecommenderServable(tf.Module):
             returned = tf.reshape(tf.gather(rows, top.indices, batch_dims=1), [-1])
             chosen = {c: tf.gather(t, returned) for c, t in self.ad_columns.items()}
             for name in per_request:
-                value = features[name]
-                chosen[name] = tf.reshape(tf.repeat(value[:, None], k, axis=1),
-                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+                chosen[name] = repeated(features[name], k)
             chosen["text_embedding"] = tf.gather(self.text_table, returned)
             why = explain(self.ranking, chosen, reference)
             for name, value in why.items():  # [B * k, w] -> [B, k, w]; filler slots "" / 0
