@@ -213,6 +213,8 @@ def test_explanations_round_trip_over_grpc_and_render(trained_past, exported_pas
                 *[f"--history={a}" for a in history]]
         monkeypatch.delenv("ADREC_PSEUDONYM_KEY")  # the job's rows hold the user ids as sent already
         assert cli_main(argv) == 0
+        assert capsys.readouterr().out.count("\n") == 5  # without --why: the table alone, as before
+        assert cli_main([*argv, "--why"]) == 0
     table, why = capsys.readouterr().out.split("\n\nwhy:\n")
     assert [line.split()[1] for line in table.splitlines()[1:]] == [a.ad_id for a in ads]
     assert why.splitlines() == [f"{a.rank:>5}  {a.ad_id}: {a.why()}" for a in ads]
