@@ -23,15 +23,15 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
+from serving import explanations, values, wire
 from serving import rows as rows_of
-from serving import values, wire
 from serving.contract import (
     CLIENT_MAX_BATCH_SIZE,
     EXCLUDED_AD_IDS,
@@ -52,17 +52,28 @@ from serving.pseudonym import (
 )
 from serving.values import RequestError
 
-__all__ = ["RecommendationClient", "RecommendedAd", "RequestError", "RetryPolicy"]
+__all__ = ["RecommendationClient", "RecommendedAd", "RequestError", "RetryPolicy", "ads_frame"]
 
 RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 @dataclass(frozen=True)
 class RecommendedAd:
+    """One returned ad. `because`: (history ad id, weight) pairs, the history ads whose removal lowers
+    the ad's CTR logit most, best first; `contributions`: {feature group: how far it moves the logit
+    from the training average's} (both empty from a model exported without explanations;
+    serving/explanations.py)."""
+
     rank: int
     ad_id: str
     score: float
     scores: dict[str, float]
+    because: tuple[tuple[str, float], ...] = ()
+    contributions: dict[str, float] = field(default_factory=dict)
+
+    def why(self) -> str:
+        """"because you clicked ad_7 (+0.42); moved most by history +0.51, user -0.20" ("" if nothing)."""
+        return explanations.render(self.because, self.contributions)
 
 
 @dataclass(frozen=True)
@@ -373,8 +384,10 @@ class RecommendationClient:
                     continue
                 scores = {key: float(v[b][r]) for key, v in out.items()
                           if key != "ad_ids" and v.ndim == 2}
+                because, contributions = explanations.read(out, b, r)
                 ads.append(RecommendedAd(rank=len(ads) + 1, ad_id=ad.decode("utf-8"),
-                                         score=scores[score_key], scores=scores))
+                                         score=scores[score_key], scores=scores, because=because,
+                                         contributions=contributions))
             results.append(ads)
         return results
 
@@ -400,11 +413,15 @@ class RecommendationClient:
                      k: int | None = 10, history: Sequence[str] | None = None,
                      exclude: Sequence[str] | None = None, ignore_unknown_features: bool = False):
         """`recommend` as a pandas DataFrame (rank, ad_id, score and every output score); needs pandas."""
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ImportError("recommend_df needs pandas (pip install pandas); recommend() does not") from err
-        ads = self.recommend(user, context, k, history=history, exclude=exclude,
-                             ignore_unknown_features=ignore_unknown_features)
-        return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
-                             for a in ads])
+        return ads_frame(self.recommend(user, context, k, history=history, exclude=exclude,
+                                        ignore_unknown_features=ignore_unknown_features))
+
+
+def ads_frame(ads: Sequence[RecommendedAd]):
+    """Ads as a pandas DataFrame: rank, ad_id, score and every output score; needs pandas."""
+    try:
+        import pandas as pd
+    except ImportError as err:
+        raise ImportError("recommend_df needs pandas (pip install pandas); recommend() does not") from err
+    return pd.DataFrame([{"rank": a.rank, "ad_id": a.ad_id, "score": a.score, **dict(sorted(a.scores.items()))}
+                         for a in ads])

@@ -12,8 +12,15 @@ from __future__ import annotations
 RETRIEVAL, RANKING, RECOMMENDER = "retrieval", "ranking", "recommender"
 MODEL_NAMES = (RETRIEVAL, RANKING, RECOMMENDER)
 SIGNATURE_KEY = "serving_default"  # what an empty `model_spec.signature_name` means
-OUTPUTS = {RETRIEVAL: ("ad_ids", "scores"), RANKING: ("pctr", "pcvr"),
-           RECOMMENDER: ("ad_ids", "pctr", "pcvr", "score", "retrieval_scores")}
+# Why each scored ad scored as it did (trainer/explain.py): the EXPLAINED_HISTORY history ads whose
+# removal lowers its CTR logit most (ids, "" where the history has fewer entries, and that drop), and
+# per EXPLANATION_GROUPS entry how far the group moves the logit from the training average's.
+BECAUSE_AD_IDS, BECAUSE_WEIGHTS, GROUP_CONTRIBUTIONS = "because_ad_ids", "because_weights", "group_contributions"
+EXPLANATIONS = (BECAUSE_AD_IDS, BECAUSE_WEIGHTS, GROUP_CONTRIBUTIONS)
+EXPLAINED_HISTORY = 3
+EXPLANATION_GROUPS = ("user", "context", "ad", "ad_text", "history", "negative_history")
+OUTPUTS = {RETRIEVAL: ("ad_ids", "scores"), RANKING: ("pctr", "pcvr", *EXPLANATIONS),
+           RECOMMENDER: ("ad_ids", "pctr", "pcvr", "score", "retrieval_scores", *EXPLANATIONS)}
 
 # Inputs besides the schema's features. Ad-id lists are [batch, N] strings padded with PAD_AD_ID;
 # the recommender also fills the ad_ids it cannot fill (fewer than k ads left) with it.

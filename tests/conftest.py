@@ -55,6 +55,27 @@ def exported_tiny(trained_tiny):
     return export_all(trained_tiny, trained_tiny.config.export.export_dir)
 
 
+@pytest.fixture(scope="session")
+def trained_past(tmp_path_factory):
+    """A tiny job whose ranking model reads the user counters and both histories, pooled by target
+    attention (the candidate's weights over the history ads; mean pooling is the simpler default)."""
+    from trainer.job import run_training
+
+    cfg = tiny_config(tmp_path_factory.mktemp("ranking_past"),
+                      ranking={"history": True, "negative_history": True, "user_stats": True,
+                               "history_pool": "target_attention", "user_id_dropout": 0.3, "epochs": 2},
+                      retrieval={"epochs": 1}, evaluation={"baselines": ("most_popular",)})
+    cfg.data.synthetic = type(cfg.data.synthetic)(n_users=150, n_advertisers=15, n_ads=80, n_impressions=6000)
+    return run_training(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def exported_past(trained_past):
+    from trainer.export import export_all
+
+    return export_all(trained_past, trained_past.config.export.export_dir)
+
+
 def make_self_signed_cert(directory: Path, common_name: str = "localhost") -> tuple[Path, Path]:
     """A self-signed server certificate for localhost / 127.0.0.1 (cryptography, else openssl)."""
     cert, key = directory / f"{common_name}-cert.pem", directory / f"{common_name}-key.pem"

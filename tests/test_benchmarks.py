@@ -20,6 +20,7 @@ CASES = {
                    "data.synthetic.creative_dim=4", "--set", "data.synthetic.creative_weight=1.0", "--set",
                    "retrieval.epochs=1", "--set", "ranking.epochs=1", "--set", "ranking.validation_fraction=0.0"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
+    "explanations": ["--impressions", "2000", "--history-length", "5", "--batches", "2", "--calls", "2"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",
                      "--text-cache", "", "--score-rows", "64", "--bootstrap", "20"],
 }

@@ -77,12 +77,16 @@ def test_ranking_and_recommender_load_the_tf1_way(exported_tiny, trained_tiny, n
         sig = meta.signature_def["serving_default"]
         assert set(sig.inputs) == set(feats) and "position" not in sig.inputs
         out = sess.run({k: v.name for k, v in sig.outputs.items()}, {sig.inputs[k].name: v for k, v in feats.items()})
+    explained = {"because_ad_ids", "because_weights", "group_contributions"}  # tests/test_explanations.py
     if name == "ranking":
-        assert set(out) == {"pctr", "pcvr"}
+        assert set(out) == {"pctr", "pcvr", *explained}
         np.testing.assert_allclose(out["pctr"], predict_ctr(trained_tiny.ranking, rows, schema), rtol=1e-3, atol=1e-4)
     else:
-        assert set(out) == {"ad_ids", "pctr", "pcvr", "score", "retrieval_scores"}
+        assert set(out) == {"ad_ids", "pctr", "pcvr", "score", "retrieval_scores", *explained}
         assert out["ad_ids"].shape == (4, trained_tiny.config.export.recommend_k)
+    # this ranking model reads no history: no ad to name, and the history groups move nothing
+    assert (out["because_ad_ids"] == b"").all() and (out["because_weights"] == 0).all()
+    assert (out["group_contributions"][..., 4:] == 0).all() and (out["group_contributions"][..., :4] != 0).any()
     assert ((out["pcvr"] > 0) & (out["pcvr"] < 1)).all()
 
 

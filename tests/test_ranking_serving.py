@@ -1,37 +1,14 @@
 """The ranking graph as TF Serving runs it (TF1 loader, SignatureDef names) when the model reads the
 user's past: cached ad text for known ads, the encoder only for unknown ones, and the history and
-counters fed through the ranking and recommender signatures."""
+counters fed through the ranking and recommender signatures (the `trained_past` job: tests/conftest.py)."""
 
 import json
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from features.history import HISTORY
 from features.user_stats import NEGATIVE_HISTORY, USER_EVENTS, USER_STATS
-from tests.conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def trained_past(tmp_path_factory):
-    """A tiny job whose ranking model reads the user counters and both histories, pooled by target
-    attention (the candidate's weights over the history ads; mean pooling is the simpler default)."""
-    from trainer.job import run_training
-
-    cfg = tiny_config(tmp_path_factory.mktemp("ranking_past"),
-                      ranking={"history": True, "negative_history": True, "user_stats": True,
-                               "history_pool": "target_attention", "user_id_dropout": 0.3, "epochs": 2},
-                      retrieval={"epochs": 1}, evaluation={"baselines": ("most_popular",)})
-    cfg.data.synthetic = type(cfg.data.synthetic)(n_users=150, n_advertisers=15, n_ads=80, n_impressions=6000)
-    return run_training(cfg, progress=False)
-
-
-@pytest.fixture(scope="module")
-def exported_past(trained_past):
-    from trainer.export import export_all
-
-    return export_all(trained_past, trained_past.config.export.export_dir)
 
 
 class TF1:
@@ -66,7 +43,8 @@ def test_known_ads_read_cached_text_and_unknown_ads_run_the_encoder(trained_past
     schema = trained_past.schema
     paths = {}
     for cache in (True, False):
-        module = RankingServable(trained_past.ranking, schema, trained_past.text, cache_text=cache)
+        module = RankingServable(trained_past.ranking, schema, trained_past.text, cache_text=cache,
+                                 explanations=False)  # the text paths only (tests/test_explanations.py)
         paths[cache] = tmp_path / f"ranking-{cache}"
         tf.saved_model.save(module, str(paths[cache]), signatures={"serving_default": module.serve})
     cached, encoding = TF1(paths[True]), TF1(paths[False])

@@ -132,7 +132,8 @@ def test_retrieval_and_ranking_models_over_grpc(client, trained_tiny):
                       **{c: [str(ad[c])] for c in ("ad_id", "advertiser_id", "campaign_id", "category",
                                                    "title", "description")}}
     out = client.predict(ranking_inputs, model_name="ranking")
-    assert set(out) == {"pctr", "pcvr"} and "position" not in client.signature_inputs("ranking")
+    assert set(out) == {"pctr", "pcvr", "because_ad_ids", "because_weights", "group_contributions"}
+    assert "position" not in client.signature_inputs("ranking")
     for key in ("pctr", "pcvr"):
         assert out[key].shape == (1,) and 0.0 < out[key][0] < 1.0
 

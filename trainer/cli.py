@@ -133,7 +133,7 @@ def _cmd_recommend(args) -> int:
     from trainer.quiet import quiet_import
 
     quiet_import("serving.client")  # should the client load TensorFlow, without its banners
-    from serving.client import RecommendationClient, RetryPolicy
+    from serving.client import RecommendationClient, RetryPolicy, ads_frame
     from serving.pseudonym import read_key_file
 
     features = _parse_features(args.feature, args.user)
@@ -141,8 +141,11 @@ def _cmd_recommend(args) -> int:
     with RecommendationClient(args.address, model_name=args.model, timeout=args.timeout,
                               root_certificates=args.root_cert, server_name=args.server_name,
                               retry=RetryPolicy(max_attempts=args.attempts), pseudonym_key=key) as client:
-        frame = client.recommend_df(features, {}, k=args.k, history=args.history, exclude=args.exclude)
-    print(frame.to_string(index=False))
+        ads = client.recommend(features, {}, k=args.k, history=args.history, exclude=args.exclude)
+    print(ads_frame(ads).to_string(index=False))
+    why = [f"{a.rank:>5}  {a.ad_id}: {a.why()}" for a in ads if a.why()] if args.why else []
+    if why:  # after a blank line: the table above reads as without --why
+        print("\nwhy:\n" + "\n".join(why))
     return 0
 
 
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an ad the user recently clicked, most recent first (repeatable)")
     rec.add_argument("--exclude", action="append", default=[], metavar="AD_ID",
                      help="an ad id not to return (already shown, capped; repeatable)")
+    rec.add_argument("--why", action="store_true", help="after the table, why each ad: the history ads that raised "
+                     "its score ('because you clicked ...') and the feature groups that moved it most")
     rec.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds, retries included")
     rec.add_argument("--attempts", type=int, default=4, help="attempts when the server is UNAVAILABLE")
     rec.add_argument("--root-cert", type=Path, help="CA / server certificate (PEM): connect with TLS")

@@ -191,6 +191,9 @@ class ExportConfig(TypedModel):
     recommend_k: int = Field(20, ge=1)  # recommender: ads returned per request
     # recommender order: "pctr", "ecpm" (bid x pCTR) or "cpa" (bid x pCTR x pCVR)
     objective: Literal["pctr", "ecpm", "cpa"] = "pctr"
+    # ranking and recommender: also return why each ad scored as it did (trainer/explain.py); off saves
+    # the network's extra runs over rows x (history width + feature groups) per request
+    explanations: bool = True
     # The retrieval and recommender graphs' top-K index (trainer/ivf_index.py): "brute_force" scores
     # every ad (exact); "ivf" k-means partitions at export time and scores the `nprobe` nearest.
     index: Literal["brute_force", "ivf"] = "brute_force"

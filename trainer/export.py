@@ -30,6 +30,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from serving.contract import (
     EXCLUDED_AD_IDS,
+    EXPLAINED_HISTORY,
+    EXPLANATION_GROUPS,
+    EXPLANATIONS,
     HISTORY,
     MODEL_NAMES,
     NEGATIVE_HISTORY,
@@ -43,6 +46,7 @@ from serving.contract import (
 )
 from serving.versions import INT64_MAX, scan_versions
 from trainer import serving_artifacts
+from trainer.explain import groups_read, reference_input
 from trainer.progress import Progress
 from trainer.servables import ExportError, RankingServable, RecommenderServable, RetrievalServable, ivf_layout
 from trainer.text_encoder import merge_lora
@@ -116,11 +120,24 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             **({"objective": trained.config.export.objective, "pad_ad_id": PAD_AD_ID} if name == RECOMMENDER
                else {}),
             **user_stats,
+            **({"explanations": _explanations_metadata(trained)}
+               if name != RETRIEVAL and trained.config.export.explanations else {}),
             **({"index": index} if name != RANKING else {}),
             # which inputs the model takes as pseudonyms and under which key (its id, never the key):
             # the embedded server returns this block, and the client hashes or refuses by it
             **({"privacy": schema.extra["privacy"]} if "privacy" in schema.extra else {}),
             "offline_metrics": trained.metrics.get(name if name != RECOMMENDER else RANKING)}
+
+
+def _explanations_metadata(trained: TrainedModels) -> dict:
+    ranking = trained.ranking
+    return {"because": f"because_ad_ids / because_weights: the {EXPLAINED_HISTORY} history ads whose removal "
+                       "lowers the ad's CTR logit most, and that drop ('' and 0: fewer history entries)",
+            "history_explained": HISTORY in ranking.histories, "history_pool": trained.config.ranking.history_pool,
+            "groups": list(EXPLANATION_GROUPS),
+            "groups_read": [g for g in EXPLANATION_GROUPS if g in groups_read(ranking)],
+            "group_contributions": "the CTR logit minus the logit with the group's inputs at their training "
+                                   "average (0: a group the model does not read)"}
 
 
 def _stage(module: tf.Module, target: Path, metadata: dict, extra=None) -> Path:
@@ -155,10 +172,14 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
     index = {"kind": cfg.index}
     if layout is not None:
         index.update(layout.describe(), nprobe=min(cfg.nprobe, layout.n_partitions), storage=cfg.ivf_storage)
+    # The baseline group contributions are measured against: the average training input.
+    reference = reference_input(trained.ranking, trained.split.train, trained.schema) if cfg.explanations else None
     builders = {
         RETRIEVAL: lambda: RetrievalServable(trained, cfg.top_k, layout),
-        RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text),
-        RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective, layout),
+        RANKING: lambda: RankingServable(trained.ranking, trained.schema, trained.text, reference=reference,
+                                         explanations=cfg.explanations),
+        RECOMMENDER: lambda: RecommenderServable(trained, cfg.retrieve_n, cfg.recommend_k, cfg.objective, layout,
+                                                 reference=reference, explanations=cfg.explanations),
     }
     rows = serving_artifacts.warmup_rows(trained.catalog, trained.schema, trained.vocabularies,
                                          trained.config.retrieval.history_length, trained.ranking.user_inputs)
@@ -170,7 +191,8 @@ def export_all(trained: TrainedModels, export_dir: str | Path, version: int | No
             target = export_dir / name / str(version)
             warmup = lambda tmp, name=name: serving_artifacts.write_warmup_requests(  # noqa: E731
                 tmp, name, rows, trained.schema, trained.ranking.user_inputs)
-            metadata = _metadata(trained, name, version, list(OUTPUTS[name]), index)
+            outputs = [o for o in OUTPUTS[name] if cfg.explanations or o not in EXPLANATIONS]
+            metadata = _metadata(trained, name, version, outputs, index)
             staged[name] = (_stage(build(), target, metadata, warmup), target)
             shown.advance()
         serving_artifacts.write_server_configs(export_dir, MODEL_NAMES)

@@ -189,22 +189,7 @@ class RankingModel(tfrs.Model):
 
     def logits(self, features, with_position: bool = False, training: bool = False) -> dict[str, tf.Tensor]:
         """{'ctr': served CTR logit (no position), 'cvr': CVR logit, 'ctr_train': with the position logit}."""
-        text = features.get("text_embedding")
-        if text is None:
-            text = self.catalog_text(features[self.schema.ad_id])
-        text = tf.cast(text, tf.float32)
-        parts = [self.embeddings(features, training=training), self.text_projection(text)]
-        if self.catalog_vectors is not None:
-            vectors = tf.math.l2_normalize(self.catalog_vectors(features[self.schema.ad_id]), -1)
-            parts.append(self.vector_projection(vectors))
-        for name in self.histories:
-            parts += self._history_features(features[name], text, self.history_attention.get(name))
-        if self.user_stats is not None:
-            parts.append(self.user_stats(features[USER_EVENTS], features[USER_CLICKS], features[RECENT_CLICKS]))
-        if self.item_stats is not None:
-            parts.append(self.item_stats(features[self.schema.ad_id], features[self.schema.user_id], training=training))
-        dtype = parts[0].dtype  # the embeddings' compute dtype (bfloat16 under mixed precision)
-        both = self.interact(tf.concat([tf.cast(p, dtype) for p in parts], axis=-1))
+        both = self.interact(self.cross_input(self.input_parts(features, training=training)))
         out = {"ctr": both[:, 0], "cvr": both[:, 1]}
         out["ctr_train"] = out["ctr"]
         if with_position and self.position_tower is not None:
@@ -212,22 +197,80 @@ class RankingModel(tfrs.Model):
             out["ctr_train"] = out["ctr"] + out["position"]
         return out
 
-    def _history_features(self, history, text, attention=None):
-        """[projected pooled text embedding of the history's ads, its cosine with the ad's text, log(1 + length)].
+    def input_parts(self, features, training: bool = False) -> list[tuple[str, tf.Tensor]]:
+        """The cross network's input x0 in pieces, each labelled with its feature group (`EXPLANATION_GROUPS`),
+        in x0's column order: what `trainer/explain.py` replaces to see how a group moves the score."""
+        text = self.candidate_text(features)
+        names = self.embeddings.names
+        widths = [int(self.embeddings.tables[n].embedding.output_dim) for n in names]
+        pieces = tf.split(self.embeddings(features, training=training), widths, axis=-1)
+        parts = [(self.group_of(n), piece) for n, piece in zip(names, pieces, strict=True)]
+        parts.append(("ad_text", self.text_projection(text)))
+        if self.catalog_vectors is not None:  # the creative vector: the ad's own content beside its text
+            vectors = tf.math.l2_normalize(self.catalog_vectors(features[self.schema.ad_id]), -1)
+            parts.append(("ad", self.vector_projection(vectors)))
+        for name in self.histories:
+            terms = self.history_terms(features[name], text, self.history_attention.get(name))
+            parts += [(name, p) for p in self.history_parts(terms["pooled"], terms["unit_text"], terms["length"])]
+        if self.user_stats is not None:
+            parts.append(("user", self.user_stats(features[USER_EVENTS], features[USER_CLICKS],
+                                                  features[RECENT_CLICKS])))
+        if self.item_stats is not None:
+            parts.append(("ad", self.item_stats(features[self.schema.ad_id], features[self.schema.user_id],
+                                                training=training)))
+        return parts
+
+    def candidate_text(self, features) -> tf.Tensor:
+        """The ad's text embedding: `text_embedding` when given (the exported ranking graph encodes
+        unknown ads' text), else the catalog's table."""
+        text = features.get("text_embedding")
+        if text is None:
+            text = self.catalog_text(features[self.schema.ad_id])
+        return tf.cast(text, tf.float32)
+
+    def group_of(self, feature: str) -> str:
+        """The explanation group (`EXPLANATION_GROUPS`) of one of the embedded features."""
+        schema = self.schema
+        if feature in (schema.user_id, *schema.user_categoricals):
+            return "user"
+        if feature in schema.ad_string_features:
+            return "ad"
+        return "context"
+
+    @staticmethod
+    def cross_input(parts) -> tf.Tensor:
+        """x0: the parts concatenated in the embeddings' compute dtype (bfloat16 under mixed precision)."""
+        dtype = parts[0][1].dtype
+        return tf.concat([tf.cast(p, dtype) for _, p in parts], axis=-1)
+
+    def history_terms(self, history, text, attention=None) -> dict[str, tf.Tensor]:
+        """What a history's features are made of: `vectors` [b, N, d] (the history ads' unit text
+        embeddings), `weights` [b, N] (1, or the target attention's weight, for ads in the catalog; 0 for
+        padding and unknown ads), `known` [b, N] (in the catalog), `pooled` [b, d] (the weighted sum over
+        the known ads divided by their count), `unit_text` [b, d] (the candidate's unit text embedding),
+        `length` [b, 1] (non-padding entries).
 
         Pooled by the mean, or with `attention` (`ranking.history_pool: target_attention`) by the
         candidate's weights over the history ads. Ads outside the catalog add nothing to the pool (but
         count in the length); "" is padding."""
         rows = self.catalog_text.lookup(history)
-        known = tf.cast(rows > 0, tf.float32)[:, :, None]
+        known = tf.cast(rows > 0, tf.float32)
         vectors = tf.math.l2_normalize(tf.cast(tf.gather(self.catalog_text.table, rows), tf.float32), -1)
         unit_text = tf.math.l2_normalize(text, -1)
         if attention is None:
-            pooled = tf.reduce_sum(vectors * known, axis=1) / tf.maximum(tf.reduce_sum(known, axis=1), 1.0)
+            weights = known
+            pooled = tf.reduce_sum(vectors * known[:, :, None], axis=1) / tf.maximum(
+                tf.reduce_sum(known, axis=1, keepdims=True), 1.0)
         else:
-            pooled, _ = attention(vectors, unit_text, rows > 0)
-        cosine = tf.reduce_sum(tf.math.l2_normalize(pooled, -1) * unit_text, axis=-1, keepdims=True)
+            pooled, weights = attention(vectors, unit_text, rows > 0)
         length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
+        return {"vectors": vectors, "weights": tf.cast(weights, tf.float32), "known": known,
+                "pooled": pooled, "unit_text": unit_text, "length": length}
+
+    def history_parts(self, pooled, unit_text, length) -> list[tf.Tensor]:
+        """[projected pooled text embedding, its cosine with the candidate's text, log(1 + length)]; leading
+        axes are free ([b, d] or [b, N, d]: the leave-one-out variants of `trainer/explain.py`)."""
+        cosine = tf.reduce_sum(tf.math.l2_normalize(pooled, -1) * unit_text, axis=-1, keepdims=True)
         return [self.text_projection(pooled), cosine, tf.math.log1p(length)]
 
     def call(self, features):

@@ -24,6 +24,7 @@ from serving.contract import (
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
 from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
+from trainer.explain import explain
 from trainer.ivf_index import IvfIndex, IvfLayout, build_layout
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
@@ -118,9 +119,14 @@ class RankingServable(tf.Module):
     are tokenized (TF Text ops) and encoded by BERT, and only when a batch has any (`tf.cond`). A known
     ad's text therefore comes from the catalog, not from the request (a changed creative needs a new
     export or a new ad id). `cache_text=False` encodes every row's text (the reference path).
+
+    With `explanations` the signature also returns each row's `because_ad_ids`, `because_weights`
+    [batch, 3] and `group_contributions` [batch, G] (trainer/explain.py; `reference`: the average
+    cross-network input, `explain.reference_input`, None the zero vector).
     """
 
-    def __init__(self, ranking: RankingModel, schema: FeatureSchema, text: TextAssets, cache_text: bool = True):
+    def __init__(self, ranking: RankingModel, schema: FeatureSchema, text: TextAssets, cache_text: bool = True,
+                 reference: np.ndarray | None = None, explanations: bool = True):
         super().__init__()
         self.ranking = ranking
         self.packer = text.packer.packer
@@ -141,12 +147,16 @@ class RankingServable(tf.Module):
             token_ids, mask = self.packer(self.tokenizer(text))
             return tf.cast(self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool)), tf.float32)
 
+        def scored(inputs):
+            out = self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
+            return {**out, **explain(self.ranking, inputs, reference)} if explanations else out
+
         @tf.function(input_signature=[specs])
         def serve(features):
             inputs = {n: features[n] for n in ranking.feature_names}
             if not cache_text:
                 inputs["text_embedding"] = encode(features)
-                return self.ranking.serve_probabilities(inputs)
+                return scored(inputs)
             ad_ids = features[schema.ad_id]
             known = catalog_text.lookup(ad_ids) > 0
             cached = tf.cast(catalog_text(ad_ids), tf.float32)
@@ -158,7 +168,7 @@ class RankingServable(tf.Module):
 
             encoded = tf.cond(tf.size(unknown) > 0, encode_unknown, lambda: tf.zeros_like(cached))
             inputs["text_embedding"] = tf.where(known[:, None], cached, encoded)
-            return self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
+            return scored(inputs)
 
         self.serve = serve
 
@@ -196,11 +206,13 @@ class RecommenderServable(tf.Module):
     When the ranking model reads the user's past, the request's `history`, `negative_history` and
     counters are given to every candidate's ranking (`history` feeds retrieval too).
     Outputs [batch, k]: `ad_ids`, `pctr`, `pcvr` (calibrated, position dropped), `score` (the
-    objective's value, the order), `retrieval_scores`.
+    objective's value, the order), `retrieval_scores`; with `explanations`, for each returned ad
+    `because_ad_ids` and `because_weights` [batch, k, 3] ("" and 0 in filler slots) and
+    `group_contributions` [batch, k, G] (trainer/explain.py, against `reference`).
     """
 
     def __init__(self, trained: TrainedModels, retrieve_n: int, k: int, objective: str = "pctr",
-                 layout: IvfLayout | None = None):
+                 layout: IvfLayout | None = None, reference: np.ndarray | None = None, explanations: bool = True):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"export.objective {objective!r}: expected one of {OBJECTIVES}")
@@ -229,6 +241,10 @@ class RecommenderServable(tf.Module):
         retrieval_inputs = tuple(_query_specs(schema, self.query_tower.history_length))
         per_request = (*schema.query_features, *self.ranking.user_inputs)  # the ranking reads them per candidate
 
+        def repeated(value, times):
+            """[B, ...] -> [B * times, ...]: each request's row once per candidate."""
+            return tf.reshape(tf.repeat(value[:, None], times, axis=1), tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+
         @tf.function(input_signature=[specs])
         def serve(features):
             query = {name: features[name] for name in retrieval_inputs}  # + history
@@ -243,9 +259,7 @@ class RecommenderServable(tf.Module):
             flat_rows = tf.reshape(rows, [-1])
             inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
             for name in per_request:  # each request's values, once per candidate (history: [B * n, N])
-                value = features[name]
-                inputs[name] = tf.reshape(tf.repeat(value[:, None], n, axis=1),
-                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+                inputs[name] = repeated(features[name], n)
             inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
             probs = self.ranking.serve_probabilities(inputs)
             pctr = tf.reshape(probs["pctr"], [-1, n])
@@ -255,11 +269,26 @@ class RecommenderServable(tf.Module):
             # Filler slots (fewer than n allowed) sort after every valid one and are masked below.
             top = tf.math.top_k(tf.where(valid, score, float("-inf")), k=k)
 
-            def pick(values, fill):
-                chosen = tf.gather(values, top.indices, batch_dims=1)
-                return tf.where(tf.gather(valid, top.indices, batch_dims=1), chosen, fill)
+            kept = tf.gather(valid, top.indices, batch_dims=1)  # [B, k]: a real ad, not a filler slot
 
-            return {"ad_ids": pick(ids, PAD_AD_ID), "pctr": pick(pctr, 0.0), "pcvr": pick(pcvr, 0.0),
-                    "score": pick(score, 0.0), "retrieval_scores": pick(retrieval_scores, float("-inf"))}
+            def pick(values, fill):
+                return tf.where(kept, tf.gather(values, top.indices, batch_dims=1), fill)
+
+            out = {"ad_ids": pick(ids, PAD_AD_ID), "pctr": pick(pctr, 0.0), "pcvr": pick(pcvr, 0.0),
+                   "score": pick(score, 0.0), "retrieval_scores": pick(retrieval_scores, float("-inf"))}
+            if not explanations:
+                return out
+            # Explained for the k returned ads only: their inputs gathered again, [B * k] rows.
+            returned = tf.reshape(tf.gather(rows, top.indices, batch_dims=1), [-1])
+            chosen = {c: tf.gather(t, returned) for c, t in self.ad_columns.items()}
+            for name in per_request:
+                chosen[name] = repeated(features[name], k)
+            chosen["text_embedding"] = tf.gather(self.text_table, returned)
+            why = explain(self.ranking, chosen, reference)
+            for name, value in why.items():  # [B * k, w] -> [B, k, w]; filler slots "" / 0
+                value = tf.reshape(value, [-1, k, value.shape[-1]])
+                fill = tf.constant(PAD_AD_ID if value.dtype == tf.string else 0, value.dtype)
+                out[name] = tf.where(kept[:, :, None], value, fill)
+            return out
 
         self.serve = serve
