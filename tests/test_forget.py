@@ -178,7 +178,7 @@ def test_forget_refuses_what_it_cannot_do(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "forgotten_users.jsonl").exists()  # nothing half-recorded
 
 
-def test_training_drops_forgotten_rows_at_ingest(tmp_path):
+def test_training_drops_forgotten_rows_at_ingest(tmp_path, capsys):
     from trainer.continuous import _day_config
     from trainer.forget import ForgetError, forget_file, forget_users
     from trainer.prepare import load_job_data
@@ -189,8 +189,12 @@ def test_training_drops_forgotten_rows_at_ingest(tmp_path):
     gone = pseudonym(GONE, key)
     assert (before["user_id"] == gone).sum() > 0
     assert forget_users(cfg, [GONE, NOBODY]) == (2, 0, tmp_path / "forgotten_users.jsonl")
+    capsys.readouterr()
     _, after, _ = load_job_data(cfg)
-    assert gone not in set(after["user_id"]) and len(after) == len(before) - (before["user_id"] == gone).sum()
+    dropped = int((before["user_id"] == gone).sum())
+    assert gone not in set(after["user_id"]) and len(after) == len(before) - dropped
+    assert f"2 forgotten user(s) on the forget list; dropped {dropped:,d} log rows of the 1 in these logs" \
+        in capsys.readouterr().err
     frames = (load_job_data(cfg)[0], before)  # the continuous loop's path: frames it read itself
     assert gone not in set(load_job_data(cfg, frames=frames)[1]["user_id"])
     # The loop's day runs read the loop's list, not one beside each day's model directory.
