@@ -86,7 +86,8 @@ def test_no_raw_user_id_or_key_in_any_artifact(exported_tiny, trained_tiny, plai
 def test_config_and_exports_say_where_the_key_is_never_what(exported_tiny, trained_tiny):
     cfg = trained_tiny.config
     recorded = json.loads((Path(cfg.training.model_dir) / "config.json").read_text())["privacy"]
-    assert recorded == {"pseudonymize": True, "key_file": "", "key_env": DEFAULT_KEY_ENV, "min_count": 1}
+    assert recorded == {"pseudonymize": True, "key_file": "", "key_env": DEFAULT_KEY_ENV, "min_count": 1,
+                        "forget_file": ""}
     note = json.loads((Path(cfg.training.model_dir) / "privacy.json").read_text())
     assert note["pseudonymized_inputs"] == ["user_id"] and note["key_id"] == key_id(ENV_KEY.encode())
     for path in exported_tiny.paths.values():

@@ -11,11 +11,13 @@ import tensorflow as tf
 
 from features.vocab import Vocabularies
 from trainer.config import config_to_dict
+from trainer.forget import is_tombstone
 from trainer.prepare import DataError
 from trainer.privacy import write_privacy_file
 from trainer.ranking import RankingModel
 from trainer.retrieval import RetrievalModel
 from trainer.strategy import is_chief
+from trainer.towers import CategoricalEmbedding
 from trainer.trained import TrainedModels
 
 
@@ -56,7 +58,32 @@ def load_warm_start(warm_dir: Path) -> tuple[Vocabularies, str]:
 
 def restore_parts(checkpoint_path: str | None, retrieval: RetrievalModel | None = None,
                   ranking: RankingModel | None = None) -> None:
-    """Warm start: fill the given (built) models' trained parts from a job's final checkpoint."""
+    """Warm start: fill the given (built) models' trained parts from a job's final checkpoint; the rows
+    of forgotten users (tombstones in the kept vocabularies) then hold nothing learned from them."""
     if checkpoint_path is None:
         return
     training_checkpoint(retrieval, ranking).read(checkpoint_path).expect_partial().assert_existing_objects_matched()
+    for model in (retrieval, ranking):
+        if model is not None:
+            reset_forgotten_rows(model)
+
+
+def reset_forgotten_rows(model: tf.Module) -> int:
+    """Set every embedding row whose vocabulary entry is a tombstone (`trainer.forget`) to the table's OOV
+    row: what the table learned from the forgotten user is gone, and a request that looks the tombstone up
+    gets exactly what an unknown value gets. Returns the rows reset. Called after a warm start's restore,
+    so no checkpoint of the new run holds the old rows, and before the job's final checkpoint, so the
+    exported rows equal the OOV row as it was trained."""
+    reset = 0
+    for layer in model.submodules:
+        if not isinstance(layer, CategoricalEmbedding) or not isinstance(layer.lookup, tf.keras.layers.StringLookup):
+            continue
+        rows = [i for i, v in enumerate(layer.lookup.get_vocabulary()) if i > 0 and is_tombstone(v)]
+        if not rows:
+            continue
+        table = layer.embedding.embeddings
+        values = table.numpy()
+        values[rows] = values[0]
+        table.assign(values)
+        reset += len(rows)
+    return reset

@@ -1,4 +1,4 @@
-"""`adrec`: one command for every job (data, train, evaluate, serve, recommend, demo).
+"""`adrec`: one command for every job (data, train, evaluate, serve, recommend, demo, forget).
 
 A user's mistake (bad config, missing file, unreachable server) prints one line and exits 1.
 Results go to stdout, logs and progress to stderr (`trainer/progress.py`). Parsing the arguments
@@ -26,7 +26,7 @@ USER_ERRORS = (
     ("features.readers", "DataReadError"), ("features.validate", "DataValidationError"),
     ("features.schema", "SchemaError"), ("features.text", "EncoderNotFoundError"),
     ("trainer.export", "ExportError"), ("serving.servable", "ServableError"), ("serving.client", "RequestError"),
-    ("features.partitions", "PartitionError"),
+    ("features.partitions", "PartitionError"), ("trainer.forget", "ForgetError"),
 )
 
 
@@ -80,6 +80,19 @@ def _cmd_rollback(args) -> int:
 
     rolled_back, served = rollback(args.export_dir)
     print(f"version {rolled_back} moved to {Path(args.export_dir) / '.rolled_back'}; version {served} is served")
+    return 0
+
+
+def _cmd_forget(args) -> int:
+    """Adds the users to the job's forget list; a JSON summary on stdout, the counts on stderr too."""
+    from trainer.forget import forget_users, read_users_file
+    from trainer.task import resolve_config
+
+    ids = list(args.user)
+    for path in args.users_file:
+        ids += read_users_file(path)
+    added, already, path = forget_users(resolve_config(args), ids)
+    print(json.dumps({"added": added, "already_listed": already, "forget_file": str(path)}))
     return 0
 
 
@@ -279,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("export_dir", help="the export directory (export.export_dir) holding retrieval/, ranking/, "
                       "recommender/")
     back.set_defaults(func=_cmd_rollback)
+
+    forget = sub.add_parser("forget", help="leave users out of every later training and version "
+                            "(docs/data.md#privacy): their keyed pseudonyms go on the job's forget list")
+    forget.add_argument("--config", default="configs/demo.yaml", help="job config (YAML): its key and forget list")
+    forget.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key, as for train (e.g. privacy.forget_file=...)")
+    forget.add_argument("--model-dir", help="override training.model_dir")
+    forget.add_argument("--export-dir", help="override export.export_dir")
+    forget.add_argument("--user", action="append", default=[], metavar="ID", help="a user id as logged (repeatable)")
+    forget.add_argument("--users-file", action="append", default=[], metavar="FILE",
+                        help="a file of user ids, one per line (repeatable)")
+    forget.set_defaults(func=_cmd_forget, root=None, strategy=None)
 
     _add_data_parser(sub)
     return parser

@@ -238,6 +238,7 @@ class PrivacyConfig(TypedModel):
     `key_file` when set, else the environment variable `key_env` when set, else a random key the
     job writes once to `pseudonym.key` beside `training.model_dir` (never inside it or the export
     directory) and reuses, `key_file` then naming it. The key itself is never written to an artifact.
+    Users named to `adrec forget` are listed in `forget_file` and left out of every later training.
     """
 
     pseudonymize: bool = True
@@ -246,6 +247,9 @@ class PrivacyConfig(TypedModel):
     # user ids with fewer training rows, and user categorical values held by fewer distinct users,
     # are left out of the vocabularies (looked up as OOV); 1 keeps every value
     min_count: int = Field(1, ge=1)
+    # `adrec forget`'s list of forgotten users (keyed pseudonyms; trainer/forget.py); "": forgotten_users.jsonl
+    # beside training.model_dir. Never inside the model or export directory.
+    forget_file: str = ""
 
 
 class ContinuousConfig(TypedModel):

@@ -44,6 +44,7 @@ from serving.versions import scan_versions
 from trainer import serving_artifacts
 from trainer.config import JobConfig
 from trainer.export import export_all, next_version
+from trainer.forget import forget_file
 from trainer.metrics import auc
 from trainer.progress import log
 from trainer.resume import clear_stages
@@ -175,6 +176,8 @@ def decide(candidate: dict, served: dict | None, cfg: JobConfig) -> tuple[bool, 
 def _day_config(cfg: JobConfig, state_dir: Path, day: str) -> JobConfig:
     day_cfg = cfg.model_copy(deep=True)
     day_cfg.training.model_dir = str(state_dir / "runs" / day)
+    # The loop's forget list, not one beside the day's run: `adrec forget --config` with this config finds it.
+    day_cfg.privacy.forget_file = str(forget_file(cfg, check=False))
     day_cfg.data.time_window = (0.0, 1.0)
     day_cfg.evaluation = day_cfg.evaluation.model_copy(update={
         "protocol": "column", "split_column": PARTITION_COLUMN, "test_values": (day,)})

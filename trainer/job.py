@@ -15,7 +15,7 @@ import tensorflow as tf
 from features.protocol import one_list_per_user
 from features.schema import FeatureSchema
 from trainer.builders import MASKED_LM_DIR, build_retrieval, build_text_assets
-from trainer.checkpoints import load_warm_start, restore_parts, save_checkpoint
+from trainer.checkpoints import load_warm_start, reset_forgotten_rows, restore_parts, save_checkpoint
 from trainer.comparison import (
     evaluate_retrieval,
     fit_baselines,
@@ -26,6 +26,7 @@ from trainer.comparison import (
 from trainer.config import JobConfig, config_to_dict
 from trainer.evaluate import evaluate_ranking
 from trainer.fit import build_model, fit_stage
+from trainer.forget import forgotten_users, tombstone_vocabularies
 from trainer.inputs import retrieval_dataset
 from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
@@ -87,14 +88,19 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     model_dir.mkdir(parents=True, exist_ok=True)
 
     vocabularies = warm_checkpoint = None
+    forgotten = forgotten_users(cfg)  # read once: the rows dropped and the entries tombstoned agree
     if warm_start:
         vocabularies, warm_checkpoint = load_warm_start(Path(warm_start))
         log(f"warm start from {warm_checkpoint}: vocabularies kept, new ids fall into OOV buckets")
+        vocabularies, tombstoned = tombstone_vocabularies(vocabularies, forgotten)
+        if tombstoned:
+            log(f"privacy: {tombstoned} forgotten user(s) in the kept vocabularies: entries replaced by tombstones, "
+                "their embedding rows reset to the OOV row")
         adapted = Path(warm_start) / MASKED_LM_DIR
         if cfg.encoder.masked_lm.epochs > 0 and adapted.is_dir() and not (model_dir / MASKED_LM_DIR).exists():
             # The warm-started towers learned on this encoder's embeddings: keep it, do not re-adapt.
             shutil.copytree(adapted, model_dir / MASKED_LM_DIR)
-    data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking, frames=frames)
+    data = prepare_data(cfg, schema, vocabularies, with_negatives=with_ranking, frames=frames, forgotten=forgotten)
     catalog, schema, split, vocabularies = data.catalog, data.schema, data.split, data.vocabularies
     if warm_start:
         check_warm_start(Path(warm_start), schema)
@@ -149,6 +155,9 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             ranking, k_state, calibration = ranked.model, ranked.state, ranked.calibration
     finally:
         _set_precision("none")
+    for model in (retrieval, ranking):  # tombstones: the OOV row as trained, what the export serves them
+        if model is not None:
+            reset_forgotten_rows(model)
     baselines, selection = train_baselines(cfg, catalog, schema, split.train, fit_rows, validation)
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog, split=split,
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,

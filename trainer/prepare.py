@@ -17,6 +17,7 @@ from features.synthetic import CREATIVE_COLUMN, generate_world
 from features.user_stats import USER_STATS, add_negative_history, add_user_stats
 from features.vocab import Vocabularies, build_vocabularies
 from trainer.config import JobConfig
+from trainer.forget import drop_forgotten, forgotten_users
 from trainer.labels import add_sampled_negatives, refuse_implicit_without_negatives
 from trainer.privacy import pseudonymize_job_data
 from trainer.progress import Progress, log
@@ -36,8 +37,8 @@ def load_data(cfg: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema
 
 
 def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None,
-                  frames: tuple[pd.DataFrame, pd.DataFrame] | None = None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
+                  frames: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                  forgotten: frozenset[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, FeatureSchema]:
     """Catalog, logs and their schema: the synthetic world, or real logs through a data spec; user ids
     and the spec's `pii` columns pseudonymised here, where the loaded frames enter the job, before
     anything else reads them (`trainer.privacy`).
@@ -46,6 +47,9 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     spec's validation report is printed, and a `fail` policy raises DataValidationError. `frames`:
     a (catalog, logs) pair read by the caller (the continuous loop's day partitions) in the
     synthetic world's columns, used instead of `data.source`.
+
+    The rows of users on the job's forget list (`trainer.forget`; `forgotten`: the list as the caller
+    read it, None: read it here) are dropped right after pseudonymisation, before anything else sees them.
     """
     if frames is not None:
         catalog, logs = frames
@@ -55,7 +59,9 @@ def load_job_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     if cfg.data.ad_vectors == "ignore" and schema.ad_vector:  # e.g. a text-only baseline on the same data
         catalog = catalog.drop(columns=[schema.ad_vector])
         schema = dataclasses.replace(schema, ad_vector="", ad_vector_dim=0)
-    return pseudonymize_job_data(cfg, catalog, logs, schema)
+    catalog, logs, schema = pseudonymize_job_data(cfg, catalog, logs, schema)
+    logs = drop_forgotten(logs, schema.user_id, forgotten_users(cfg) if forgotten is None else forgotten)
+    return catalog, logs, schema
 
 
 def _frames_schema(cfg: JobConfig, catalog: pd.DataFrame) -> FeatureSchema:
@@ -161,7 +167,8 @@ EXCLUDED = "_excluded_ad_ids"  # a held-out row's exclusions, carried through th
 
 def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
                  vocabularies: Vocabularies | None = None, with_negatives: bool = True,
-                 frames: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> PreparedData:
+                 frames: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                 forgotten: frozenset[str] | None = None) -> PreparedData:
     """Load and window the job's data, split it by `cfg.evaluation`'s protocol and give every row its
     history; vocabularies from training rows unless given.
 
@@ -170,7 +177,7 @@ def prepare_data(cfg: JobConfig, schema: FeatureSchema | None = None,
     (implicit labels) get sampled ones on both sides of the split (`trainer.labels`) unless
     `with_negatives` is False (a retrieval-only run reads positives alone).
     """
-    catalog, logs, schema = load_job_data(cfg, schema, frames)
+    catalog, logs, schema = load_job_data(cfg, schema, frames, forgotten)
     loaded = (catalog, logs)
     logs, prior = select_time_window(logs, cfg.data.time_window, schema)
     data = apply_protocol(logs, cfg.evaluation, cfg.retrieval.history_length, schema, prior)

@@ -29,13 +29,15 @@ PRIVACY_FILE = "privacy.json"  # in training.model_dir: what was pseudonymised, 
 SCHEME = f"HMAC-SHA256, {PREFIX} + {HEX_DIGITS} hex digits"
 
 
-def _refuse_inside_outputs(path: Path, cfg: JobConfig) -> None:
-    """A key inside the model or export directory would be copied, archived and shipped with them."""
+def refuse_inside_outputs(path: Path, cfg: JobConfig, what: str = "pseudonymisation key file",
+                          setting: str = "privacy.key_file", error: type[ValueError] = PseudonymKeyError) -> None:
+    """A key (or a list of forgotten users) inside the model or export directory would be copied, archived
+    and shipped with them."""
     where = path.expanduser().resolve()
     for key, out in (("training.model_dir", cfg.training.model_dir), ("export.export_dir", cfg.export.export_dir)):
         if where.is_relative_to(Path(out).expanduser().resolve()):
-            raise PseudonymKeyError(f"pseudonymisation key file {path} is inside {key} ({out}), which jobs copy and "
-                                    "ship; keep the key elsewhere (privacy.key_file)")
+            raise error(f"{what} {path} is inside {key} ({out}), which jobs copy and ship; keep it elsewhere "
+                        f"({setting})")
 
 
 def _create_key_file(path: Path) -> bool:
@@ -65,13 +67,13 @@ def job_key(cfg: JobConfig) -> bytes | None:
     if not privacy.pseudonymize:
         return None
     if privacy.key_file:
-        _refuse_inside_outputs(Path(privacy.key_file), cfg)
+        refuse_inside_outputs(Path(privacy.key_file), cfg)
         return read_key_file(Path(privacy.key_file).expanduser())
     key = key_from_env(privacy.key_env)
     if key is not None:
         return key
     path = Path(cfg.training.model_dir).expanduser().parent / DEFAULT_KEY_FILE
-    _refuse_inside_outputs(path, cfg)
+    refuse_inside_outputs(path, cfg)
     if _create_key_file(path):
         log(f"privacy: no pseudonymisation key configured (privacy.key_file, ${privacy.key_env}): wrote a new random "
             f"key to {path}; keep it private, and give it to clients (--key-file, ${privacy.key_env}) so they "
