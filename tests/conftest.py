@@ -55,6 +55,21 @@ def exported_tiny(trained_tiny):
     return export_all(trained_tiny, trained_tiny.config.export.export_dir)
 
 
+@pytest.fixture()
+def export_copy(exported_tiny, tmp_path) -> Path:
+    """A private copy of the tiny job's export (version 1 of each model plus models.config), for a
+    test that publishes, breaks or rolls back versions."""
+    import shutil
+
+    source = exported_tiny.paths["recommender"].parent.parent
+    target = tmp_path / "models"
+    target.mkdir()
+    shutil.copy(source / "models.config", target / "models.config")
+    for name in ("retrieval", "ranking", "recommender"):
+        shutil.copytree(source / name / "1", target / name / "1")
+    return target
+
+
 @pytest.fixture(scope="session")
 def trained_past(tmp_path_factory):
     """A tiny job whose ranking model reads the user counters and both histories, pooled by target

@@ -44,15 +44,9 @@ def test_partitions_are_whole_days_in_day_order(tmp_path):
 
 
 @pytest.fixture()
-def served_dir(exported_tiny, tmp_path) -> Path:
+def served_dir(export_copy) -> Path:
     """The tiny job's export as version 1 of each model: a good model already served."""
-    source = exported_tiny.paths["recommender"].parent.parent
-    target = tmp_path / "models"
-    target.mkdir()
-    shutil.copy(source / "models.config", target / "models.config")
-    for name in MODELS:
-        shutil.copytree(source / name / "1", target / name / "1")
-    return target
+    return export_copy
 
 
 def _continuous(tmp_path: Path, served_dir: Path, logs_dir: Path) -> list[str]:

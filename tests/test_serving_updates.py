@@ -34,15 +34,9 @@ MODELS = ("retrieval", "ranking", "recommender")
 
 
 @pytest.fixture()
-def model_copy(exported_tiny, tmp_path) -> Path:
+def model_copy(export_copy) -> Path:
     """A private copy of the export (version 1 of each model plus models.config)."""
-    source = exported_tiny.paths["recommender"].parent.parent
-    target = tmp_path / "models"
-    target.mkdir()
-    shutil.copy(source / "models.config", target / "models.config")
-    for name in MODELS:
-        shutil.copytree(source / name / "1", target / name / "1")
-    return target
+    return export_copy
 
 
 def _publish(base: Path, name: str, version: int, source_version: int = 1) -> Path:
