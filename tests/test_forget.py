@@ -211,6 +211,19 @@ def test_training_drops_forgotten_rows_at_ingest(tmp_path, capsys):
         load_job_data(cfg)
 
 
+def test_the_loops_day_runs_hash_with_the_key_forget_uses(tmp_path, monkeypatch):
+    from trainer.continuous import _day_config
+    from trainer.privacy import job_key
+
+    monkeypatch.delenv(DEFAULT_KEY_ENV, raising=False)  # no key configured: the default file beside model_dir
+    cfg = tiny_config(tmp_path)
+    day = _day_config(cfg, tmp_path / "state", "2026-12-01")
+    assert Path(day.training.model_dir).parent == tmp_path / "state" / "runs"
+    assert day.privacy.key_file == str(tmp_path / "pseudonym.key")  # not one beside the day's run
+    assert job_key(day) == job_key(tiny_config(tmp_path))  # what `adrec forget --config` hashes with
+    assert not (tmp_path / "state" / "runs" / "pseudonym.key").exists()
+
+
 def test_tombstones_keep_positions():
     from features.vocab import Vocabularies
     from trainer.forget import is_tombstone, tombstone_vocabularies

@@ -46,6 +46,7 @@ from trainer.config import JobConfig
 from trainer.export import export_all, next_version
 from trainer.forget import forget_file
 from trainer.metrics import auc
+from trainer.privacy import job_key
 from trainer.progress import log
 from trainer.resume import clear_stages
 from trainer.task import write_metrics
@@ -175,6 +176,9 @@ def decide(candidate: dict, served: dict | None, cfg: JobConfig) -> tuple[bool, 
 
 def _day_config(cfg: JobConfig, state_dir: Path, day: str) -> JobConfig:
     day_cfg = cfg.model_copy(deep=True)
+    # The key `adrec train` and `adrec forget` find for the loop's config (beside its model_dir when none is
+    # configured), named in the day's config before its model_dir moves: no day makes a key of its own.
+    job_key(day_cfg)
     day_cfg.training.model_dir = str(state_dir / "runs" / day)
     # The loop's forget list, not one beside the day's run: `adrec forget --config` with this config finds it.
     day_cfg.privacy.forget_file = str(forget_file(cfg, check=False))
