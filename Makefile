@@ -44,7 +44,8 @@ bench: setup
 	$(BIN)/python benchmarks/encoder_adaptation.py
 
 # Retrieval quality on ml-latest-small under the time, random and leave-last-out protocols: the model
-# against most-popular, ItemKNN, EASE, SASRec and the TFRS ID-only two-tower, one table (and docs/evaluation.md's).
+# against most-popular, ItemKNN, EASE, SASRec and the TFRS ID-only two-tower, one table (and docs/evaluation.md's
+# table and the README's summary). The three protocols train side by side, one process each (--jobs).
 quality: setup
 	$(BIN)/python benchmarks/quality.py --docs
 
