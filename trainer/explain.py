@@ -61,11 +61,20 @@ def groups_read(ranking: RankingModel) -> set[str]:
 def explain(ranking: RankingModel, features, reference: np.ndarray | None) -> dict[str, tf.Tensor]:
     """The explanation outputs for the rows of `features` (what `ranking.logits` reads, `text_embedding`
     included when given). `reference`: `reference_input`'s vector; None is the zero vector."""
+    return scored_and_explained(ranking, features, reference)[1]
+
+
+def scored_and_explained(ranking: RankingModel, features, reference: np.ndarray | None
+                         ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+    """(`ranking.serve_probabilities(features)`, `explain(...)`) from one pass of the network over the
+    rows: the explanations start from the same input and logits the scores are calibrated from."""
     parts = ranking.input_parts(features)
     x0 = ranking.cross_input(parts)
-    logit = tf.cast(ranking.interact(x0)[:, 0], tf.float32)
-    return {**_because(ranking, features, parts, logit),
-            GROUP_CONTRIBUTIONS: _group_contributions(ranking, parts, x0, logit, reference)}
+    both = ranking.interact(x0)
+    logit = tf.cast(both[:, 0], tf.float32)
+    why = {**_because(ranking, features, parts, logit),
+           GROUP_CONTRIBUTIONS: _group_contributions(ranking, parts, x0, logit, reference)}
+    return ranking.calibrated({"ctr": both[:, 0], "cvr": both[:, 1]}), why
 
 
 def _group_contributions(ranking: RankingModel, parts, x0, logit, reference) -> tf.Tensor:

@@ -279,7 +279,10 @@ class RankingModel(tfrs.Model):
 
     def serve_probabilities(self, features) -> dict[str, tf.Tensor]:
         """Calibrated pCTR and pCVR with the position tower dropped: what the servables return."""
-        logits = self.logits(features)
+        return self.calibrated(self.logits(features))
+
+    def calibrated(self, logits: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """`logits`' ('ctr', 'cvr') calibrated pCTR and pCVR."""
         pctr = self.ctr_calibrator(logits["ctr"])
         # Without conversion labels the CVR head is untrained: pCVR is a constant 1 (cpa = ecpm).
         pcvr = self.cvr_calibrator(logits["cvr"]) if self.use_conversion else tf.ones_like(pctr)

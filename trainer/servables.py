@@ -24,7 +24,7 @@ from serving.contract import (
 from trainer.builders import TextAssets
 from trainer.evaluate import ad_embeddings
 from trainer.exclusion import CatalogRows, distinct_known, first_allowed, is_excluded
-from trainer.explain import explain
+from trainer.explain import explain, scored_and_explained
 from trainer.ivf_index import IvfIndex, IvfLayout, build_layout
 from trainer.ranking import RankingModel
 from trainer.trained import TrainedModels
@@ -147,9 +147,11 @@ class RankingServable(tf.Module):
             token_ids, mask = self.packer(self.tokenizer(text))
             return tf.cast(self.encoder(tf.cast(token_ids, tf.int32), tf.cast(mask, tf.bool)), tf.float32)
 
-        def scored(inputs):
-            out = self.ranking.serve_probabilities(inputs)  # calibrated pctr, pcvr; no position input
-            return {**out, **explain(self.ranking, inputs, reference)} if explanations else out
+        def scored(inputs):  # calibrated pctr, pcvr; no position input
+            if not explanations:
+                return self.ranking.serve_probabilities(inputs)
+            probabilities, why = scored_and_explained(self.ranking, inputs, reference)
+            return {**probabilities, **why}
 
         @tf.function(input_signature=[specs])
         def serve(features):
@@ -241,9 +243,16 @@ class RecommenderServable(tf.Module):
         retrieval_inputs = tuple(_query_specs(schema, self.query_tower.history_length))
         per_request = (*schema.query_features, *self.ranking.user_inputs)  # the ranking reads them per candidate
 
-        def repeated(value, times):
-            """[B, ...] -> [B * times, ...]: each request's row once per candidate."""
-            return tf.reshape(tf.repeat(value[:, None], times, axis=1), tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+        def candidate_inputs(features, flat_rows, times):
+            """The ranking's inputs for catalog rows `flat_rows` [B * times]: each ad's columns and text, and
+            each request's values once per candidate (history: [B * times, N])."""
+            inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
+            for name in per_request:
+                value = features[name]
+                inputs[name] = tf.reshape(tf.repeat(value[:, None], times, axis=1),
+                                          tf.concat([[-1], tf.shape(value)[1:]], axis=0))
+            inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
+            return inputs
 
         @tf.function(input_signature=[specs])
         def serve(features):
@@ -257,11 +266,7 @@ class RecommenderServable(tf.Module):
             rows = tf.gather(fetched, columns, batch_dims=1)
             retrieval_scores = tf.gather(fetched_scores, columns, batch_dims=1)
             flat_rows = tf.reshape(rows, [-1])
-            inputs = {c: tf.gather(t, flat_rows) for c, t in self.ad_columns.items()}
-            for name in per_request:  # each request's values, once per candidate (history: [B * n, N])
-                inputs[name] = repeated(features[name], n)
-            inputs["text_embedding"] = tf.gather(self.text_table, flat_rows)
-            probs = self.ranking.serve_probabilities(inputs)
+            probs = self.ranking.serve_probabilities(candidate_inputs(features, flat_rows, n))
             pctr = tf.reshape(probs["pctr"], [-1, n])
             pcvr = tf.reshape(probs["pcvr"], [-1, n])
             score = objective_score(objective, pctr, pcvr, tf.gather(self.bids, rows))
@@ -280,11 +285,7 @@ class RecommenderServable(tf.Module):
                 return out
             # Explained for the k returned ads only: their inputs gathered again, [B * k] rows.
             returned = tf.reshape(tf.gather(rows, top.indices, batch_dims=1), [-1])
-            chosen = {c: tf.gather(t, returned) for c, t in self.ad_columns.items()}
-            for name in per_request:
-                chosen[name] = repeated(features[name], k)
-            chosen["text_embedding"] = tf.gather(self.text_table, returned)
-            why = explain(self.ranking, chosen, reference)
+            why = explain(self.ranking, candidate_inputs(features, returned, k), reference)
             for name, value in why.items():  # [B * k, w] -> [B, k, w]; filler slots "" / 0
                 value = tf.reshape(value, [-1, k, value.shape[-1]])
                 fill = tf.constant(PAD_AD_ID if value.dtype == tf.string else 0, value.dtype)
