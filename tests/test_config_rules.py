@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Text that is not a choice: paths, names, columns. Booleans need no rule.
 FREE_TEXT = {"data.spec", "data.root", "encoder.preset", "encoder.cache_dir", "training.tpu", "training.model_dir",
              "export.export_dir", "evaluation.split_column", "evaluation.test_values", "ranking.position_tower_context",
-             "privacy.key_file", "privacy.key_env", "continuous.state_dir"}
+             "privacy.key_file", "privacy.key_env", "privacy.forget_file", "continuous.state_dir"}
 
 
 def _fields(cls, prefix=""):
