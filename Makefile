@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/ranking_quality.py
 	$(BIN)/python benchmarks/ranking_real.py
 	$(BIN)/python benchmarks/encoder_adaptation.py
+	$(BIN)/python benchmarks/dp_curve.py
 
 # Retrieval quality on ml-latest-small under the time, random and leave-last-out protocols: the model
 # against most-popular, ItemKNN, EASE, SASRec and the TFRS ID-only two-tower, one table (and docs/evaluation.md's

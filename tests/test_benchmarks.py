@@ -19,6 +19,8 @@ CASES = {
     "multimodal": ["--config", "configs/tiny.yaml", "--set", "data.synthetic.n_impressions=3000", "--set",
                    "data.synthetic.creative_dim=4", "--set", "data.synthetic.creative_weight=1.0", "--set",
                    "retrieval.epochs=1", "--set", "ranking.epochs=1", "--set", "ranking.validation_fraction=0.0"],
+    "dp_curve": ["--config", "configs/tiny.yaml", "--set", "retrieval.loss=full_softmax", "--set",
+                 "data.synthetic.n_impressions=3000", "--noise", "1", "--epochs", "1", "--delta", "1e-4"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
     "explanations": ["--impressions", "2000", "--history-length", "5", "--batches", "2", "--calls", "2"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",

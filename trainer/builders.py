@@ -106,7 +106,8 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
         model = RetrievalModel(schema, vocabularies, cfg.retrieval, catalog_text,
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
                                jit_compile=cfg.training.jit_compile, history_text_table=history_table,
-                               sampling_counts=counts, catalog_vectors=catalog_vectors(catalog, schema))
+                               sampling_counts=counts, catalog_vectors=catalog_vectors(catalog, schema),
+                               dp=cfg.privacy.dp if cfg.privacy.dp.enabled else None)
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
 

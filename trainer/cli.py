@@ -48,7 +48,8 @@ def _cmd_train(args) -> int:
     with stdout_to_stderr():
         trained, _ = train_and_export(cfg, export=not args.no_export, progress=not args.quiet,
                                       warm_start=args.warm_start)
-    log("\n".join(format_ranking_metrics(trained.metrics["ranking"])))
+    if "skipped" not in trained.metrics["ranking"]:
+        log("\n".join(format_ranking_metrics(trained.metrics["ranking"])))
     if args.metrics_out:
         write_metrics(args.metrics_out, trained.metrics)
     print(json.dumps(trained.metrics, indent=2))

@@ -230,6 +230,17 @@ class DataConfig(TypedModel):
         return self
 
 
+class DPConfig(TypedModel):
+    """DP-SGD for the retrieval model (trainer/dp.py, docs/training.md#differential-privacy): each training
+    row's gradient clipped to `l2_clip`, Gaussian noise of `noise_multiplier * l2_clip` added to the sum,
+    epsilon at `delta` reported by an RDP accountant. The ranking stage is not trained under it."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0, le=100)
+    l2_clip: float = Field(1.0, gt=0, le=1e6)
+    delta: float = Field(1e-6, gt=0, lt=1)  # must also be below 1 / training rows
+
+
 class PrivacyConfig(TypedModel):
     """Pseudonymisation at ingest and data minimisation (docs/data.md#privacy).
 
@@ -250,6 +261,7 @@ class PrivacyConfig(TypedModel):
     # `adrec forget`'s list of forgotten users (keyed pseudonyms; trainer/forget.py); "": forgotten_users.jsonl
     # beside training.model_dir. Never inside the model or export directory.
     forget_file: str = ""
+    dp: DPConfig = Field(default_factory=DPConfig)
 
 
 class ContinuousConfig(TypedModel):
@@ -297,10 +309,32 @@ class JobConfig(TypedModel):
         for key in ("history", "negative_history"):
             if getattr(self.ranking, key) and not self.retrieval.history_length:
                 raise cross_field(f"ranking.{key}", "its length is retrieval.history_length, which is 0")
+        if self.privacy.dp.enabled:
+            self._dp_fits()
         if self.continuous.recall_k > self.export.top_k:  # 0 (the default) stands for top_k
             raise cross_field("continuous.recall_k", f"{self.continuous.recall_k} is more than export.top_k "
                               f"{self.export.top_k}, the ads the served retrieval model returns")
         return self
+
+    def _dp_fits(self) -> None:
+        """What DP-SGD's guarantee needs of the rest of the job (trainer/dp.py says why each)."""
+        rules = (
+            ("retrieval.loss", self.retrieval.loss == "full_softmax",
+             "must be 'full_softmax': under an in-batch softmax each row is a negative of the others, so one "
+             "row's influence is not bounded by its own clipped gradient"),
+            ("retrieval.full_softmax_negatives", self.retrieval.full_softmax_negatives == "all",
+             "must be 'all': 'seen' picks the negatives by which ads have training positives, outside the clipping"),
+            ("training.strategy", self.training.strategy == "default",
+             "must be 'default': the noise is added once per global batch, on one device"),
+            ("training.mixed_precision", self.training.mixed_precision == "none",
+             "must be 'none': per-row gradients and their norms are computed in float32"),
+            ("training.jit_compile", not self.training.jit_compile, "must be false under privacy.dp"),
+            ("evaluation.validation_fraction", self.evaluation.validation_fraction == 0,
+             "must be 0: early stopping on held-out training rows would choose the epoch outside the accountant"),
+        )
+        for key, ok, why in rules:
+            if not ok:
+                raise cross_field("privacy.dp.enabled", f"{key} {why}")
 
 
 def config_from_dict(raw: dict | None, where: str = "config") -> JobConfig:

@@ -305,6 +305,9 @@ def run_loop(cfg: JobConfig, logs_dir: str | Path, once: bool = False, interval:
 
     if cfg.training.strategy == "multi_worker":
         raise ValueError("adrec continuous runs on one host (training.strategy default, mirrored or tpu)")
+    if cfg.privacy.dp.enabled:
+        raise ValueError("privacy.dp is not available to adrec continuous: each day warm-starts and exports the "
+                         "ranking model too, outside the DP accountant (docs/training.md#differential-privacy)")
     strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)
     logs_dir, records, passes = Path(logs_dir), [], 0
     while True:

@@ -57,11 +57,12 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
-              monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None) -> dict:
+              monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None,
+              loggers: tuple[tf.keras.callbacks.Callback, ...] = ()) -> dict:
     """Fit `model` (or restore it if this stage already finished); returns history and step count.
 
     Early stopping on `monitor` (restoring the best epoch's weights) needs `validation` or `metrics`,
-    a callback that puts the monitored value into each epoch's logs."""
+    a callback that puts the monitored value into each epoch's logs; `loggers` put more values there."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     backup_dir = model_dir / "backup" / name
@@ -78,6 +79,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
         LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
         *((metrics,) if metrics is not None else ()),
+        *loggers,
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
     ]
     if (validation is not None or metrics is not None) and monitor:

@@ -24,6 +24,7 @@ from trainer.comparison import (
     queries_of,
 )
 from trainer.config import JobConfig, config_to_dict
+from trainer.dp import EpsilonLogger, check_delta, privacy_report
 from trainer.evaluate import evaluate_ranking
 from trainer.fit import build_model, fit_stage
 from trainer.forget import forgotten_users, tombstone_vocabularies
@@ -71,6 +72,19 @@ def _ranking_metrics(ranking, schema: FeatureSchema, split, cfg: JobConfig, cali
     return {**metrics, **ranking_label_notes(metrics, split.test, schema, cfg), "calibration": calibration}
 
 
+def refuse_unprivate_parts(with_ranking: bool, warm_start, strategy) -> None:
+    """What privacy.dp's epsilon would not cover, refused before any work."""
+    if with_ranking:
+        raise ValueError("privacy.dp trains the retrieval model only: the ranking stage (and the export, which "
+                         "serves it) would learn from the same rows without noise; train with --no-export")
+    if warm_start:
+        raise ValueError("privacy.dp with a warm start: the earlier version's training is outside this job's "
+                         "accountant; train from scratch")
+    if strategy.num_replicas_in_sync != 1:
+        raise ValueError(f"privacy.dp needs one replica (the noise is added once per global batch); the strategy "
+                         f"has {strategy.num_replicas_in_sync}")
+
+
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                  schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
                  with_ranking: bool = True, keep_stages: bool = False,
@@ -83,6 +97,9 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     (a caller that exports clears them once the export is published). `frames`: (catalog, logs) read by
     the caller, instead of `data.source` (`trainer.prepare.load_job_data`)."""
     strategy = strategy or tf.distribute.get_strategy()
+    dp = cfg.privacy.dp if cfg.privacy.dp.enabled else None
+    if dp is not None:
+        refuse_unprivate_parts(with_ranking, warm_start, strategy)
     tf.keras.utils.set_random_seed(cfg.training.seed)
     model_dir = Path(cfg.training.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +149,15 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         restore_parts(warm_checkpoint, retrieval=retrieval)
         log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
             f"{strategy.num_replicas_in_sync} replica(s)")
+        loggers: tuple = ()
+        if dp is not None:
+            check_delta(dp, n_pos)
+            loggers = (EpsilonLogger(dp, cfg.retrieval.batch_size / n_pos),)
+            log(f"retrieval: DP-SGD, noise multiplier {dp.noise_multiplier:g}, clip {dp.l2_clip:g}, "
+                f"delta {dp.delta:g}; epsilon per epoch in the logs (dp_epsilon)")
         val = retrieval_dataset(validation_rows, cfg, schema, False)[0] if validation_rows is not None else None
         r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
-                            retrieval.checkpoint_parts(), val, retrieval.monitor)
+                            retrieval.checkpoint_parts(), val, retrieval.monitor, loggers=loggers)
         if cfg.evaluation.refit and validation_rows is not None:
             epochs = best_epoch(r_state["history"], retrieval.monitor)
             log(f"retrieval: refit on all {len(split.train):,d} training rows for the {epochs} epoch(s) "
@@ -179,6 +202,10 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}
     if text.masked_lm is not None:
         trained.metrics["encoder_masked_lm"] = asdict(text.masked_lm)
+    if dp is not None:
+        trained.metrics["privacy"] = {"dp": privacy_report(dp, r_state["steps"], n_pos, cfg.retrieval.batch_size)}
+        log(f"privacy: DP-SGD spent epsilon {trained.metrics['privacy']['dp']['epsilon']:.3g} at delta {dp.delta:g} "
+            "(one training row; retrieval only)")
     save_checkpoint(trained, strategy, model_dir)
     if not keep_stages:
         clear_stages(model_dir, strategy)

@@ -13,7 +13,8 @@ import tensorflow_recommenders as tfrs
 from features.history import HISTORY
 from features.schema import FeatureSchema
 from features.vocab import Vocabularies
-from trainer.config import RetrievalConfig
+from trainer.config import DPConfig, RetrievalConfig
+from trainer.dp import clipped_noised_sum, per_row_gradients, squared_norms
 from trainer.towers import (
     CatalogText,
     CatalogVectors,
@@ -154,10 +155,11 @@ class RetrievalModel(tfrs.Model):
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,
                  catalog_text: CatalogText, catalog_features: dict | None = None, jit_compile: bool = False,
                  history_text_table: np.ndarray | None = None, sampling_counts: dict[str, float] | None = None,
-                 catalog_vectors: CatalogVectors | None = None):
+                 catalog_vectors: CatalogVectors | None = None, dp: DPConfig | None = None):
         """`history_text_table`: per catalog ad (in `catalog_features` order) the frozen text embedding the
         query tower pools over a history; `sampling_counts`: ad id -> training positives, for logQ;
-        `catalog_vectors`: the ads' creative vectors, fused in the ad tower."""
+        `catalog_vectors`: the ads' creative vectors, fused in the ad tower; `dp`: train with DP-SGD
+        (trainer/dp.py; needs `cfg.loss` 'full_softmax')."""
         super().__init__()
         self.schema = schema
         catalog_ids = None if catalog_features is None else [
@@ -169,6 +171,11 @@ class RetrievalModel(tfrs.Model):
         self.loss_kind = cfg.loss
         self.top_ks = tuple(cfg.top_k_metrics)
         self.exclude_history_from_loss = cfg.exclude_history_from_loss
+        if dp is not None and (cfg.loss != "full_softmax" or cfg.full_softmax_negatives != "all"):
+            raise ValueError("privacy.dp needs retrieval.loss 'full_softmax' with full_softmax_negatives 'all' "
+                             "(trainer/dp.py)")
+        self.dp = dp
+        self.dp_batch_size = float(cfg.batch_size)
         if cfg.loss == "full_softmax":
             if catalog_features is None:
                 raise ValueError("retrieval.loss 'full_softmax' needs the catalog's features")
@@ -263,16 +270,22 @@ class RetrievalModel(tfrs.Model):
             return self.task(queries, ads, candidate_ids=ad_ids, candidate_sampling_probability=probability,
                              compute_metrics=not training)
 
-    def _full_softmax_loss(self, features, training):
-        """Softmax cross-entropy of each positive against every catalog ad (no sampling, so no logQ)."""
-        queries = self.query_tower(features, training=training)
-        ads = self.ad_embedding(self.catalog_features, training=training)
-        logits = tf.matmul(queries, ads, transpose_b=True) / self.temperature  # [batch, catalog]
+    def _catalog_logits(self, queries, ads, features, training):
+        """[batch, catalog] logits of each query against every catalog ad, the loss's masks applied, and
+        each row's target (its positive's catalog row)."""
+        logits = tf.matmul(queries, ads, transpose_b=True) / self.temperature
         target = self.catalog_rows(features[self.schema.ad_id]) - 1  # every training positive is in the catalog
         if self.exclude_history_from_loss and HISTORY in features:
             logits = mask_history(logits, self.catalog_rows(features[HISTORY]) - 1, target)
         if training and self.never_positive is not None:
             logits = tf.where(self.never_positive[None, :], tf.constant(-1e9, logits.dtype), logits)
+        return logits, target
+
+    def _full_softmax_loss(self, features, training):
+        """Softmax cross-entropy of each positive against every catalog ad (no sampling, so no logQ)."""
+        queries = self.query_tower(features, training=training)
+        ads = self.ad_embedding(self.catalog_features, training=training)
+        logits, target = self._catalog_logits(queries, ads, features, training)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
         # The target's rank among the catalog (ties count against it; history ads masked as in the loss).
         target_logit = tf.gather(logits, target, batch_dims=1)[:, None]
@@ -282,3 +295,57 @@ class RetrievalModel(tfrs.Model):
         # Replica gradients are summed: each replica divides by the global batch.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return tf.reduce_sum(loss) / tf.cast(tf.shape(loss)[0] * replicas, loss.dtype)
+
+    def train_step(self, features):
+        if self.dp is None:
+            return super().train_step(features)
+        return self._private_train_step(features)
+
+    def _rows(self, features, ads):
+        """(features, additive loss masks [batch, catalog], targets): each row's inputs to `_row_loss`.
+
+        The masks do not depend on the weights, so they are built once for the batch, as the ordinary
+        loss builds them (adding -1e9 gives the same softmax and gradients as overwriting the logit)."""
+        target = self.catalog_rows(features[self.schema.ad_id]) - 1
+        masks = tf.zeros([tf.shape(target)[0], tf.shape(ads)[0]])
+        if self.exclude_history_from_loss and HISTORY in features:
+            masks = mask_history(masks, self.catalog_rows(features[HISTORY]) - 1, target)
+        return features, masks, target
+
+    def _row_loss(self, ads, training):
+        """One row's full-softmax loss against the catalog's (fixed) `ads`, for `dp.per_row_gradients`;
+        also its query and the softmax residual."""
+        def row_loss(row):
+            features, mask, target = row
+            query = self.query_tower(features, training=training)
+            logits = tf.matmul(query, ads, transpose_b=True) / self.temperature + mask
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
+            # d loss / d ads = residual (x) query / temperature: rank one, so its norm and the clipped sum
+            # need only these two vectors per row, never a [catalog, dim] gradient per row.
+            residual = tf.nn.softmax(logits) - tf.one_hot(target, tf.shape(logits)[1], dtype=logits.dtype)
+            return loss, (query[0], residual[0], loss[0])
+        return row_loss
+
+    def _private_train_step(self, features):
+        """One DP-SGD step (trainer/dp.py): per-row gradients of the query tower and of the catalog's ad
+        embeddings, clipped jointly, summed and noised; the ad tower learns from the noised ad-embedding
+        gradient pushed back through it (it reads only the catalog)."""
+        clip, temperature = self.dp.l2_clip, self.temperature
+        stddev = self.dp.noise_multiplier * clip
+        query_vars = self.query_tower.trainable_variables
+        ad_vars = self.ad_tower.trainable_variables
+        with tf.GradientTape() as ad_tape:
+            ads = self.ad_embedding(self.catalog_features, training=True)
+        fixed_ads = tf.stop_gradient(ads)
+        grads, (queries, residuals, losses) = per_row_gradients(
+            self._row_loss(fixed_ads, training=True), query_vars, self._rows(features, fixed_ads))
+        ad_squared = (tf.reduce_sum(tf.square(residuals), 1) * tf.reduce_sum(tf.square(queries), 1)
+                      / temperature ** 2)
+        norms = tf.sqrt(squared_norms(grads) + ad_squared)
+        scale = tf.minimum(1.0, clip / tf.maximum(norms, 1e-12))
+        query_grads = clipped_noised_sum(grads, scale, query_vars, stddev, self.dp_batch_size)
+        ad_sum = tf.matmul(residuals * scale[:, None], queries, transpose_a=True) / temperature
+        ad_noised = (ad_sum + tf.random.normal(tf.shape(ad_sum), stddev=stddev)) / self.dp_batch_size
+        ad_grads = ad_tape.gradient(ads, ad_vars, output_gradients=ad_noised)
+        self.optimizer.apply_gradients(zip(query_grads + ad_grads, query_vars + ad_vars, strict=True))
+        return {"loss": tf.reduce_mean(losses), "clipped": tf.reduce_mean(tf.cast(norms > clip, tf.float32))}

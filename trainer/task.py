@@ -54,6 +54,11 @@ def resolve_config(args) -> JobConfig:
 def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True, warm_start: str | None = None):
     from trainer.strategy import is_chief, make_strategy
 
+    dp = cfg.privacy.dp.enabled
+    if dp and export:
+        raise ValueError("privacy.dp trains the retrieval model only, and an export serves the ranking model "
+                         "too, which would learn from the same rows without noise: run with --no-export "
+                         "(docs/training.md#differential-privacy)")
     strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)  # first TF work of the process
     from trainer.export import export_all
     from trainer.job import run_training
@@ -63,7 +68,8 @@ def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True,
     log_devices()
     # The finished stages outlive training until the export is published: a job killed or failing while
     # it exports is rerun with the same config and only exports (docs/training.md#outputs-and-fault-tolerance).
-    trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start, keep_stages=export)
+    trained = run_training(cfg, strategy, progress=progress, warm_start=warm_start, keep_stages=export,
+                           with_ranking=not dp)
     result = None
     if export:
         # Saving multi-worker variables runs collectives, so every worker exports; only the
