@@ -205,16 +205,26 @@ def _relay(stream, prefix: str) -> None:
         sys.stderr.flush()
 
 
-def _child(args: list[str], prefix: str) -> subprocess.Popen:
+def _child(args: list[str], prefix: str, threads: int = 0) -> subprocess.Popen:
+    """This script again with `args`; with `threads`, TensorFlow and the BLAS under NumPy use that many."""
+    env = dict(os.environ)
+    if threads:
+        args = [*args, "--threads", str(threads)]
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, errors="replace")
+                            stderr=subprocess.PIPE, text=True, errors="replace", env=env)
     threading.Thread(target=_relay, args=(proc.stderr, prefix), daemon=True).start()
     return proc
 
 
 def run_parallel(names: list[str], jobs: int, config_dir: Path, overrides: list[str], quiet: bool
                  ) -> tuple[dict, dict]:
-    """Each protocol in its own process, `jobs` at a time, after one process has prepared what they share."""
+    """Each protocol in its own process, `jobs` at a time, after one process has prepared what they share.
+
+    Each process gets its share of the cores as threads (at least one): left to themselves, TensorFlow
+    and BLAS each start a thread per core in every process, and the processes' threads then spend CPU
+    time waiting on each other for the same work (docs/evaluation.md#retrieval-quality)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     sets = [a for o in overrides for a in ("--set", o)]
     common = ["--config-dir", str(config_dir), *sets, *(["--quiet"] if quiet else [])]
     prep = _child(["--prepare-only", "--protocols", names[0], *common], "[prepare] ")
@@ -228,7 +238,7 @@ def run_parallel(names: list[str], jobs: int, config_dir: Path, overrides: list[
                 name = pending.pop(0)
                 out = Path(tmp) / f"{name}.json"
                 running[name] = (_child(["--protocols", name, "--jobs", "1", "--out", str(out), *common],
-                                        f"[{name}] "), out)
+                                        f"[{name}] ", threads), out)
             time.sleep(1.0)
             for name, (proc, out) in list(running.items()):
                 if proc.poll() is None:
@@ -255,7 +265,13 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", action="store_true", help="rewrite docs/evaluation.md's quality table from this run")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # set by run_parallel
     args = parser.parse_args(argv)
+    if args.threads > 0:  # before TensorFlow runs anything: the thread pools are fixed at its first op
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.jobs < 0:
         parser.error(f"--jobs: expected 0 (one per protocol) or more, got {args.jobs}")
     config_dir = Path(args.config_dir)
