@@ -7,14 +7,22 @@ model on all training rows, calibration fitted on the probe's out-of-sample logi
 baselines of `trainer.ranking_baselines` on the same training rows, and scores everything on the
 same test rows: AUC, gAUC (per-user AUC weighted by the user's test rows, over users with both
 labels), log loss and ECE, with a paired bootstrap (users resampled, one seed) of the model against
-the best baseline by gAUC. `--seeds 1 2 3` repeats the model with other seeds.
+the best baseline by gAUC.
 
-Then the cached ad text of the exported ranking graph: `--score-rows` known-ad test rows scored
-through the TF1 loader (as TF Serving runs it) by the graph with the catalog's text table, and by
-one that runs the tokenizer and encoder on every row; both must give the same scores.
+The model trains once per history pooling of `--pools` (`ranking.history_pool`: `mean`, and
+`target_attention`, DIN's attention of the candidate ad over the history) and per seed of `--seeds`,
+all on the same rows, so the two poolings and the logistic regression are compared in one run:
+AUC and gAUC per arm as mean and sd over seeds, and paired bootstraps over users of the seed-mean
+gAUC of attention minus mean pooling and of attention minus the logistic regression.
+
+With `--text-cache-check` (opt-in: through the TF1 loader it encodes every row's text with MiniLM,
+several minutes, more than the rest of the run), the cached ad text of the exported ranking graph:
+`--score-rows` known-ad test rows scored through the TF1 loader (as TF Serving runs it) by the graph
+with the catalog's text table, and by one that runs the tokenizer and encoder on every row; both must
+give the same scores.
 
     .venv/bin/python benchmarks/ranking_real.py                 # results on stdout, logs on stderr
-    .venv/bin/python benchmarks/ranking_real.py --set ranking.history=false --no-text-cache-check
+    .venv/bin/python benchmarks/ranking_real.py --pools mean --seeds 42 --text-cache-check
 """
 
 from __future__ import annotations
@@ -100,10 +108,14 @@ def main(argv=None) -> int:
                         help="override a config value (repeatable), e.g. ranking.epochs=4")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2],
                         help="model seeds: the table shows the first, a line every one")
+    parser.add_argument("--pools", nargs="+", default=["mean", "target_attention"],
+                        choices=["mean", "target_attention"],
+                        help="ranking.history_pool of each model arm, every one trained with every seed")
     parser.add_argument("--text-cache", default="runs/bench/ranking_real_text.npy",
                         help="where the frozen encoder's catalog embeddings are kept between runs ('' = never)")
     parser.add_argument("--score-rows", type=int, default=20000)
-    parser.add_argument("--no-text-cache-check", action="store_true")
+    parser.add_argument("--text-cache-check", action="store_true",
+                        help="also time the exported graph with and without the text table (slow: opt-in)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", default="runs/bench/ranking_real.json")
     args = parser.parse_args(argv)
@@ -123,7 +135,7 @@ def _run(args, results) -> int:
     from trainer.builders import build_text_assets
     from trainer.config import config_to_dict, load_config
     from trainer.evaluate import predict_ranking
-    from trainer.metrics import paired_bootstrap
+    from trainer.metrics import bootstrap_gauc_difference, paired_bootstrap
     from trainer.prepare import prepare_data
     from trainer.progress import log
     from trainer.ranking_baselines import RankingBaselines
@@ -152,26 +164,36 @@ def _run(args, results) -> int:
             np.save(cache, cached)
 
     labels, users = test[schema.click].to_numpy(), test[schema.user_id].to_numpy()
-    table, runs = {}, []
+    table, arms, arm_scores = {}, {}, {}
     seeds = args.seeds
     model = None
-    for seed in seeds:
-        cfg.training.seed = seed
-        tf.keras.utils.set_random_seed(seed)
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="adrec-ranking-real-") as tmp:
-            run = train_ranking(cfg, strategy, schema, vocabularies, catalog, cached, train, Path(tmp))
-        pred = predict_ranking(run.model, test, schema)
-        m = {**_metrics(labels, pred["pctr"], users),
-             "ece_uncalibrated": _metrics(labels, pred["pctr_raw"], users)["ece"],
-             "seconds": round(time.time() - t0, 1), "seed": seed, "validation": run.validation,
-             "calibration": run.calibration}
-        runs.append(m)
-        log(f"model seed {seed}: AUC {m['auc']:.4f} gAUC {m['gauc']:.4f} log loss {m['logloss']:.4f} "
-            f"ECE {m['ece']:.4f} (uncalibrated {m['ece_uncalibrated']:.4f}), {m['seconds']:.0f}s")
-        if model is None:
-            model, model_pred = run.model, pred
-    table["ranking model (DCN)"] = runs[0]
+    if not cfg.ranking.history and len(set(args.pools)) > 1:
+        log("ranking.history is off: there is no history to pool, so the --pools arms train the same model")
+    for pool in dict.fromkeys(args.pools):
+        cfg.ranking.history_pool = pool
+        name = f"DCN, history {pool.replace('_', ' ')}"
+        runs, arm_scores[pool] = [], []
+        for seed in seeds:  # the same seeds for every arm: seed i of one arm pairs with seed i of the other
+            cfg.training.seed = seed
+            tf.keras.utils.set_random_seed(seed)
+            t0 = time.time()
+            with tempfile.TemporaryDirectory(prefix="adrec-ranking-real-") as tmp:
+                run = train_ranking(cfg, strategy, schema, vocabularies, catalog, cached, train, Path(tmp))
+            pred = predict_ranking(run.model, test, schema)
+            m = {**_metrics(labels, pred["pctr"], users),
+                 "ece_uncalibrated": _metrics(labels, pred["pctr_raw"], users)["ece"],
+                 "seconds": round(time.time() - t0, 1), "seed": seed, "history_pool": pool,
+                 "validation": run.validation, "calibration": run.calibration}
+            runs.append(m)
+            arm_scores[pool].append(pred["pctr"])
+            log(f"{name}, seed {seed}: AUC {m['auc']:.4f} gAUC {m['gauc']:.4f} log loss {m['logloss']:.4f} "
+                f"ECE {m['ece']:.4f} (uncalibrated {m['ece_uncalibrated']:.4f}), {m['seconds']:.0f}s")
+            if model is None:  # the first arm's first seed: the bootstrap against the best baseline, the export
+                model, model_pred = run.model, pred
+        arms[name] = runs
+        table[name] = runs[0]
+    first = next(iter(arms))
+    runs = arms[first]
     t0 = time.time()
     baselines = RankingBaselines(schema, catalog, cfg.ranking.recent_window, cfg.ranking.validation_fraction,
                                  seeds[0]).fit(train)
@@ -188,7 +210,7 @@ def _run(args, results) -> int:
                        *(["history of non-clicks"] if cfg.ranking.negative_history else []),
                        *(["user counters"] if cfg.ranking.user_stats else []),
                        *(["ad click rates"] if cfg.ranking.item_stats else [])])
-    uses = {"ranking model (DCN)": reads, "item rate": "ad id", "user rate": "user counters (all earlier events)",
+    uses = {**dict.fromkeys(arms, reads), "item rate": "ad id", "user rate": "user counters (all earlier events)",
             "user recent rate": f"user counters (last {cfg.ranking.recent_window} events)",
             "item + user recent": "ad id, user counters",
             "logistic regression": "ids, context, ad text words, user counters",
@@ -198,29 +220,50 @@ def _run(args, results) -> int:
         f"(click rate {labels.mean():.3f}); gAUC over {runs[0]['gauc_users']} test users with both labels; "
         f"{int((~test[schema.user_id].isin(set(train[schema.user_id]))).sum())} test rows from users unseen "
         "in training")
+    say(f"  (the DCN rows: seed {seeds[0]}; over all seeds below)")
     say("\n".join(format_table(table, uses)))
-    if len(runs) > 1:
-        for key in ("auc", "gauc", "logloss", "ece"):
-            values = [r[key] for r in runs]
-            say(f"  model over seeds {seeds}: {key} " + " ".join(f"{v:.4f}" for v in values)
-                + f" (mean {np.mean(values):.4f})")
-        say("  model gAUC - best baseline's, per seed: "
-            + " ".join(f"{r['gauc'] - table[best]['gauc']:+.4f}" for r in runs))
+    say(f"\n  over seeds {seeds} (mean +- sd; the baselines are deterministic, one fit):")
+    summary = {}
+    for name, arm_runs in arms.items():
+        summary[name] = {key: {"mean": float(np.mean([r[key] for r in arm_runs])),
+                               "sd": float(np.std([r[key] for r in arm_runs], ddof=1)) if len(arm_runs) > 1 else 0.0,
+                               "per_seed": [r[key] for r in arm_runs]} for key in ("auc", "gauc", "logloss", "ece")}
+        s = summary[name]
+        say(f"  {name:34s} AUC {s['auc']['mean']:.4f}+-{s['auc']['sd']:.4f}  gAUC {s['gauc']['mean']:.4f}"
+            f"+-{s['gauc']['sd']:.4f}  (gAUC per seed " + " ".join(f"{v:.4f}" for v in s["gauc"]["per_seed"])
+            + f"; log loss mean {s['logloss']['mean']:.4f}, ECE mean {s['ece']['mean']:.4f})")
+        say(f"  {'':34s} gAUC - best baseline's ({best}), per seed: "
+            + " ".join(f"{r['gauc'] - table[best]['gauc']:+.4f}" for r in arm_runs))
+    lr = "logistic regression"
+    say(f"  {lr:34s} AUC {table[lr]['auc']:.4f}          gAUC {table[lr]['gauc']:.4f}")
+    comparisons = {}
+    if "target_attention" in arm_scores:
+        against = {"mean pooling": arm_scores.get("mean"), lr: [predicted[lr]]}
+        for other, scores in against.items():
+            if scores is None:
+                continue
+            c = bootstrap_gauc_difference(labels, arm_scores["target_attention"], scores, users,
+                                          n_resamples=args.bootstrap, seed=0)
+            comparisons[f"target attention - {other}"] = c
+            say(f"  target attention - {other}: gAUC {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] "
+                f"(seed means over {c['runs_a']} vs {c['runs_b']} run(s); paired bootstrap over {c['groups']} "
+                f"users, {c['resamples']} resamples, 95 %)")
     b = boot["gauc"]
-    say(f"  model (seed {seeds[0]}) - best baseline by gAUC ({best}), paired bootstrap over users "
+    say(f"  {first} (seed {seeds[0]}) - best baseline by gAUC ({best}), paired bootstrap over users "
         f"({boot['resamples']} resamples, 95 %): gAUC {b['difference']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}], "
         + ", ".join(f"{name} {boot[key]['difference']:+.4f} [{boot[key]['low']:+.4f}, {boot[key]['high']:+.4f}]"
                     for key, name in (("auc", "AUC"), ("logloss", "log loss"))))
     if "ctr_check_ece_calibrated" in runs[0]["calibration"]:
-        for r in runs:
+        for r in (r for arm_runs in arms.values() for r in arm_runs):
             c = r["calibration"]
-            say(f"  seed {r['seed']}: calibration ({c['method']}) fitted on {c['ctr_rows'] - c['ctr_check_rows']} "
+            say(f"  {r['history_pool']}, seed {r['seed']}: calibration ({c['method']}) fitted on "
+                f"{c['ctr_rows'] - c['ctr_check_rows']} "
                 f"validation rows, ECE on the latest {c['ctr_check_rows']} {c['ctr_check_ece_uncalibrated']:.4f} -> "
                 f"{c['ctr_check_ece_calibrated']:.4f}: {'applied' if c['ctr_applied'] else 'not applied'}; test ECE "
                 f"{r['ece_uncalibrated']:.4f} uncalibrated, {r['ece']:.4f} served; probe gAUC by epoch "
                 f"{r['validation']['gauc_by_epoch']} -> {r['validation']['epochs']} epoch(s)")
     speed = None
-    if not args.no_text_cache_check:
+    if args.text_cache_check:
         with tempfile.TemporaryDirectory(prefix="adrec-ranking-text-") as tmp:
             speed = text_cache_check(model, schema, catalog, text, test, args.score_rows, Path(tmp))
         say(f"  ranking SavedModel, {speed['rows']} known-ad rows through the TF1 loader: "
@@ -229,8 +272,10 @@ def _run(args, results) -> int:
     wall = time.time() - started
     say(f"  wall time {wall:.0f}s")
     write_report(Path(args.out), "ranking_real", config=args.config, overrides=args.set, table=table,
-                 model_runs=runs, best_baseline=best, bootstrap=boot, baseline_params=baselines.params,
-                 text_cache=speed, wall_seconds=round(wall, 1), job_config=config_to_dict(cfg))
+                 pools=list(arms), seeds=seeds, model_runs=[r for arm_runs in arms.values() for r in arm_runs],
+                 arms=summary, pool_comparisons=comparisons, best_baseline=best, bootstrap=boot,
+                 baseline_params=baselines.params, text_cache=speed, wall_seconds=round(wall, 1),
+                 job_config=config_to_dict(cfg))
     return 0
 
 

@@ -23,8 +23,9 @@ CASES = {
                  "data.synthetic.n_impressions=3000", "--noise", "1", "--epochs", "1", "--delta", "1e-4"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
     "explanations": ["--impressions", "2000", "--history-length", "5", "--batches", "2", "--calls", "2"],
+    "encoder_modes": ["--quick"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",
-                     "--text-cache", "", "--score-rows", "64", "--bootstrap", "20"],
+                     "--text-cache", "", "--score-rows", "64", "--bootstrap", "20", "--text-cache-check"],
 }
 
 

@@ -104,3 +104,36 @@ def test_masked_lm_reads_only_the_training_ads(tmp_path):
     text = build_text_assets(cfg, world.catalog, world.schema, corpus_ad_ids=seen)
     distinct = len(set(world.schema.ad_text_of(world.catalog[world.catalog[world.schema.ad_id].isin(seen)])))
     assert text.masked_lm.train_texts + text.masked_lm.holdout_texts == distinct
+
+
+def test_a_trainable_encoder_runs_once_per_distinct_ad_with_the_per_row_outputs_and_gradients():
+    from features.text import TINY
+    from trainer.config import EncoderConfig
+    from trainer.text_encoder import BertEncoderAdapter, load_backbone
+    from trainer.towers import CatalogText
+
+    adapter = BertEncoderAdapter(load_backbone(EncoderConfig(preset=TINY, sequence_length=8), 50), fine_tune=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (5, 8)).astype(np.int32)
+    mask = np.arange(8)[None, :] < rng.integers(2, 9, (5, 1))
+    layer = CatalogText([f"ad{i}" for i in range(5)], packed_tokens={"token_ids": ids, "padding_mask": mask},
+                        encoder=adapter)
+    batch = tf.constant(["ad3", "ad1", "ad3", "unknown", "ad3", "ad0", "ad1"])
+    seen, call = [], adapter.call
+    adapter.call = lambda token_ids, padding_mask: (seen.append(int(token_ids.shape[0])),
+                                                    call(token_ids, padding_mask))[1]
+    weights = tf.constant(rng.normal(size=(7, adapter.output_dim)), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        once = layer(batch)
+        rows = layer.lookup(batch)
+        per_row = adapter(tf.gather(layer.token_ids, rows), tf.gather(layer.padding_mask, rows))
+        per_row = per_row * tf.cast(rows > 0, per_row.dtype)[:, None]
+        losses = tf.reduce_sum(once * weights), tf.reduce_sum(per_row * weights)
+    assert seen == [4, 7]  # ad3, ad1, the unknown row, ad0; then the per-row pass
+    np.testing.assert_allclose(once.numpy(), per_row.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.any(once.numpy()[3])  # the unknown ad's text is a zero vector
+    grads = [tape.gradient(loss, adapter.trainable_weights) for loss in losses]
+    assert len(grads[0]) == len(adapter.trainable_weights) > 0
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                   rtol=1e-4, atol=1e-6)

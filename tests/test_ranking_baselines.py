@@ -84,3 +84,21 @@ def test_baselines_fit_on_training_rows_and_score_test_rows():
     for name in ("item + user recent", "logistic regression", "gradient-boosted trees"):  # both
         assert auc(y, predicted[name]) > max(auc(y, predicted["item rate"]), auc(y, predicted["user rate"])), name
     assert baselines.params["item_strength"] > 0 and baselines.params["C"] > 0
+
+
+def test_bootstrap_gauc_difference_by_hand():
+    from trainer.metrics import bootstrap_gauc_difference
+
+    # Users x and y have two rows each (one click); z has no click, so no AUC, and drops out.
+    users = np.array(["x", "x", "y", "y", "z"])
+    labels = np.array([1, 0, 1, 0, 0])
+    right = np.array([0.9, 0.1, 0.9, 0.1, 0.5])  # AUC 1 for x and for y: gAUC 1
+    x_wrong = np.array([0.1, 0.9, 0.9, 0.1, 0.5])  # x 0, y 1: gAUC (2 * 0 + 2 * 1) / 4 = 0.5
+    one = bootstrap_gauc_difference(labels, [right], [x_wrong], users, n_resamples=2000, seed=0)
+    assert one["difference"] == pytest.approx(0.5) and one["groups"] == 2
+    # A resample of x twice differs by 1, of y twice by 0 (1/4 of resamples each): the 95 % interval is [0, 1].
+    assert (one["low"], one["high"]) == (0.0, 1.0)
+    # Arm a's gAUC is the mean over its runs: (1 + 0.5) / 2 = 0.75, so 0.25 above b's 0.5.
+    two = bootstrap_gauc_difference(labels, [right, x_wrong], [x_wrong], users, n_resamples=2000, seed=0)
+    assert two["difference"] == pytest.approx(0.25) and (two["low"], two["high"]) == (0.0, 0.5)
+    assert bootstrap_gauc_difference(labels, [right], [right], users, n_resamples=50)["high"] == 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import tensorflow as tf
@@ -55,6 +56,25 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
         logs["learning_rate"] = float(tf.keras.backend.get_value(rate))
 
 
+class EpochTimer(tf.keras.callbacks.Callback):
+    """Wall seconds of each epoch's training steps, from the epoch's start to its last batch: without
+    the validation pass that follows, so examples / seconds is the training throughput. The first
+    epoch also pays for tracing the step function."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(round(self._last - self._start, 3))
+
+
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
               monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None,
@@ -78,6 +98,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         tf.keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
         LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
+        timer := EpochTimer(),
         *((metrics,) if metrics is not None else ()),
         *loggers,
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
@@ -90,7 +111,8 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
                      callbacks=callbacks)
     state = {"steps": int(model.optimizer.iterations.numpy()),
              "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
-             "epochs": [int(e) + 1 for e in hist.epoch]}  # 1-based; a resumed fit lists only the epochs it ran
+             "epochs": [int(e) + 1 for e in hist.epoch],  # 1-based; a resumed fit lists only the epochs it ran
+             "epoch_seconds": timer.seconds}
     target = _writable(stage_dir, strategy)
     target.mkdir(parents=True, exist_ok=True)
     checkpoint_of(parts).write(str(target / "stage"))

@@ -198,6 +198,9 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                     "validation": ranked.validation}
                                    if ranking is not None else {"skipped": "not trained (retrieval only)"}),
                        "train_steps": {"retrieval": r_state["steps"], "ranking": k_state["steps"]},
+                       # training steps only (no validation), per epoch run: a restored stage has none
+                       "train_epoch_seconds": {"retrieval": r_state.get("epoch_seconds", []),
+                                               "ranking": k_state.get("epoch_seconds", [])},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}
     if text.masked_lm is not None:

@@ -242,3 +242,38 @@ def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
         out[name] = {"difference": float(point[name]), "low": float(lo), "high": float(hi)}
     out.update({"resamples": n_resamples, "seed": seed, "level": level, "groups": int(n_groups)})
     return out
+
+
+def bootstrap_gauc_difference(labels: np.ndarray, runs_a: list[np.ndarray], runs_b: list[np.ndarray], groups,
+                              n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """gAUC of arm a minus arm b, each arm's gAUC the mean over its runs (e.g. one per training seed),
+    with a paired bootstrap interval that resamples groups (users) with replacement.
+
+    Every resample reweights the same users for every run of both arms, so the interval is of the paired
+    difference; averaging an arm's seeds first keeps one lucky seed from deciding it (an arm with one run,
+    such as a deterministic baseline, is just that run). Groups without both labels carry no AUC and drop
+    out, as in `group_auc`."""
+    if not runs_a or not runs_b:
+        raise ValueError("each arm needs at least one run's scores")
+    labels = np.asarray(labels).astype(bool)
+    codes, n_groups = _group_codes(groups)
+    per_a = [per_group_auc(labels, s, codes) for s in runs_a]
+    per_b = [per_group_auc(labels, s, codes) for s in runs_b]
+    sizes = per_a[0][1]
+    used = ~np.isnan(per_a[0][0])  # NaN depends on the labels only: the same groups for every run
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+                       for _ in range(n_resamples)]).astype(np.float64)  # [resamples, groups]
+
+    def arm_gauc(per_runs, weights):  # weights [R, used groups] -> [R]: mean over runs of the weighted mean
+        total = np.maximum(weights.sum(axis=1), 1e-12)
+        return np.mean([weights @ per[used] / total for per, _ in per_runs], axis=0)
+
+    weights = counts[:, used] * sizes[used]
+    diffs = arm_gauc(per_a, weights) - arm_gauc(per_b, weights)
+    point = float((arm_gauc(per_a, sizes[used][None, :].astype(np.float64))
+                   - arm_gauc(per_b, sizes[used][None, :].astype(np.float64)))[0])
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    return {"difference": point, "low": float(low), "high": float(high), "runs_a": len(runs_a),
+            "runs_b": len(runs_b), "resamples": n_resamples, "seed": seed, "level": level, "groups": int(used.sum())}

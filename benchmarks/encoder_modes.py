@@ -1,0 +1,198 @@
+"""The ad text encoder's training modes side by side: frozen, top layers, LoRA and full fine-tuning.
+
+Trains the same job once per `encoder.mode` (`frozen`: MiniLM's text embeddings cached per ad;
+`top_layers`: the last `encoder.trainable_layers` transformer layers train; `lora`: rank
+`encoder.lora_rank` adapters on every attention's query and value projections train; `full`: all of
+BERT trains) on the same rows, with the same seed and the same learning rates, on
+(a) the synthetic demo world (`configs/demo.yaml`) and (b) MovieLens ml-latest-small
+(`configs/movielens.yaml`). Per mode: the encoder's trainable parameters (and their share of full
+fine-tuning's), the retrieval fit's training examples per second, retrieval Recall@100 of the
+held-out clicks over the catalog, and the ranking model's CTR AUC (it reads the ad text embeddings
+of the encoder the retrieval fit left, so a fine-tuned encoder reaches ranking too).
+
+A trainable MiniLM runs on every batch (~60-100 examples/s on 2 CPU cores against thousands
+cached), so both data sets are subsampled to keep the whole run near 20 minutes there: the demo
+world with fewer impressions, ml-latest-small with a seeded share of its users (and the movies they
+rated as the catalog), and fewer retrieval epochs. The output says how much.
+
+    .venv/bin/python benchmarks/encoder_modes.py            # ~20 min on 2 cores; table on stdout, logs on stderr
+    .venv/bin/python benchmarks/encoder_modes.py --quick    # tiny encoder and world, under a minute (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_report import write_report
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = ("frozen", "top_layers", "lora", "full")
+
+
+def parameter_count(variables) -> int:
+    return int(sum(v.numpy().size for v in variables))
+
+
+def movielens_frames(cfg, user_share: float, seed: int):
+    """ml-latest-small through its data spec, a seeded `user_share` of its users kept with all their
+    ratings (the time split then holds out the last 20 % of those), and only the movies they rated as
+    the catalog: every encoder pass over the catalog (history text, retrieval evaluation, the ranking
+    model's table) costs per movie."""
+    import numpy as np
+
+    from features.loader import load_dataset
+    from features.spec import load_spec
+
+    loaded = load_dataset(load_spec(cfg.data.spec, root=cfg.data.root or None))
+    catalog, logs, schema = loaded.catalog, loaded.logs, loaded.schema
+    users = np.sort(logs[schema.user_id].unique())
+    keep = np.random.default_rng(seed).choice(users, size=max(2, round(user_share * len(users))), replace=False)
+    logs = logs[logs[schema.user_id].isin(set(keep))].reset_index(drop=True)
+    catalog = catalog[catalog[schema.ad_id].isin(set(logs[schema.ad_id]))].reset_index(drop=True)
+    note = (f"{len(keep)} of {len(users)} users (seeded {user_share:.0%}), their {len(logs):,d} ratings, "
+            f"the {len(catalog):,d} movies they rated as the catalog")
+    return (catalog, logs), schema, note
+
+
+def run_mode(config: str, overrides: list[str], mode: str, workdir: Path, frames=None, schema=None) -> dict:
+    from trainer.config import load_config
+    from trainer.job import run_training
+    from trainer.text_encoder import load_backbone
+
+    cfg = load_config(config, [*overrides, f"encoder.mode={mode}", f"training.model_dir={workdir / mode}"])
+    t0 = time.perf_counter()
+    trained = run_training(cfg, progress=False, frames=frames, schema=schema)
+    seconds = time.perf_counter() - t0
+    adapter, train = trained.text.adapter, trained.split.train
+    # Full fine-tuning trains every backbone weight but the unused pooled [CLS] projection: counted on a
+    # fresh load with nothing frozen but that, the denominator of every mode's share.
+    fresh = load_backbone(cfg.encoder, trained.text.tokenizer.vocabulary_size(), seed=cfg.training.seed)
+    full = parameter_count(fresh.trainable_variables)
+    trainable = parameter_count(adapter.trainable_weights)
+    positives = int((train[trained.schema.click] > 0).sum())  # what one retrieval epoch reads (no validation split)
+    epochs = trained.metrics["train_epoch_seconds"]["retrieval"]
+    # The first epoch also traces the step function; later ones time the steps alone.
+    timed = epochs[1:] or epochs
+    k = max(cfg.retrieval.eval_ks)
+    retrieval, ranking = trained.metrics["retrieval"], trained.metrics["ranking"]
+    return {"mode": mode, "trainable_parameters": trainable, "full_parameters": full,
+            "share_of_full": trainable / full, "retrieval_positives": positives,
+            "retrieval_epoch_seconds": epochs,
+            "examples_per_second": positives * len(timed) / max(sum(timed), 1e-9),
+            "recall_at_k": k, "recall": retrieval["model"][f"recall@{k}"],
+            "recall_most_popular": retrieval["most_popular"][f"recall@{k}"],
+            "ranking_auc": ranking["auc"], "ranking_gauc": ranking.get("gauc"), "job_seconds": round(seconds, 1)}
+
+
+def format_table(name: str, rows: list[dict]) -> list[str]:
+    k = rows[0]["recall_at_k"]
+    lines = [f"  {name}", f"  {'mode':12s}{'trainable':>13s}{'% of full':>11s}{'examples/s':>12s}"
+                          f"{'R@' + str(k):>9s}{'rank AUC':>10s}{'job s':>8s}"]
+    for r in rows:
+        lines.append(f"  {r['mode']:12s}{r['trainable_parameters']:13,d}{100 * r['share_of_full']:10.2f}%"
+                     f"{r['examples_per_second']:12.1f}{r['recall']:9.3f}{r['ranking_auc']:10.4f}"
+                     f"{r['job_seconds']:8.0f}")
+    lines.append(f"  {'most popular':12s}{'':36s}{rows[0]['recall_most_popular']:9.3f}")
+    return lines
+
+
+def verdict(rows: list[dict]) -> str | None:
+    """The goal: LoRA within 0.01 Recall@K of full fine-tuning with under 2 % of its trainable parameters."""
+    by = {r["mode"]: r for r in rows}
+    if "lora" not in by or "full" not in by:
+        return None
+    lora, full = by["lora"], by["full"]
+    gap = lora["recall"] - full["recall"]
+    close, small = gap >= -0.01, lora["share_of_full"] < 0.02
+    return (f"  LoRA - full: R@{lora['recall_at_k']} {gap:+.3f} ({'within' if close else 'NOT within'} 0.01 of "
+            f"full or above), {100 * lora['share_of_full']:.2f}% of full's trainable parameters "
+            f"({'under' if small else 'NOT under'} 2%): goal {'met' if close and small else 'not met'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--datasets", nargs="+", default=["demo", "movielens"], choices=["demo", "movielens"])
+    parser.add_argument("--demo-impressions", type=int, default=30000,
+                        help="impressions of the demo world (configs/demo.yaml has 120,000)")
+    parser.add_argument("--movielens-users", type=float, default=0.1,
+                        help="share of ml-latest-small's users kept (seeded), with all their ratings")
+    parser.add_argument("--epochs", type=int, default=3, help="retrieval epochs, every mode and data set")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: configs/tiny.yaml's random tiny BERT on a small world, 1 epoch (< 60 s)")
+    parser.add_argument("--out", default="runs/bench/encoder_modes.json")
+    args = parser.parse_args(argv)
+    results = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the jobs' log lines; results are printed to `results`
+        return _run(args, results)
+
+
+def _run(args, results) -> int:
+    from trainer.config import config_to_dict, load_config
+    from trainer.progress import log
+
+    def say(text: str) -> None:
+        print(text, file=results, flush=True)
+
+    started = time.time()
+    # Every mode of a data set loads the same config with the same overrides; only encoder.mode differs.
+    # The retrieval baselines other than most-popular (the ID-only two-tower) read no text: the same in
+    # every mode, so they are left out.
+    common = [f"training.seed={args.seed}", "evaluation.baselines=[most_popular]"]
+    jobs = {}  # data set -> (config file, overrides, frames, schema, what was subsampled)
+    if args.quick:
+        jobs["tiny (quick)"] = (str(ROOT / "configs" / "tiny.yaml"),
+                                [*common, "data.synthetic.n_impressions=6000", "retrieval.epochs=1",
+                                 "ranking.epochs=1"], None, None, "configs/tiny.yaml, 6,000 impressions, 1 epoch")
+    else:
+        epochs = [*common, f"retrieval.epochs={args.epochs}"]
+        if "demo" in args.datasets:
+            path = str(ROOT / "configs" / "demo.yaml")
+            note = (f"{args.demo_impressions:,d} of the demo world's "
+                    f"{load_config(path).data.synthetic.n_impressions:,d} impressions")
+            jobs["demo world"] = (path, [*epochs, f"data.synthetic.n_impressions={args.demo_impressions}"],
+                                  None, None, note)
+        if "movielens" in args.datasets:
+            path = str(ROOT / "configs" / "movielens.yaml")
+            frames, schema, note = movielens_frames(load_config(path), args.movielens_users, args.seed)
+            jobs["ml-latest-small"] = (path, epochs, frames, schema, note)
+    tables = {}
+    with tempfile.TemporaryDirectory(prefix="adrec-encoder-modes-") as tmp:
+        for name, (path, overrides, frames, schema, note) in jobs.items():
+            cfg = load_config(path, overrides)
+            rows = []
+            for mode in args.modes:
+                log(f"{name}: encoder.mode {mode}")
+                rows.append(run_mode(path, overrides, mode, Path(tmp) / name.split()[0], frames, schema))
+                log(f"{name}, {mode}: {rows[-1]}")
+            tables[name] = {"subsample": note, "config": config_to_dict(cfg), "overrides": overrides, "rows": rows}
+            say(f"\n{name}: {note}; encoder {cfg.encoder.preset!r}, seed {args.seed}, {cfg.retrieval.epochs} "
+                f"retrieval epoch(s) of {rows[0]['retrieval_positives']:,d} positives, batch "
+                f"{cfg.retrieval.batch_size}, learning rate {cfg.retrieval.learning_rate} (retrieval, encoder "
+                f"included) and {cfg.ranking.learning_rate} (ranking), fp32; top_layers = the last "
+                f"{cfg.encoder.trainable_layers}, LoRA rank {cfg.encoder.lora_rank}")
+            say("\n".join(format_table(name, rows)))
+            line = verdict(rows)
+            if line:
+                say(line)
+    wall = time.time() - started
+    say(f"\n  examples/s: the retrieval fit's positives per second of training steps, the first epoch (tracing) "
+        f"left out when there are more; wall time {wall / 60:.1f} min")
+    write_report(Path(args.out), "encoder_modes", quick=args.quick, seed=args.seed, modes=args.modes,
+                 datasets=tables, wall_seconds=round(wall, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
