@@ -148,7 +148,8 @@ class CatalogText(tf.keras.layers.Layer):
             return tf.gather(self.table, rows)
         # A batch repeats popular ads (and a catalog pass none): BERT, the whole cost of a trainable
         # encoder, runs once per distinct ad and the rows gather its output. The same values and
-        # gradients as one BERT pass per row (gather's gradient sums the repeats), for fewer FLOPs.
+        # gradients as one BERT pass per row (gather's gradient sums the repeats), for fewer FLOPs; in
+        # training, the repeats of an ad share one dropout mask.
         distinct, position = tf.unique(tf.reshape(rows, [-1]))  # tf.unique takes a vector
         pooled = self.encoder(tf.gather(self.token_ids, distinct), tf.gather(self.padding_mask, distinct))
         pooled = tf.gather(pooled, tf.reshape(position, tf.shape(rows)))
