@@ -87,7 +87,8 @@ def test_config_and_exports_say_where_the_key_is_never_what(exported_tiny, train
     cfg = trained_tiny.config
     recorded = json.loads((Path(cfg.training.model_dir) / "config.json").read_text())["privacy"]
     assert recorded == {"pseudonymize": True, "key_file": "", "key_env": DEFAULT_KEY_ENV, "min_count": 1,
-                        "forget_file": ""}
+                        "forget_file": "", "dp": {"enabled": False, "noise_multiplier": 1.0, "l2_clip": 1.0,
+                                                  "delta": 1e-6}}
     note = json.loads((Path(cfg.training.model_dir) / "privacy.json").read_text())
     assert note["pseudonymized_inputs"] == ["user_id"] and note["key_id"] == key_id(ENV_KEY.encode())
     for path in exported_tiny.paths.values():

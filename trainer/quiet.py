@@ -6,9 +6,10 @@ imports TensorFlow. It
 - defaults `TF_CPP_MIN_LOG_LEVEL` to 3: TensorFlow's C++ INFO, WARNING and ERROR lines are not
   printed (e.g. "failed call to cuInit" on every run of a machine without a GPU). Failures that
   matter reach Python as exceptions, and the training job logs which GPUs TensorFlow sees;
-- drops two lines TensorFlow's CUDA stub writes while `import tensorflow` loads its libraries, before
-  any log level applies: "Could not find cuda drivers on your machine, GPU will not be used." and
-  absl's "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR".
+- drops three lines TensorFlow writes while `import tensorflow` loads its libraries, before any log
+  level applies: "Could not find cuda drivers on your machine, GPU will not be used.", absl's
+  "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR", and the
+  INFO line "oneDNN custom operations are on ..." (CPUs where TensorFlow turns them on by default).
   Anything else written during the import is passed through unchanged.
 
 Nothing here hides or changes devices (CUDA_VISIBLE_DEVICES is left alone). The user's setting wins:
@@ -28,10 +29,12 @@ import tempfile
 
 QUIET_TF_LOG_LEVEL = "3"
 
-# Written to fd 2 by C++ code while the TensorFlow libraries load; both mean only "no GPU driver here"
-# (or "a log line came before absl was set up") and appear on every CPU-only run.
+# Written to fd 2 by C++ code while the TensorFlow libraries load, before any log level applies: "no GPU
+# driver here", "a log line came before absl was set up" (every CPU-only run), and the INFO line saying
+# oneDNN's kernels are on (on CPUs where TensorFlow enables them by default).
 IMPORT_NOISE = (
     re.compile(rb"cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\."),
+    re.compile(rb"^I\d{4} .*port\.cc:\d+\] oneDNN custom operations are on\."),
     re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
 )
 
