@@ -59,7 +59,6 @@ def _register_converters() -> None:
                 validate_indices=pfor_input.get_attr("validate_indices")), indices.is_stacked)
 
 
-
 def dp_epsilon(steps: int, sampling_rate: float, noise_multiplier: float, delta: float) -> float:
     """Epsilon at `delta` after `steps` Poisson-sampled Gaussian steps (RDP accountant)."""
     from absl import logging as absl_logging
@@ -88,7 +87,7 @@ def check_delta(dp: DPConfig, n_rows: int) -> None:
                          "choose a smaller delta")
 
 
-def per_row_gradients(row_loss, variables: list[tf.Variable], rows) -> tuple[list, tf.Tensor]:
+def per_row_gradients(row_loss, variables: list[tf.Variable], rows) -> tuple[list, object]:
     """Each row's gradient of `row_loss(one_row) -> (loss [1], extra)` with respect to `variables`,
     vectorised over the rows of `rows` (a nest of tensors sharing their first dimension; each
     tensor reaches `row_loss` as a batch of one).
@@ -96,6 +95,7 @@ def per_row_gradients(row_loss, variables: list[tf.Variable], rows) -> tuple[lis
     Returns per variable either a dense [rows, *shape] tensor, or for an embedding gather the pair
     (values [rows, n, dim], indices [rows, n]) of the rows it touched; and the stacked extras."""
     _register_converters()
+
     def one(row):
         single = tf.nest.map_structure(lambda v: v[None], row)
         with tf.GradientTape() as tape:
@@ -163,7 +163,7 @@ class EpsilonLogger(tf.keras.callbacks.Callback):
 
 
 def privacy_report(dp: DPConfig, steps: int, n_rows: int, batch_size: int) -> dict:
-    """What a DP training spent and what the number covers (the job's metrics and its privacy.json)."""
+    """What a DP training spent and what the number covers (the job's metrics, `privacy.dp`)."""
     rate = batch_size / n_rows
     eps = dp_epsilon(steps, rate, dp.noise_multiplier, dp.delta)
     return {"epsilon": eps if math.isfinite(eps) else None, "delta": dp.delta,
