@@ -5,6 +5,7 @@ models do."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,27 @@ def test_parameter_server_needs_a_cluster_with_chief_workers_and_ps(monkeypatch)
                                                 "task": {"type": "chief", "index": 0}}))
     with pytest.raises(ValueError, match="at least one ps"):
         make_strategy("parameter_server")
+
+
+def test_a_ps_task_of_the_training_command_serves_until_killed(tmp_path):
+    """`python -m trainer.task` on a ps (or worker) task of TF_CONFIG starts its server instead of training."""
+    from tests.ps_cluster import free_ports
+
+    ports = free_ports(3)
+    cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"], "ps": [f"127.0.0.1:{ports[2]}"]}
+    env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "ps", "index": 0}})}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.task", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                             "--model-dir", str(tmp_path / "run"), "--strategy", "parameter_server", "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving at" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the ps task exited"
+        assert f"ps task 0 serving at 127.0.0.1:{ports[2]}" in line
+        with socket.create_connection(("127.0.0.1", ports[2]), timeout=5):
+            pass  # its gRPC port accepts connections
+        assert proc.poll() is None and not (tmp_path / "run").exists()  # serving, not training
+    finally:
+        proc.kill()
+        proc.wait(30)
