@@ -42,8 +42,10 @@ def test_parameter_servers_train_sharded_tables_and_export_ordinary_savedmodels(
 
     from serving.client import RecommendationClient
     from serving.process import ServerProcess
+    from trainer.builders import build_ranking
     from trainer.evaluate import ad_embeddings, predict_ctr, query_embeddings
-    from trainer.inputs import query_inputs
+    from trainer.fit import build_model
+    from trainer.inputs import query_inputs, ranking_dataset
     from trainer.report import load_job
     from trainer.serving_artifacts import as_numpy_features
 
@@ -60,13 +62,21 @@ def test_parameter_servers_train_sharded_tables_and_export_ordinary_savedmodels(
     assert any("emb_ad_id" in name for name in tables)
     # the chief's local copies answer as the sharded models did (checked in the job, recorded here)
     assert all(d <= 1e-5 for d in ps["copy_max_abs_difference"].values()), ps["copy_max_abs_difference"]
-    loss = ps["last_step_loss_by_epoch"]["ranking"]
-    assert len(loss) == 3 and loss[-1] < loss[0], loss
+    assert len(ps["last_step_loss_by_epoch"]["ranking"]) == 3
     assert metrics["ranking"]["auc"] > 0.55
     assert metrics["retrieval"]["model"]["recall@10"] > 2 * 10 / metrics["retrieval"]["catalog_size"]
 
     trained = load_job(cfg["training"]["model_dir"])  # the trained weights, from the chief's checkpoint
     schema, export_dir = trained.schema, Path(cfg["export"]["export_dir"])
+    # the loss fell: the trained weights against the same model at its initial weights, on training rows
+    # (the epochs' logged losses are single asynchronous steps', too noisy to compare)
+    default = tf.distribute.get_strategy()
+    untrained = build_ranking(trained.config, default, schema, trained.vocabularies, trained.catalog,
+                              trained.catalog_text_embeddings, trained.split.train)
+    batch = next(iter(ranking_dataset(trained.split.train, trained.config, schema, shuffle=False)))
+    build_model(untrained, batch, default)
+    before, after = (float(m.compute_loss(batch, training=False)) for m in (untrained, trained.ranking))
+    assert after < 0.8 * before, (before, after)
     full_rows = sum(s["shape"][0] for s in shards)
     saved = dict(tf.train.list_variables(str(export_dir / "retrieval" / "1" / "variables" / "variables")))
     assert [full_rows, shards[0]["shape"][1]] in saved.values()  # the whole table, one variable
