@@ -90,11 +90,15 @@ class StepsTimer(EpochTimer):
 
 
 def _parameter_server_dataset(dataset: tf.data.Dataset) -> tuple[tf.data.Dataset, int]:
-    """The dataset as parameter-server training reads it, and its steps per epoch. Each worker iterates
-    its own copy across epochs, so it repeats and Keras counts the steps. Every batch is full (the last
-    partial one of each pass is dropped): Keras logs the loss of the step that finished last (below),
-    comparable across epochs only at a fixed batch size (the in-batch softmax sums over the batch and
-    draws its negatives from it)."""
+    """The dataset as parameter-server training reads it, and its steps per epoch.
+
+    Every worker builds its own copy of the dataset from the same graph, so a seeded shuffle would give
+    every worker the same order, and the workers would train on the same batches. So each worker
+    shuffles all the rows in its own random order (seeds drawn on the worker; TF's recommended input
+    for this strategy: no sharding) and repeats; an epoch is one pass's worth of steps across all
+    workers, not an exact pass. Every batch is full: Keras logs the loss of the step that finished
+    last, comparable across epochs only at a fixed batch size (the in-batch softmax sums over the batch
+    and draws its negatives from it)."""
     def rows(batch) -> int:
         return int(tf.shape(tf.nest.flatten(batch)[0])[0])
 
@@ -105,7 +109,23 @@ def _parameter_server_dataset(dataset: tf.data.Dataset) -> tuple[tf.data.Dataset
     steps = batches - (last < size)
     if steps < 1:
         raise ValueError(f"parameter_server: fewer training rows than one batch ({size})")
-    return dataset.rebatch(size, drop_remainder=True).repeat(), steps
+    with _seeds_drawn_where_run():
+        shuffled = dataset.unbatch().shuffle(size * (batches - 1) + last, reshuffle_each_iteration=True)
+    return shuffled.batch(size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE), steps
+
+
+@contextlib.contextmanager
+def _seeds_drawn_where_run():
+    """Inside, an unseeded random op gets no seed from the job's global seed: its kernel draws one
+    where it runs (on each worker). The global seed is set again afterwards."""
+    from tensorflow.python.eager import context
+
+    seed = context.global_seed()
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(seed)
 
 
 class _DropNotes(logging.Filter):
