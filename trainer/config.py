@@ -173,8 +173,12 @@ class RankingConfig(TypedModel):
 
 
 class TrainingConfig(TypedModel):
-    strategy: Literal["default", "mirrored", "multi_worker", "tpu"] = "default"  # trainer.strategy.STRATEGIES
+    # trainer.strategy.STRATEGIES
+    strategy: Literal["default", "mirrored", "multi_worker", "tpu", "parameter_server"] = "default"
     tpu: str = ""  # TPU name or address for strategy "tpu" ("" = the local TPU VM)
+    # strategy "parameter_server": a variable of at least this many bytes is split into shards of at least
+    # this size, at most one per ps task (embedding tables larger than one machine's memory)
+    ps_min_shard_bytes: int = Field(256 << 10, ge=1024, le=1 << 40)
     seed: int = Field(42, ge=0, le=SEED_MAX)
     early_stopping_patience: int = Field(2, ge=0)
     mixed_precision: Literal["none", "mixed_bfloat16", "mixed_float16"] = "none"  # mixed_float16: with loss scaling
@@ -311,10 +315,33 @@ class JobConfig(TypedModel):
                 raise cross_field(f"ranking.{key}", "its length is retrieval.history_length, which is 0")
         if self.privacy.dp.enabled:
             self._dp_fits()
+        if self.training.strategy == "parameter_server":
+            self._parameter_servers_fit()
         if self.continuous.recall_k > self.export.top_k:  # 0 (the default) stands for top_k
             raise cross_field("continuous.recall_k", f"{self.continuous.recall_k} is more than export.top_k "
                               f"{self.export.top_k}, the ads the served retrieval model returns")
         return self
+
+    def _parameter_servers_fit(self) -> None:
+        """What asynchronous parameter-server training does not run (docs/training.md#parameter-servers):
+        Keras refuses batch-level callbacks under it, the encoder trains only with synchronous
+        strategies, and the rest is untested there; each refused before any work."""
+        rules = (
+            ("encoder.mode", self.encoder.mode == "frozen",
+             "must be 'frozen': the BERT encoder trains only under synchronous strategies"),
+            ("training.mixed_precision", self.training.mixed_precision == "none", "must be 'none'"),
+            ("training.jit_compile", not self.training.jit_compile, "must be false"),
+            ("training.steps_per_execution", self.training.steps_per_execution == 1, "must be 1"),
+            ("training.backup_every_steps", self.training.backup_every_steps == 0,
+             "must be 0 (backups every epoch): Keras runs no batch-level callbacks under parameter servers"),
+            ("ranking.item_stats", not self.ranking.item_stats,
+             "must be false: its click tables are read by 2-D index, which a sharded table does not take"),
+            ("evaluation.validation_fraction", self.evaluation.validation_fraction == 0,
+             "must be 0: validation during fit is not run under parameter servers here"),
+        )
+        for key, ok, why in rules:
+            if not ok:
+                raise cross_field("training.strategy", f"'parameter_server': {key} {why}")
 
     def _dp_fits(self) -> None:
         """What DP-SGD's guarantee needs of the rest of the job (trainer/dp.py says why each)."""

@@ -303,7 +303,7 @@ def run_loop(cfg: JobConfig, logs_dir: str | Path, once: bool = False, interval:
     pass; `max_iterations` > 0: at most that many passes. Returns every record made."""
     from trainer.strategy import make_strategy
 
-    if cfg.training.strategy == "multi_worker":
+    if cfg.training.strategy in ("multi_worker", "parameter_server"):
         raise ValueError("adrec continuous runs on one host (training.strategy default, mirrored or tpu)")
     if cfg.privacy.dp.enabled:
         raise ValueError("privacy.dp is not available to adrec continuous: each day warm-starts and exports the "

@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import tensorflow as tf
@@ -21,7 +24,7 @@ import tensorflow as tf
 from trainer.config import JobConfig
 from trainer.progress import fit_verbosity, log
 from trainer.resume import DONE
-from trainer.strategy import is_chief
+from trainer.strategy import is_chief, is_parameter_server
 
 
 def checkpoint_of(parts: dict) -> tf.train.Checkpoint:
@@ -57,9 +60,7 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 
 class EpochTimer(tf.keras.callbacks.Callback):
-    """Wall seconds of each epoch's training steps, from the epoch's start to its last batch: without
-    the validation pass that follows, so examples / seconds is the training throughput. The first
-    epoch also pays for tracing the step function."""
+    """Wall seconds of each epoch, from its start to its end (with a validation pass, if any)."""
 
     def __init__(self):
         super().__init__()
@@ -68,11 +69,89 @@ class EpochTimer(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._start = self._last = time.perf_counter()
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(round(self._last_step() - self._start, 3))
+
+    def _last_step(self) -> float:
+        return time.perf_counter()
+
+
+class StepsTimer(EpochTimer):
+    """Wall seconds of each epoch's training steps, from the epoch's start to its last batch: without
+    the validation pass that follows, so examples / seconds is the training throughput. The first
+    epoch also pays for tracing the step function. (A batch hook: ParameterServerStrategy refuses those,
+    and runs `EpochTimer`.)"""
+
     def on_train_batch_end(self, batch, logs=None):
         self._last = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(round(self._last - self._start, 3))
+    def _last_step(self) -> float:
+        return self._last
+
+
+def _parameter_server_dataset(dataset: tf.data.Dataset) -> tuple[tf.data.Dataset, int]:
+    """The dataset as parameter-server training reads it, and its steps per epoch.
+
+    Every worker builds its own copy of the dataset from the same graph, so a seeded shuffle would give
+    every worker the same order, and the workers would train on the same batches. So each worker
+    shuffles all the rows in its own random order (seeds drawn on the worker; TF's recommended input
+    for this strategy: no sharding) and repeats; an epoch is one pass's worth of steps across all
+    workers, not an exact pass. Every batch is full: Keras logs the loss of the step that finished
+    last, comparable across epochs only at a fixed batch size (the in-batch softmax sums over the batch
+    and draws its negatives from it)."""
+    def rows(batch) -> int:
+        return int(tf.shape(tf.nest.flatten(batch)[0])[0])
+
+    batches = int(dataset.cardinality())
+    if batches < 1:
+        raise ValueError(f"parameter_server: a training dataset of known length is needed; it has {batches} batches")
+    size, last = rows(next(iter(dataset))), rows(next(iter(dataset.skip(batches - 1))))
+    steps = batches - (last < size)
+    if steps < 1:
+        raise ValueError(f"parameter_server: fewer training rows than one batch ({size})")
+    with _seeds_drawn_where_run():
+        shuffled = dataset.unbatch().shuffle(size * (batches - 1) + last, reshuffle_each_iteration=True)
+    return shuffled.batch(size, drop_remainder=True).repeat().prefetch(tf.data.AUTOTUNE), steps
+
+
+@contextlib.contextmanager
+def _seeds_drawn_where_run():
+    """Inside, an unseeded random op gets no seed from the job's global seed: its kernel draws one
+    where it runs (on each worker). The global seed is set again afterwards."""
+    from tensorflow.python.eager import context
+
+    seed = context.global_seed()
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(seed)
+
+
+class _DropNotes(logging.Filter):
+    """TensorFlow notes that say nothing actionable about a parameter-server fit:
+    - Keras cannot read the TFRS models' step results (`loss`, `total_loss`, ... are returned by their
+      train_step, not tracked as Keras metrics), so it logs the last finished step's values, each epoch;
+    - every epoch's backup checkpoint of sharded variables retraces the saver's function."""
+
+    NOTES = ("Could not get Model metric results", "MultiDeviceSaver.save.<locals>.tf_function_save")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(note in record.getMessage() for note in self.NOTES)
+
+
+@contextlib.contextmanager
+def parameter_server_notes_dropped():
+    note = _DropNotes()
+    logger = tf.get_logger()
+    logger.addFilter(note)
+    try:
+        with warnings.catch_warnings():
+            # tf.data asks for the dataset's options while the coordinator traces the per-worker dataset
+            warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
+            yield
+    finally:
+        logger.removeFilter(note)
 
 
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
@@ -92,13 +171,17 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         log(f"{name}: stage already finished ({state['steps']} steps); restored, not retrained")
         return state
 
+    ps = is_parameter_server(strategy)
+    steps = None
+    if ps:
+        dataset, steps = _parameter_server_dataset(dataset)
     if backup_dir.is_dir() and any(backup_dir.iterdir()):
         log(f"{name}: resuming from the backup in {backup_dir}")
     callbacks = [
         tf.keras.callbacks.BackupAndRestore(
             str(backup_dir), save_freq=cfg.training.backup_every_steps or "epoch"),
         LearningRateLogger(),  # before TensorBoard, which reads the same logs dict
-        timer := EpochTimer(),
+        timer := EpochTimer() if ps else StepsTimer(),
         *((metrics,) if metrics is not None else ()),
         *loggers,
         tf.keras.callbacks.TensorBoard(log_dir=str(model_dir / "logs" / name), update_freq="epoch"),
@@ -107,8 +190,11 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
-    hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=fit_verbosity(progress),
-                     callbacks=callbacks)
+    verbose = fit_verbosity(progress)
+    with parameter_server_notes_dropped() if ps else contextlib.nullcontext():
+        hist = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, validation_data=validation,
+                         verbose=min(verbose, 1) * 2 if ps else verbose,  # no progress bar under parameter servers
+                         callbacks=callbacks)
     state = {"steps": int(model.optimizer.iterations.numpy()),
              "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
              "epochs": [int(e) + 1 for e in hist.epoch],  # 1-based; a resumed fit lists only the epochs it ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict
@@ -14,7 +15,7 @@ import tensorflow as tf
 
 from features.protocol import one_list_per_user
 from features.schema import FeatureSchema
-from trainer.builders import MASKED_LM_DIR, build_retrieval, build_text_assets
+from trainer.builders import MASKED_LM_DIR, build_ranking, build_retrieval, build_text_assets
 from trainer.checkpoints import load_warm_start, reset_forgotten_rows, restore_parts, save_checkpoint
 from trainer.comparison import (
     evaluate_retrieval,
@@ -28,15 +29,17 @@ from trainer.dp import EpsilonLogger, check_delta, privacy_report
 from trainer.evaluate import evaluate_ranking
 from trainer.fit import build_model, fit_stage
 from trainer.forget import forgotten_users, tombstone_vocabularies
-from trainer.inputs import retrieval_dataset
+from trainer.inputs import ranking_dataset, retrieval_dataset
 from trainer.labels import ranking_label_notes
 from trainer.prepare import DataError, prepare_data, sampling_counts
 from trainer.privacy import check_warm_start
 from trainer.progress import log
 from trainer.ranking_stage import train_ranking
 from trainer.resume import claim_stages, clear_stages
+from trainer.strategy import cluster_sizes, is_parameter_server
 from trainer.text_encoder import encode_cached, encode_packed
 from trainer.trained import TrainedModels
+from trainer.unshard import local_copy, sharded_tables
 
 
 def _set_precision(policy: str) -> None:
@@ -85,6 +88,26 @@ def refuse_unprivate_parts(with_ranking: bool, warm_start, strategy) -> None:
                          f"has {strategy.num_replicas_in_sync}")
 
 
+def _local_models(cfg: JobConfig, schema, vocabularies, catalog, text, cached, retrieval, ranking,
+                  retrieval_rows: pd.DataFrame, ranking_rows: pd.DataFrame):
+    """Parameter-server training's models as ordinary local ones (`trainer.unshard`), and what the job
+    reports about them: the sharded variables, and how far the copies' answers are from the originals'."""
+    report = {"sharded_variables": sharded_tables(retrieval, ranking), "copy_max_abs_difference": {}}
+    log(f"parameter servers: {len(report['sharded_variables'])} variable(s) trained in shards; evaluating and "
+        "exporting local copies")
+    default = tf.distribute.get_strategy()
+    retrieval, report["copy_max_abs_difference"]["retrieval"] = local_copy(
+        retrieval, lambda: build_retrieval(cfg, default, schema, vocabularies, catalog, text, cached,
+                                           sampling_counts(retrieval_rows, schema)),
+        next(iter(retrieval_dataset(retrieval_rows, cfg, schema)[0])),
+        lambda model, batch: (model.query_tower(batch), model.ad_embedding(batch)))
+    if ranking is not None:
+        ranking, report["copy_max_abs_difference"]["ranking"] = local_copy(
+            ranking, lambda: build_ranking(cfg, default, schema, vocabularies, catalog, cached, ranking_rows),
+            next(iter(ranking_dataset(ranking_rows, cfg, schema))), lambda model, batch: model.logits(batch))
+    return retrieval, ranking, report
+
+
 def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                  schema: FeatureSchema | None = None, warm_start: str | Path | None = None,
                  with_ranking: bool = True, keep_stages: bool = False,
@@ -131,9 +154,12 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         + (f"; {len(validation_rows)} training rows held for validation" if validation_rows is not None else ""))
 
     t0 = time.time()
+    ps = is_parameter_server(strategy)
     _set_precision(cfg.training.mixed_precision)
     try:
-        with strategy.scope():
+        # Under parameter servers the (frozen) encoder only fills the text cache, on the chief: its
+        # variables stay local instead of going to the ps tasks.
+        with contextlib.nullcontext() if ps else strategy.scope():
             text = build_text_assets(cfg, catalog, schema, corpus_ad_ids=set(fit_rows[schema.ad_id]),
                                      model_dir=model_dir, progress=progress)
         cached = None
@@ -148,7 +174,8 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
         build_model(retrieval, next(iter(ds)), strategy)
         restore_parts(warm_checkpoint, retrieval=retrieval)
         log(f"retrieval: {n_pos} positive pairs, {cfg.retrieval.epochs} epochs, batch {cfg.retrieval.batch_size}, "
-            f"{strategy.num_replicas_in_sync} replica(s)")
+            + (f"{strategy.num_replicas_in_sync} replica(s)" if not ps else
+               "{worker} worker(s) and {ps} ps task(s)".format(**cluster_sizes())))
         loggers: tuple = ()
         if dp is not None:
             check_delta(dp, n_pos)
@@ -178,6 +205,11 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
             ranking, k_state, calibration = ranked.model, ranked.state, ranked.calibration
     finally:
         _set_precision("none")
+    ps_report = None
+    if ps:
+        rows = split.train if validation is None or cfg.evaluation.refit else fit_rows  # what retrieval trained on
+        retrieval, ranking, ps_report = _local_models(cfg, schema, vocabularies, catalog, text, cached, retrieval,
+                                                      ranking, rows, fit_rows)
     for model in (retrieval, ranking):  # tombstones: the OOV row as trained, what the export serves them
         if model is not None:
             reset_forgotten_rows(model)
@@ -203,6 +235,10 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
                                                "ranking": k_state.get("epoch_seconds", [])},
                        "train_seconds": round(time.time() - t0, 1),
                        "warm_start": str(warm_checkpoint) if warm_checkpoint else None}
+    if ps_report is not None:
+        # Keras logs the loss of the step that finished last in each epoch (steps run asynchronously)
+        trained.metrics["parameter_servers"] = {**ps_report, "last_step_loss_by_epoch": {
+            "retrieval": r_state["history"].get("loss", []), "ranking": k_state["history"].get("loss", [])}}
     if text.masked_lm is not None:
         trained.metrics["encoder_masked_lm"] = asdict(text.masked_lm)
     if dp is not None:

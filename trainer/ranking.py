@@ -38,6 +38,7 @@ from trainer.towers import (
     XlaSwitch,
     embedding_dims,
     mlp,
+    table_rows,
 )
 
 MAX_POSITION = 20  # positions above this share one embedding
@@ -255,7 +256,7 @@ class RankingModel(tfrs.Model):
         count in the length); "" is padding."""
         rows = self.catalog_text.lookup(history)
         known = tf.cast(rows > 0, tf.float32)
-        vectors = tf.math.l2_normalize(tf.cast(tf.gather(self.catalog_text.table, rows), tf.float32), -1)
+        vectors = tf.math.l2_normalize(tf.cast(table_rows(self.catalog_text.table, rows), tf.float32), -1)
         unit_text = tf.math.l2_normalize(text, -1)
         if attention is None:
             weights = known

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", help="override data.root: the data directory of a data spec")
     parser.add_argument("--model-dir", help="override training.model_dir")
     parser.add_argument("--export-dir", help="override export.export_dir")
-    parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker", "tpu"],
+    parser.add_argument("--strategy", choices=["default", "mirrored", "multi_worker", "tpu", "parameter_server"],
                         help="override training.strategy")
     parser.add_argument("--warm-start", metavar="MODEL_DIR",
                         help="start from the last checkpoint of a finished job (same vocabularies)")
@@ -52,14 +52,20 @@ def resolve_config(args) -> JobConfig:
 
 
 def train_and_export(cfg: JobConfig, export: bool = True, progress: bool = True, warm_start: str | None = None):
-    from trainer.strategy import is_chief, make_strategy
+    """Train (and export) on this process; under strategy 'parameter_server' a worker or ps task
+    (TF_CONFIG's task type) instead starts its server and serves the chief until killed."""
+    from trainer.strategy import SERVING_TASKS, cluster_task, is_chief, make_strategy, serve_cluster_task
+
+    if cfg.training.strategy == "parameter_server" and cluster_task()[0] in SERVING_TASKS:
+        serve_cluster_task()  # does not return
 
     dp = cfg.privacy.dp.enabled
     if dp and export:
         raise ValueError("privacy.dp trains the retrieval model only, and an export serves the ranking model "
                          "too, which would learn from the same rows without noise: run with --no-export "
                          "(docs/training.md#differential-privacy)")
-    strategy = make_strategy(cfg.training.strategy, cfg.training.tpu)  # first TF work of the process
+    strategy = make_strategy(cfg.training.strategy, cfg.training.tpu,  # first TF work of the process
+                             cfg.training.ps_min_shard_bytes)
     from trainer.export import export_all
     from trainer.job import run_training
     from trainer.progress import log

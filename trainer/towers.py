@@ -12,6 +12,13 @@ import tensorflow as tf
 from trainer.text_encoder import BertEncoderAdapter
 
 
+def table_rows(table, rows):
+    """`table[rows]` for any shape of `rows`. `tf.nn.embedding_lookup` reads a plain variable and a
+    ShardedVariable (a table split across parameter servers) alike; `tf.gather` on the latter takes 1-D
+    indices only."""
+    return tf.nn.embedding_lookup(table, rows)
+
+
 class CategoricalEmbedding(tf.keras.layers.Layer):
     """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
 
@@ -145,13 +152,13 @@ class CatalogText(tf.keras.layers.Layer):
     def call(self, ad_ids):
         rows = self.lookup(ad_ids)
         if self.encoder is None:
-            return tf.gather(self.table, rows)
+            return table_rows(self.table, rows)
         # A batch repeats popular ads (and a catalog pass none): BERT, the whole cost of a trainable
         # encoder, runs once per distinct ad and the rows gather its output. The same values and
         # gradients as one BERT pass per row (gather's gradient sums the repeats), for fewer FLOPs; in
         # training, the repeats of an ad share one dropout mask.
         distinct, position = tf.unique(tf.reshape(rows, [-1]))  # tf.unique takes a vector
-        pooled = self.encoder(tf.gather(self.token_ids, distinct), tf.gather(self.padding_mask, distinct))
+        pooled = self.encoder(table_rows(self.token_ids, distinct), tf.gather(self.padding_mask, distinct))
         pooled = tf.gather(pooled, tf.reshape(position, tf.shape(rows)))
         return pooled * tf.cast(rows > 0, pooled.dtype)[..., None]  # bfloat16 when BERT runs in bf16
 
@@ -181,7 +188,7 @@ class CatalogVectors(tf.keras.layers.Layer):
                 "output_dim": int(self.output_dim)}
 
     def call(self, ad_ids):
-        return tf.gather(self.table, self.lookup(ad_ids))
+        return table_rows(self.table, self.lookup(ad_ids))
 
 
 class HistoryPooling(tf.keras.layers.Layer):
@@ -246,7 +253,7 @@ class HistoryPooling(tf.keras.layers.Layer):
         text = None
         if self.text_lookup is not None:
             text_rows = self.text_lookup(history)
-            text = tf.cast(tf.gather(self.text_table, text_rows), tf.float32)  # bf16 under mixed precision
+            text = tf.cast(table_rows(self.text_table, text_rows), tf.float32)  # bf16 under mixed precision
             parts.append(self._masked_mean(text, text_rows > 0))
         present = tf.not_equal(history, "")
         length = tf.reduce_sum(tf.cast(present, tf.float32), axis=1, keepdims=True)
