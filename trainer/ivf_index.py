@@ -138,16 +138,11 @@ def quantise(vectors: np.ndarray, storage: str) -> tuple[np.ndarray | tf.Tensor,
     if storage == "float32":
         return vectors, None
     if storage == "bfloat16":
-        return tf.concat([tf.cast(vectors[i:i + _CHUNK * 16], tf.bfloat16)  # in chunks: no float32 copy
-                          for i in range(0, max(len(vectors), 1), _CHUNK * 16)], axis=0), None
+        return tf.cast(vectors, tf.bfloat16), None
     if storage == "int8":
         scale = np.abs(vectors).max(axis=1) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        out = np.empty(vectors.shape, np.int8)
-        for i in range(0, len(vectors), _CHUNK * 16):
-            chunk = slice(i, i + _CHUNK * 16)
-            out[chunk] = np.clip(np.rint(vectors[chunk] / scale[chunk, None]), -127, 127)
-        return out, scale
+        return np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8), scale
     raise ValueError(f"export.ivf_storage {storage!r}: expected one of {list(STORAGES)}")
 
 
@@ -178,17 +173,26 @@ class IvfIndex(tf.Module):
         rows = np.full(int(blocks.sum()) * block, -1, np.int64)
         within = np.arange(self.n_ads) - np.repeat(layout.starts.astype(np.int64), layout.sizes)
         rows[np.repeat(block_starts * block, layout.sizes) + within] = layout.order
-        real = rows >= 0
         embeddings = np.asarray(embeddings)
-        padded = np.zeros((len(rows), embeddings.shape[1]), np.float32)
-        padded[real] = embeddings[rows[real]]
-        stored, scales = quantise(padded, storage)
-        del padded
+        dim = embeddings.shape[1]
+        # Stored chunk by chunk: the build holds the catalog, the stored copy and one chunk, never a
+        # padded float32 copy next to its quantised one (2.5 GB each at 10M x 64 float32).
+        chunks, scales = [], np.ones(len(rows), np.float32) if storage == "int8" else None
+        step = block * max(1, _CHUNK * 16 // block)
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            padded = np.zeros((len(part), dim), np.float32)
+            padded[part >= 0] = embeddings[part[part >= 0]]
+            stored, chunk_scales = quantise(padded, storage)
+            chunks.append(tf.convert_to_tensor(stored))
+            if scales is not None:
+                scales[start:start + len(part)] = chunk_scales
+        real = rows >= 0
         # A padding row scores -inf: added to its (zero vector's) score, it is never among the top k.
         bias = np.where(real, 0.0, -np.inf).astype(np.float32).reshape(-1, block)
         variable = lambda value, name: tf.Variable(value, trainable=False, name=name)  # noqa: E731
-        self.vectors = variable(tf.reshape(stored, [-1, block, embeddings.shape[1]]), "vectors")
-        del stored
+        self.vectors = variable(tf.reshape(tf.concat(chunks, axis=0), [-1, block, dim]), "vectors")
+        del chunks
         self.scales = variable(scales.reshape(-1, block), "scales") if scales is not None else None
         self.bias = variable(bias, "bias")
         self.identifiers = variable(tf.gather(identifiers, np.maximum(rows, 0)), "identifiers")
