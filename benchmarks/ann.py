@@ -237,13 +237,17 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
     return rows
 
 
+def ms(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"  # "-": not timed
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"{'ads':>9} {'method':<15} {'storage':<9} {'nprobe':>6} {'recall':>7} {'b1 p50':>7} {'b1 p99':>7} "
              f"{'b64 p50':>8} {'b64 p99':>8} {'x brute':>7} {'MiB':>7} {'build s':>7}"]
     for r in rows:
         lines.append(f"{r['n_ads']:>9} {r['method']:<15} {r.get('storage', ''):<9} {r.get('nprobe', ''):>6} "
-                     f"{r['recall']:7.4f} {r['b1_p50_ms']:7.2f} {r['b1_p99_ms']:7.2f} {r.get('b64_p50_ms', 0):8.2f} "
-                     f"{r.get('b64_p99_ms', 0):8.2f} {r['b1_x_brute']:7.1f} "
+                     f"{r['recall']:7.4f} {r['b1_p50_ms']:7.2f} {r['b1_p99_ms']:7.2f} {ms(r, 'b64_p50_ms'):>8} "
+                     f"{ms(r, 'b64_p99_ms'):>8} {r['b1_x_brute']:7.1f} "
                      f"{r['index_mb']:7.1f} {r.get('build_seconds', 0):7.1f}")
     return "\n".join(lines)
 
