@@ -11,15 +11,22 @@ normalised; queries are drawn the same way. For each catalog size, in one proces
   whose recall reaches the IVF's, when faiss is installed (`pip install 'adrec[bench]'`); the
   report says plainly when it is missing.
 Latencies are of a tf.function of the served graph's search (query embedding given), on
-however many cores the machine has.
+however many cores the machine has. The machine is shared, so all cases of a catalog size are timed
+in interleaved rounds in one process (`--rounds`), each row records the 1-minute load average over
+its rounds, and `b1_x_brute` / `b64_x_brute` (brute force's p50 over the row's) are the fairer
+numbers under load.
 
     .venv/bin/python benchmarks/ann.py --ads 100000 1000000 --out runs/bench/ann.json
-    .venv/bin/python benchmarks/ann.py --ten-million   # adds 10M ads (about 5 GB, minutes of k-means)
+    # 10M ads: ~11 GB of RAM at peak (catalog, its TF copy for brute force, the IVF storage and its
+    # build, faiss); faiss on the IVF's own k-means instead of a second one, float32 only
+    .venv/bin/python benchmarks/ann.py --ads 10000000 --partitions 4000 --iterations 5 --storage float32 \
+        --nprobe 4 8 16 32 --faiss-shared-partitions --keep-other-sizes --out runs/bench/ann.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -52,46 +59,95 @@ def clustered(n: int, centres: np.ndarray, weights: np.ndarray, spread: float, r
     return out
 
 
-def exact_top(ads: tf.Tensor, queries: np.ndarray, k: int) -> np.ndarray:
-    return np.concatenate([tf.math.top_k(tf.linalg.matmul(queries[i:i + 64], ads, transpose_b=True), k=k)
-                           .indices.numpy() for i in range(0, len(queries), 64)])
+def exact_top(ads: tf.Tensor, queries: np.ndarray, k: int, ad_chunk: int = 1 << 20) -> np.ndarray:
+    """The exact top k by inner product, 64 queries at a time over chunks of 1M ads ([64, 1M] scores,
+    256 MB), merged: each chunk of ads is read once per 64 queries."""
+    out = []
+    for i in range(0, len(queries), 64):
+        values, indices = [], []
+        for j in range(0, ads.shape[0], ad_chunk):
+            chunk = ads[j:j + ad_chunk]
+            top = tf.math.top_k(tf.linalg.matmul(queries[i:i + 64], chunk, transpose_b=True),
+                                k=min(k, chunk.shape[0]))
+            values.append(top.values)
+            indices.append(top.indices + j)
+        best = tf.math.top_k(tf.concat(values, axis=1), k=k).indices
+        out.append(tf.gather(tf.concat(indices, axis=1), best, batch_dims=1).numpy())
+    return np.concatenate(out)
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
-def latency(fn, queries: np.ndarray, batch: int, min_calls: int, min_seconds: float) -> dict:
-    """p50/p99 ms of `fn` on `batch` queries, cycling through the query set."""
-    chunks = [queries[i:i + batch] for i in range(0, len(queries) - batch + 1, batch)]
-    fn(chunks[0])
-    times = []
+class Timer:
+    """Latencies of several cases, timed in interleaved rounds in one process: the machine is shared, so
+    every case sees the same mix of load, and ratios between cases are fairer than absolute ms."""
+
+    def __init__(self, queries: np.ndarray, batches: list[int]):
+        self.chunks = {b: [queries[i:i + b] for i in range(0, len(queries) - b + 1, b)] for b in batches}
+        self.cases: list[tuple[dict, int, object, list, list]] = []  # (row, batch, fn, times ms, load averages)
+
+    def add(self, row: dict, fn, batches=None) -> None:
+        for batch, chunks in self.chunks.items():
+            if batches is not None and batch not in batches:
+                continue
+            fn(chunks[0])  # traced and warm
+            self.cases.append((row, batch, fn, [], []))
+
+    def run(self, rounds: int, seconds: float, min_calls: int) -> None:
+        """`rounds` passes over every case, each pass at least seconds / rounds and min_calls / rounds
+        calls long (a slow case stops after 2 calls once it has taken 4x its share)."""
+        share = seconds / rounds
+        for r in range(rounds):
+            for _row, batch, fn, times, loads in self.cases:
+                chunks = self.chunks[batch]
+                started = time.perf_counter()
+                calls = 0
+                while calls < max(1, min_calls // rounds) or time.perf_counter() - started < share:
+                    t0 = time.perf_counter()
+                    fn(chunks[len(times) % len(chunks)])
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    calls += 1
+                    if calls >= 2 and time.perf_counter() - started > 4 * share:
+                        break
+                loads.append(os.getloadavg()[0])
+            log(f"timing round {r + 1}/{rounds}, load {os.getloadavg()[0]:.1f}")
+        for row, batch, _, times, loads in self.cases:
+            row.update({f"b{batch}_p50_ms": float(np.percentile(times, 50)),
+                        f"b{batch}_p99_ms": float(np.percentile(times, 99)), f"b{batch}_calls": len(times),
+                        f"b{batch}_load_avg_1m": [round(min(loads), 2), round(max(loads), 2)]})
+
+
+def faiss_index(faiss, ads: np.ndarray, layout, args):
+    """faiss IndexIVFFlat (inner product, as many partitions). Own k-means (the same bounded sample of 64
+    ads per partition), or with --faiss-shared-partitions the IVF's own centroids and assignment (no
+    second k-means: then both search exactly the same ads at the same nprobe)."""
     started = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        fn(chunks[len(times) % len(chunks)])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {f"b{batch}_p50_ms": float(np.percentile(times, 50)), f"b{batch}_p99_ms": float(np.percentile(times, 99))}
+    dim, n_partitions = ads.shape[1], layout.n_partitions
+    quantiser = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantiser, dim, n_partitions, faiss.METRIC_INNER_PRODUCT)
+    if args.faiss_shared_partitions:
+        quantiser.add(layout.centroids)
+        index.is_trained = True
+        for j in range(n_partitions):
+            rows = layout.order[layout.starts[j]:layout.starts[j] + layout.sizes[j]].astype(np.int64)
+            codes = np.ascontiguousarray(ads[rows]).view(np.uint8)
+            index.invlists.add_entries(j, len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(codes))
+        index.ntotal = len(ads)
+    else:
+        index.cp.seed = args.seed
+        index.cp.niter = args.iterations
+        index.cp.max_points_per_centroid = 64  # the same bounded training sample as the IVF build
+        index.train(ads)
+        index.add(ads)
+    return index, time.perf_counter() - started
 
 
-def timings(fn, queries, args) -> dict:
-    out = {}
-    for batch in args.batch:
-        out.update(latency(fn, queries, batch, args.min_calls, args.min_seconds))
-    return out
-
-
-def faiss_at_recall(faiss, ads, queries, exact, targets, n_partitions, k, args) -> list[dict]:
-    """faiss IVF-Flat (one build), at the smallest nprobe (powers of 2 and --nprobe) reaching each target recall."""
-    started = time.perf_counter()
-    quantiser = faiss.IndexFlatIP(ads.shape[1])
-    index = faiss.IndexIVFFlat(quantiser, ads.shape[1], n_partitions, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = args.seed
-    index.cp.niter = args.iterations
-    index.cp.max_points_per_centroid = 64  # the same bounded training sample as the IVF build
-    index.train(ads)
-    index.add(ads)
-    build = time.perf_counter() - started
+def faiss_rows(faiss, ads, queries, exact, targets, layout, k, args) -> list[tuple[dict, object]]:
+    """faiss IVF-Flat at the smallest nprobe (powers of 2, --nprobe) reaching each target recall."""
+    index, build = faiss_index(faiss, ads, layout, args)
+    n_partitions = layout.n_partitions
     probes = sorted({*(2**i for i in range(n_partitions.bit_length())), *args.nprobe, n_partitions})
     reached = []  # (nprobe, recall), until the highest target is reached
     for nprobe in (p for p in probes if p <= n_partitions):
@@ -105,13 +161,16 @@ def faiss_at_recall(faiss, ads, queries, exact, targets, n_partitions, k, args) 
         if nprobe in rows:
             rows[nprobe]["target_recalls"].append(target)
             continue
-        index.nprobe = nprobe
         rows[nprobe] = {"method": "faiss_ivf_flat", "target_recalls": [target], "nprobe": nprobe, "recall": got,
-                        "build_seconds": build,
+                        "build_seconds": build, "shared_partitions": args.faiss_shared_partitions,
                         # float32 vectors, int64 ids, centroids
-                        "index_mb": (ads.nbytes + len(ads) * 8 + n_partitions * ads.shape[1] * 4) / 2**20,
-                        **timings(lambda q: index.search(q, k), queries, args)}
-    return list(rows.values())
+                        "index_mb": (ads.nbytes + len(ads) * 8 + n_partitions * ads.shape[1] * 4) / 2**20}
+
+    def search(q, nprobe):
+        index.nprobe = nprobe
+        return index.search(q, k)
+
+    return [(row, lambda q, nprobe=nprobe: search(q, nprobe)) for nprobe, row in rows.items()]
 
 
 def bench_size(n_ads: int, args, faiss) -> list[dict]:
@@ -126,15 +185,20 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
     log(f"{n_ads} ads x {args.dim} in {args.clusters} clusters ({time.perf_counter() - started:.1f}s)")
     k = min(args.k, n_ads)
     ads_tf = tf.constant(ads)
+    ads = np.asarray(ads_tf)  # shares the tensor's buffer: one copy of the catalog (2.5 GB at 10M), not two
     exact = exact_top(ads_tf, queries, k)
+    log(f"exact top {k} of {len(queries)} queries ({time.perf_counter() - started:.1f}s)")
+    timer = Timer(queries, args.batch)
 
     @tf.function(reduce_retracing=True)
     def brute(q):
         return tf.math.top_k(tf.linalg.matmul(q, ads_tf, transpose_b=True), k=k)
 
-    rows = [{"n_ads": n_ads, "method": "brute_force", "recall": 1.0, "index_mb": ads.nbytes / 2**20,
-             **timings(lambda q: brute(q).values.numpy(), queries, args)}]
-    log(f"brute force: {rows[-1]}")
+    rows = [{"n_ads": n_ads, "method": "brute_force", "recall": 1.0, "index_mb": ads.nbytes / 2**20}]
+    # The exported brute force scores a batch against every ad at once: [batch, n] floats
+    brute_batches = [b for b in args.batch if b * n_ads * 4 <= args.max_brute_scores_gb * 2**30]
+    rows[-1]["batches_not_timed"] = sorted(set(args.batch) - set(brute_batches))
+    timer.add(rows[-1], lambda q: brute(q).values.numpy(), brute_batches)
     layout = build_layout(ads, args.partitions, seed=args.seed, iterations=args.iterations)
     log(f"layout {layout.describe()}")
     ids = tf.range(n_ads)
@@ -143,33 +207,47 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
         index = IvfIndex(None, ads, ids, layout, nprobe=1, storage=storage)
         stored = time.perf_counter() - t0
         for nprobe in args.nprobe:
-            index.nprobe = min(nprobe, index.n_partitions)
-            search = tf.function(lambda q, index=index: index.search(q, k), reduce_retracing=True)
+            nprobe = min(nprobe, index.n_partitions)
+
+            def search(q, index=index, nprobe=nprobe):
+                index.nprobe = nprobe  # read when traced: each tf.function keeps its own
+                return index.search(q, k)
+
+            search = tf.function(search, reduce_retracing=True)
             found = np.concatenate([search(queries[i:i + 64])[1].numpy() for i in range(0, len(queries), 64)])
-            row = {"n_ads": n_ads, "method": "ivf", "storage": storage, "nprobe": index.nprobe,
+            row = {"n_ads": n_ads, "method": "ivf", "storage": storage, "nprobe": nprobe,
                    "recall": recall(found, exact), "index_mb": index.nbytes() / 2**20,
-                   "build_seconds": layout.build_seconds + stored, **layout.describe(),
-                   **timings(lambda q, search=search: search(q)[0].numpy(), queries, args)}
+                   "build_seconds": layout.build_seconds + stored, **layout.describe()}
             rows.append(row)
-            log(f"ivf {storage} nprobe {index.nprobe}: recall {row['recall']:.4f} "
-                f"p50 {row['b1_p50_ms']:.2f} ms (batch 1)")
+            timer.add(row, lambda q, search=search: search(q)[0].numpy())
+            log(f"ivf {storage} nprobe {nprobe}: recall {row['recall']:.4f}")
     if faiss is not None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
-        targets = sorted({r["recall"] for r in rows if r["method"] == "ivf" and r["storage"] == "float32"})
-        for row in faiss_at_recall(faiss, ads, queries, exact, targets, layout.n_partitions, k, args):
+        ivf = [r for r in rows if r["method"] == "ivf"]
+        targets = sorted({r["recall"] for r in ivf if r["storage"] == "float32"} or {r["recall"] for r in ivf})
+        for row, fn in faiss_rows(faiss, ads, queries, exact, targets, layout, k, args):
             rows.append({"n_ads": n_ads, **row})
-            log(f"faiss nprobe {row['nprobe']}: recall {row['recall']:.4f} p50 {row['b1_p50_ms']:.2f} ms")
+            timer.add(rows[-1], fn)
+            log(f"faiss nprobe {row['nprobe']}: recall {row['recall']:.4f}")
+    timer.run(args.rounds, args.min_seconds, args.min_calls)
+    for row in rows:
+        row.update({f"b{b}_x_brute": rows[0][f"b{b}_p50_ms"] / row[f"b{b}_p50_ms"] for b in brute_batches})
+        log(f"{row['method']} {row.get('storage', '')} nprobe {row.get('nprobe', '-')}: recall {row['recall']:.4f} "
+            f"p50 {row['b1_p50_ms']:.2f} ms (batch 1)")
     return rows
+
+
+def ms(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"  # "-": not timed
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'ads':>9} {'method':<15} {'storage':<9} {'nprobe':>6} {'recall':>7} {'b1 p50':>7} {'b1 p99':>7} "
              f"{'b64 p50':>8} {'b64 p99':>8} {'x brute':>7} {'MiB':>7} {'build s':>7}"]
-    brute = {r["n_ads"]: r["b1_p50_ms"] for r in rows if r["method"] == "brute_force"}
     for r in rows:
         lines.append(f"{r['n_ads']:>9} {r['method']:<15} {r.get('storage', ''):<9} {r.get('nprobe', ''):>6} "
-                     f"{r['recall']:7.4f} {r['b1_p50_ms']:7.2f} {r['b1_p99_ms']:7.2f} {r.get('b64_p50_ms', 0):8.2f} "
-                     f"{r.get('b64_p99_ms', 0):8.2f} {brute[r['n_ads']] / r['b1_p50_ms']:7.1f} "
+                     f"{r['recall']:7.4f} {r['b1_p50_ms']:7.2f} {r['b1_p99_ms']:7.2f} {ms(r, 'b64_p50_ms'):>8} "
+                     f"{ms(r, 'b64_p99_ms'):>8} {r['b1_x_brute']:7.1f} "
                      f"{r['index_mb']:7.1f} {r.get('build_seconds', 0):7.1f}")
     return "\n".join(lines)
 
@@ -177,7 +255,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ads", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--ten-million", action="store_true", help="also 10M ads (about 5 GB of RAM)")
+    parser.add_argument("--ten-million", action="store_true", help="also 10M ads (~11 GB of RAM at peak)")
     parser.add_argument("--dim", type=int, default=64, help="embedding size (retrieval.embedding_dim)")
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--spread", type=float, default=1.0, help="noise norm around a cluster centre")
@@ -189,7 +267,14 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", nargs="+", default=["float32", "bfloat16", "int8"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--min-calls", type=int, default=20)
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="time each case at least this long in all")
+    parser.add_argument("--max-brute-scores-gb", type=float, default=1.0,
+                        help="brute force is not timed at a batch whose [batch, ads] scores exceed this")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds over all cases")
+    parser.add_argument("--faiss-shared-partitions", action="store_true",
+                        help="faiss uses the IVF's k-means (no second k-means; its build time is then the add only)")
+    parser.add_argument("--keep-other-sizes", action="store_true",
+                        help="keep the rows of other catalog sizes already in --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "ann.json")
     args = parser.parse_args(argv)
@@ -201,6 +286,9 @@ def main(argv=None) -> int:
         print("faiss-cpu is not installed: no faiss IVF-Flat comparison (pip install 'adrec[bench]')", flush=True)
     sizes = [*args.ads, *([10_000_000] if args.ten_million else [])]
     rows = [r for n in sizes for r in bench_size(n, args, faiss)]
+    if args.keep_other_sizes and args.out.exists():
+        rows += [r for r in json.loads(args.out.read_text())["results"] if r["n_ads"] not in sizes]
+        rows.sort(key=lambda r: r["n_ads"])
     write_report(args.out, "ann", dim=args.dim, k=args.k, clusters=args.clusters, spread=args.spread,
                  faiss=faiss.__version__ if faiss is not None else "not installed", results=rows)
     print(table(rows))

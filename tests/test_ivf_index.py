@@ -85,6 +85,30 @@ def test_a_request_for_more_ads_than_the_probes_hold_widens_the_probe(trained_ti
     np.testing.assert_allclose(scores, np.sort(queries @ ads.T, axis=1)[:, ::-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_blocks_pad_partitions_and_one_query_matches_the_batch(block):
+    """Partitions padded to whole blocks (7: most end in a part-filled block; 64: larger than most
+    partitions): padding never comes back, and a query alone (its matrix-vector path) finds what it
+    finds within a batch."""
+    rng = np.random.default_rng(5)
+    ads, queries = rng.standard_normal((300, 8)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
+    layout = build_layout(ads, 20, seed=2)
+    index = IvfIndex(None, ads, tf.range(len(ads)), layout, 3, block=block)
+    assert index.vectors.shape[1] == block and index.vectors.shape[0] * block >= len(ads)
+    scores, ids = (t.numpy() for t in index(tf.constant(queries), 40))
+    assert np.isfinite(scores).all() and all(len(set(row)) == 40 for row in ids)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ ads.T, ids, axis=1), rtol=1e-5, atol=1e-6)
+    for b in range(len(queries)):
+        alone_scores, alone_ids = (t.numpy()[0] for t in index(tf.constant(queries[b:b + 1]), 40))
+        np.testing.assert_array_equal(alone_ids, ids[b])
+        np.testing.assert_allclose(alone_scores, scores[b], rtol=1e-5, atol=1e-6)
+    every = IvfIndex(None, ads, tf.range(len(ads)), layout, layout.n_partitions, block=block)
+    exact = np.argsort(-(queries @ ads.T), axis=1)[:, :40]
+    np.testing.assert_array_equal(every(tf.constant(queries), 40)[1].numpy(), exact)
+    with pytest.raises(ValueError, match="ivf block 0"):
+        IvfIndex(None, ads, tf.range(len(ads)), layout, 3, block=0)
+
+
 @pytest.mark.parametrize("storage, atol, min_recall", [("bfloat16", 2e-2, 0.8), ("int8", 2e-2, 0.8)])
 def test_quantised_storage_scores_close_to_exact(trained_tiny, storage, atol, min_recall):
     _, queries, ads = _embeddings(trained_tiny)

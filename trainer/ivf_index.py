@@ -4,17 +4,20 @@ ScaNN's index needs custom ops that the stock TF Serving binary does not link; t
 none, so `tensorflow_model_server` loads it like the brute-force graph.
 
 Built at export time (numpy): seeded spherical k-means on the catalog's ad embeddings (a few
-Lloyd iterations on a bounded sample, random init, then every ad assigned once) splits the catalog
-into P partitions. The vectors are stored grouped by partition, as float32, bfloat16 or int8 with
-a per-vector symmetric scale, so a partition is one range of storage rows (start, size); the graph
-holds them, the centroids and the ids as variables. Ranges rather than a padded [P, max_size] row
-matrix because k-means partitions are uneven (the largest several times the mean): padding every
-probed partition to the largest would read several times the ads it scores.
+Lloyd iterations on a bounded sample, random init, then every ad assigned once, in chunks) splits
+the catalog into P partitions. The vectors are stored grouped by partition, as float32, bfloat16 or
+int8 with a per-vector symmetric scale, in blocks of `block` rows: a partition is one range of
+blocks (start, count), its last block padded with zero vectors that a -inf bias keeps out of every
+top K. Ranges rather than a padded [P, max_size] matrix because k-means partitions are uneven (the
+largest several times the mean); blocks rather than single rows so the graph gathers a query's ads
+in one gather of [block, d] slabs (a few percent of padding, fewer gather indices).
 
 Served (`IvfIndex.__call__`): query tower -> scores against the centroids -> the `nprobe` best
-partitions -> their rows (per query, padded with -1 to the longest query of the batch) -> exact
-scores on the dequantised vectors -> padding masked -> top-K; the same (scores, identifiers) as
-the brute-force index.
+partitions -> their blocks, every query's back to back over the batch (one gather, no padding
+between queries) -> exact scores on the dequantised vectors (one matrix-vector product for a single
+query, a batched product against each block's own query otherwise) -> per query top-K over its own
+scores (only the [batch, candidates] scores are padded to the longest query, never the vectors); the
+same (scores, identifiers) as the brute-force index.
 
 A request for more candidates than the `nprobe` partitions hold (the recommender over-fetches by
 its exclusions) widens the probe: partitions are added in centroid order until each query's probed
@@ -37,6 +40,7 @@ STORAGES = ("float32", "bfloat16", "int8")
 SAMPLE_PER_PARTITION = 64  # k-means trains on at most this many ads per partition (bounded work)
 LOG_FROM_ADS = 100_000  # catalogs this large log each k-means step to stderr
 _CHUNK = 8192  # rows per assignment chunk: bounds the [chunk, P] score matrix
+BLOCK = 16  # storage rows per gathered block
 
 
 def auto_partitions(n_ads: int) -> int:
@@ -115,7 +119,7 @@ def build_layout(vectors: np.ndarray, n_partitions: int = 0, seed: int = 0, iter
     if p > n:
         raise ValueError(f"export.ivf_partitions {p} is more than the catalog's {n} ads")
     centroids = kmeans(vectors, p, seed, iterations)
-    labels = assign(_unit(vectors.astype(np.float32)), centroids)
+    labels = assign(np.asarray(vectors, np.float32), centroids)  # argmax is the same for unit or raw vectors
     counts = np.bincount(labels, minlength=p)
     kept = np.flatnonzero(counts)
     remap = np.full(p, -1, np.int64)
@@ -128,17 +132,17 @@ def build_layout(vectors: np.ndarray, n_partitions: int = 0, seed: int = 0, iter
                      order=order, build_seconds=time.perf_counter() - started)
 
 
-def quantise(vectors: np.ndarray, storage: str) -> tuple[tf.Tensor, np.ndarray | None]:
+def quantise(vectors: np.ndarray, storage: str) -> tuple[np.ndarray | tf.Tensor, np.ndarray | None]:
     """The stored vectors and, for int8, each vector's scale (v ~= q * scale, |q| <= 127)."""
     vectors = np.asarray(vectors, np.float32)
     if storage == "float32":
-        return tf.constant(vectors), None
+        return vectors, None
     if storage == "bfloat16":
-        return tf.cast(tf.constant(vectors), tf.bfloat16), None
+        return tf.cast(vectors, tf.bfloat16), None
     if storage == "int8":
         scale = np.abs(vectors).max(axis=1) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        return tf.constant(np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8)), scale
+        return np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8), scale
     raise ValueError(f"export.ivf_storage {storage!r}: expected one of {list(STORAGES)}")
 
 
@@ -147,30 +151,59 @@ class IvfIndex(tf.Module):
 
     `query_model` maps the request's features to [batch, d] float32 query embeddings (None: the
     caller passes the embeddings). `identifiers` ([n], any dtype) are what the index returns per ad.
+    `block`: storage rows per gathered block (each partition padded to a whole number of blocks).
     """
 
     def __init__(self, query_model, embeddings: np.ndarray, identifiers, layout: IvfLayout, nprobe: int,
-                 storage: str = "float32", name: str = "ivf_index"):
+                 storage: str = "float32", block: int = BLOCK, name: str = "ivf_index"):
         super().__init__(name=name)
         if nprobe < 1:
             raise ValueError(f"export.nprobe {nprobe}: expected an integer >= 1")
+        if block < 1:
+            raise ValueError(f"ivf block {block}: expected an integer >= 1")
         self.query_model = query_model
         self.n_ads = len(layout.order)
         self.n_partitions = layout.n_partitions
         self.nprobe = min(nprobe, self.n_partitions)  # probing every partition is the exact search
         self.storage = storage
-        stored, scales = quantise(np.asarray(embeddings)[layout.order], storage)
+        self.block = block
+        blocks = -(-layout.sizes.astype(np.int64) // block)  # per partition
+        block_starts = np.concatenate([[0], np.cumsum(blocks)[:-1]])
+        # storage row -> catalog row (-1: padding at the end of a partition's last block)
+        rows = np.full(int(blocks.sum()) * block, -1, np.int64)
+        within = np.arange(self.n_ads) - np.repeat(layout.starts.astype(np.int64), layout.sizes)
+        rows[np.repeat(block_starts * block, layout.sizes) + within] = layout.order
+        embeddings = np.asarray(embeddings)
+        dim = embeddings.shape[1]
+        # Stored chunk by chunk: the build holds the catalog, the stored copy and one chunk, never a
+        # padded float32 copy next to its quantised one (2.5 GB each at 10M x 64 float32).
+        chunks, scales = [], np.ones(len(rows), np.float32) if storage == "int8" else None
+        step = block * max(1, _CHUNK * 16 // block)
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            padded = np.zeros((len(part), dim), np.float32)
+            padded[part >= 0] = embeddings[part[part >= 0]]
+            stored, chunk_scales = quantise(padded, storage)
+            chunks.append(tf.convert_to_tensor(stored))
+            if scales is not None:
+                scales[start:start + len(part)] = chunk_scales
+        real = rows >= 0
+        # A padding row scores -inf: added to its (zero vector's) score, it is never among the top k.
+        bias = np.where(real, 0.0, -np.inf).astype(np.float32).reshape(-1, block)
         variable = lambda value, name: tf.Variable(value, trainable=False, name=name)  # noqa: E731
-        self.vectors = variable(stored, "vectors")
-        self.scales = variable(scales, "scales") if scales is not None else None
-        self.identifiers = variable(tf.gather(identifiers, layout.order), "identifiers")
+        self.vectors = variable(tf.reshape(tf.concat(chunks, axis=0), [-1, block, dim]), "vectors")
+        del chunks
+        self.scales = variable(scales.reshape(-1, block), "scales") if scales is not None else None
+        self.bias = variable(bias, "bias")
+        self.identifiers = variable(tf.gather(identifiers, np.maximum(rows, 0)), "identifiers")
         self.centroids = variable(layout.centroids, "centroids")
-        self.starts = variable(layout.starts, "starts")
+        self.block_starts = variable(block_starts.astype(np.int32), "block_starts")
+        self.blocks = variable(blocks.astype(np.int32), "blocks")
         self.sizes = variable(layout.sizes, "sizes")
 
     def nbytes(self) -> int:
-        """Memory of the numeric index (vectors, scales, centroids, partition ranges); not the ids."""
-        parts = [self.vectors, self.centroids, self.starts, self.sizes]
+        """Memory of the numeric index (vectors, scales, padding bias, centroids, partition ranges); not the ids."""
+        parts = [self.vectors, self.bias, self.centroids, self.block_starts, self.blocks, self.sizes]
         if self.scales is not None:
             parts.append(self.scales)
         return sum(int(np.prod(v.shape)) * v.dtype.size for v in parts)
@@ -194,22 +227,35 @@ class IvfIndex(tf.Module):
         queries = tf.cast(queries, tf.float32)
         k = tf.minimum(tf.cast(k, tf.int32), self.n_ads)
         probes = self._probes(tf.linalg.matmul(queries, self.centroids, transpose_b=True), k)  # [B, p]
-        starts = tf.gather(self.starts, probes)
-        sizes = tf.gather(self.sizes, probes)
-        # Each query's probed storage rows, its partitions' ranges back to back, padded with -1 to the
-        # longest in the batch: a query reads its partitions' ads and nothing more.
-        ranges = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(starts + sizes, [-1]))
-        rows = tf.RaggedTensor.from_row_lengths(ranges.flat_values, tf.reduce_sum(sizes, axis=1))
-        rows = rows.to_tensor(default_value=-1)  # [B, C]
-        real = rows >= 0
-        rows = tf.maximum(rows, 0)  # padding reads row 0, masked below
-        vectors = tf.cast(tf.gather(self.vectors, rows), tf.float32)  # [B, C, d]
-        scores = tf.squeeze(tf.linalg.matmul(vectors, queries[:, :, None]), axis=2)  # exact, dequantised
+        starts = tf.gather(self.block_starts, probes)
+        counts = tf.gather(self.blocks, probes)
+        # Every query's probed blocks, back to back over the batch (no padding between queries): one
+        # gather of contiguous [block, d] slabs, each scored against its own query.
+        blocks = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(starts + counts, [-1])).flat_values  # [T]
+        per_query = tf.reduce_sum(counts, axis=1)  # [B] blocks
+        batch, dim = tf.shape(queries)[0], self.vectors.shape[-1]
+        vectors = tf.cast(tf.gather(self.vectors, blocks), tf.float32)  # [T, block, d]
+
+        def one_query():  # one matrix-vector product: a batched matmul of [block, d] x [d, 1] is several x slower
+            return tf.reshape(tf.linalg.matmul(tf.reshape(vectors, [-1, dim]), queries, transpose_b=True),
+                              [-1, self.block])
+
+        def per_block_query():
+            owner = tf.repeat(tf.range(batch), per_query)  # [T] the query of each block
+            return tf.squeeze(tf.linalg.matmul(vectors, tf.gather(queries, owner)[:, :, None]), axis=2)
+
+        scores = tf.cond(tf.equal(batch, 1), one_query, per_block_query)  # [T, block]
         if self.scales is not None:
-            scores = scores * tf.gather(self.scales, rows)
-        scores = tf.where(real, scores, float("-inf"))
-        top = tf.math.top_k(scores, k=k)
-        return top.values, tf.gather(self.identifiers, tf.gather(rows, top.indices, batch_dims=1))
+            scores = scores * tf.gather(self.scales, blocks)
+        scores = scores + tf.gather(self.bias, blocks)
+        # Only the scores are padded to the batch's longest candidate list (4 bytes a candidate).
+        lengths = per_query * self.block
+        ragged = tf.RaggedTensor.from_row_lengths(tf.reshape(scores, [-1]), lengths)
+        top = tf.math.top_k(ragged.to_tensor(default_value=float("-inf")), k=k)
+        position = tf.cumsum(lengths, exclusive=True)[:, None] + top.indices  # into the flat scores
+        block_of, row_in_block = position // self.block, position % self.block
+        rows = tf.gather(blocks, block_of) * self.block + row_in_block
+        return top.values, tf.gather(self.identifiers, rows)
 
     def __call__(self, features, k) -> tuple[tf.Tensor, tf.Tensor]:
         queries = self.query_model(features) if self.query_model is not None else features
