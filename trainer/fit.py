@@ -78,11 +78,12 @@ class EpochTimer(tf.keras.callbacks.Callback):
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
               monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None,
-              loggers: tuple[tf.keras.callbacks.Callback, ...] = ()) -> dict:
+              loggers: tuple[tf.keras.callbacks.Callback, ...] = (), steps_per_epoch: int | None = None) -> dict:
     """Fit `model` (or restore it if this stage already finished); returns history and step count.
 
     Early stopping on `monitor` (restoring the best epoch's weights) needs `validation` or `metrics`,
-    a callback that puts the monitored value into each epoch's logs; `loggers` put more values there."""
+    a callback that puts the monitored value into each epoch's logs; `loggers` put more values there.
+    `steps_per_epoch`: the epoch's length for a dataset that repeats (streamed input)."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     backup_dir = model_dir / "backup" / name
@@ -108,7 +109,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
     hist = model.fit(dataset, epochs=epochs, validation_data=validation, verbose=fit_verbosity(progress),
-                     callbacks=callbacks)
+                     callbacks=callbacks, steps_per_epoch=steps_per_epoch)
     state = {"steps": int(model.optimizer.iterations.numpy()),
              "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
              "epochs": [int(e) + 1 for e in hist.epoch],  # 1-based; a resumed fit lists only the epochs it ran
