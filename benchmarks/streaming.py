@@ -76,7 +76,7 @@ def child(config: Path) -> int:
 
     cfg = load_config(config)
     t0 = time.perf_counter()
-    trained = run_training(cfg, progress=False, with_ranking=True)
+    trained = run_training(cfg, progress=True, with_ranking=True)
     seconds = time.perf_counter() - t0
     m = trained.metrics
     rows = m["stream"]["rows"] if "stream" in m else len(trained.split.train)
@@ -97,10 +97,13 @@ def _run_child(raw: dict, work: Path, name: str) -> dict:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, __file__, "--child", str(path)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "ADREC_QUIET": "1"})
+    log_file = work / f"{name}.log"  # the child's progress lines, to follow a long run
+    print(f"{name}: training (progress in {log_file})", file=sys.stderr)
+    with open(log_file, "w") as err:
+        run = subprocess.run([sys.executable, __file__, "--child", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=err, text=True)
     if run.returncode != 0:
-        sys.stderr.write(run.stdout[-3000:] + run.stderr[-5000:])
+        sys.stderr.write(run.stdout[-3000:] + log_file.read_text()[-5000:])
         raise SystemExit(f"{name} run failed (exit {run.returncode})")
     out = json.loads(run.stdout.strip().splitlines()[-1])
     return {**out, "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -131,8 +134,13 @@ def main(argv=None) -> int:
         sub_rows = min(args.in_memory_rows, args.rows)
         sub_spec = write_inputs(work / "subsample", sub_rows, max(1, args.files * sub_rows // args.rows),
                                 args.piece_rows, args.users)
-        streamed = _run_child(_config(spec, work / "stream", True, args.hash_users), work, "stream")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The short in-memory run first, its numbers kept, so a long streaming run that is stopped leaves them.
         in_memory = _run_child(_config(sub_spec, work / "memory", False, 0), work, "in_memory")
+        out.write_text(json.dumps({"benchmark": "streaming", "rows": args.rows, "in_memory": in_memory,
+                                   "streaming": "not finished"}, indent=2))
+        streamed = _run_child(_config(spec, work / "stream", True, args.hash_users), work, "stream")
     result = {
         "benchmark": "streaming", "rows": args.rows, "files": args.files, "parquet_mb": round(size_mb, 1),
         "write_seconds": round(write_s, 1), "hash_users": args.hash_users, "streaming": streamed,
@@ -148,8 +156,6 @@ def main(argv=None) -> int:
     print(f"in-memory (subsample of {sub_rows:,d} rows, not the full log): {in_memory['rows_trained']:,d} training "
           f"rows, {in_memory['job_rows_per_s']:,d} rows/s end to end; ranking epoch "
           f"{in_memory['ranking_rows_per_s']:,d} rows/s; peak RSS {in_memory['peak_rss_mb']:.0f} MB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0 if result["under_budget"] else 1

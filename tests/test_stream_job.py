@@ -62,6 +62,9 @@ def test_streamed_job_trains_and_exports_servables_that_load_tf1(tmp_path):
     rows[schema.user_id] = [pseudonym(u, key) for u in rows[schema.user_id]]
     names = {*schema.query_features, *schema.ad_string_features, *schema.ad_text}
     feats = as_numpy_features(rows, sorted(names), schema)
+    for path in result.paths.values():
+        metadata = json.loads((path / "assets.extra" / "adrec.json").read_text())
+        assert metadata["hash_buckets"] == {"user_id": 97}
     scores = _tf1_run(result.paths["ranking"], feats)
     assert np.isfinite(scores["pctr"]).all() and scores["pctr"].shape == (16,)
     top = _tf1_run(result.paths["retrieval"], feats)
