@@ -130,3 +130,20 @@ def test_hashed_embedding_maps_every_id_into_its_buckets():
     assert out.shape == (4, 4) and layer.embedding.input_dim == 16
     np.testing.assert_array_equal(out[0], out[3])
     assert layer.get_config()["hash_buckets"] == 16
+
+
+def test_csv_logs_stream_with_their_physical_lines(tmp_path):
+    (tmp_path / "catalog.csv").write_text("ad,title,category\na1,Red shoes,fashion\na2,Blue hats,fashion\n")
+    (tmp_path / "day1.csv").write_text("user,ad,ts,clicked\nu1,a1,1700000000,1\nu2,a2,1700000100,0\n")
+    (tmp_path / "day2.csv").write_text("user,ad,ts,clicked\nu3,a9,1700000200,1\nu1,a2,1700000300,1\n")
+    spec = spec_from_dict({"name": "csv", "logs": {"files": ["day*.csv"]}, "catalog": {"files": ["catalog.csv"]},
+                           "columns": {"user_id": "user", "ad_id": "ad", "timestamp": "ts",
+                                       "labels": {"click": "clicked"}, "ad_categoricals": ["category"],
+                                       "ad_text": ["title"]}}, base_dir=tmp_path)
+    stream = open_stream(spec)
+    counts = count_pass(stream, spec.schema())
+    assert (counts.rows, stream.report.logs.skipped) == (3, {"unknown_ad": 1})
+    assert str(stream.report.examples["logs:unknown_ad"][0]).startswith("day2.csv:2: column 'ad'")
+    ds = log_dataset(stream, stream.files, ("user_id", "ad_id", "category", "click"), spec.schema(), 2)
+    rows = [(u.decode(), c.decode()) for b in ds for u, c in zip(b["user_id"].numpy(), b["category"].numpy())]
+    assert sorted(rows) == [("u1", "fashion"), ("u1", "fashion"), ("u2", "fashion")]
