@@ -214,7 +214,7 @@ def train_streaming(cfg: JobConfig, strategy, progress: bool = True, with_rankin
     read = sorted({Path(f).name for f in opened})
     log(f"stream: worker {index} of {workers} read in training: {', '.join(read)}")
     sample = _sample(stream, schema)
-    skipped = "streamed logs: no held-out rows (evaluate a held-out file set with `adrec evaluate`)"
+    skipped = "streamed logs (data.stream): the job holds out no rows, so it has no offline metrics"
     trained = TrainedModels(config=cfg, schema=schema, catalog=catalog,
                             split=DataSplit(train=sample, test=sample.iloc[:0], protocol="stream"),
                             vocabularies=vocabularies, text=text, catalog_text_embeddings=cached,
