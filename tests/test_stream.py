@@ -145,5 +145,6 @@ def test_csv_logs_stream_with_their_physical_lines(tmp_path):
     assert (counts.rows, stream.report.logs.skipped) == (3, {"unknown_ad": 1})
     assert str(stream.report.examples["logs:unknown_ad"][0]).startswith("day2.csv:2: column 'ad'")
     ds = log_dataset(stream, stream.files, ("user_id", "ad_id", "category", "click"), spec.schema(), 2)
-    rows = [(u.decode(), c.decode()) for b in ds for u, c in zip(b["user_id"].numpy(), b["category"].numpy())]
+    rows = [(u.decode(), c.decode())
+            for b in ds for u, c in zip(b["user_id"].numpy(), b["category"].numpy(), strict=True)]
     assert sorted(rows) == [("u1", "fashion"), ("u1", "fashion"), ("u2", "fashion")]
