@@ -66,7 +66,7 @@ def _user_roles_in_logs(spec: DataSpec) -> tuple[str, ...]:
     return () if spec.has_users else ("user_categoricals", "user_numerics")
 
 
-def _log_columns(spec: DataSpec) -> dict[str, str]:
+def log_columns(spec: DataSpec) -> dict[str, str]:
     c, labels = spec.columns, spec.columns.labels
     needed = {c.user_id: "user_id", c.ad_id: "ad_id", c.timestamp.column: "timestamp"}
     for role in ("click", "conversion", "rating"):
@@ -166,7 +166,7 @@ def _join_users(spec: DataSpec, report: ValidationReport, out: pd.DataFrame, use
         out[col] = out["user_id"].map(users[col]).fillna(users[col].mean()).astype("float64")
 
 
-def _check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
+def check_log_chunk(spec: DataSpec, report: ValidationReport, frame: pd.DataFrame,
                      catalog_ids: set[str], users: pd.DataFrame | None = None) -> pd.DataFrame:
     c, labels = spec.columns, spec.columns.labels
     user_cats = () if users is not None else c.user_categoricals
@@ -256,6 +256,27 @@ def load_dataset(spec: DataSpec, on_chunk: Callable[[str, int], None] | None = N
     `on_chunk(table, rows)` is called after each chunk is read and checked ("catalog", "users",
     "logs"; the chunk's source rows): a caller's progress display."""
     report = ValidationReport(spec_name=spec.name, root=str(spec.root_dir))
+    catalog, users = load_keyed_tables(spec, report, on_chunk)
+    catalog_ids = set(catalog["ad_id"])
+    logs = _read(spec, report, "logs", log_columns(spec),
+                 lambda f: check_log_chunk(spec, report, f, catalog_ids, users), on_chunk)
+    check_skipped(spec, report)
+    return LoadedData(catalog=catalog, logs=logs, schema=spec.schema(), report=report)
+
+
+def check_skipped(spec: DataSpec, report: ValidationReport) -> None:
+    """More skipped log rows than `max_skipped_fraction` fails the run."""
+    skipped = sum(report.logs.skipped.values())
+    if skipped > spec.max_skipped_fraction * report.logs.read:
+        raise DataValidationError(
+            f"{skipped:,d} of {report.logs.read:,d} log rows were skipped, more than max_skipped_fraction "
+            f"{spec.max_skipped_fraction:g}; is the spec's column mapping right?", report=report)
+
+
+def load_keyed_tables(spec: DataSpec, report: ValidationReport,
+                      on_chunk: Callable[[str, int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The validated catalog and, when the spec has one, the users table indexed by user id: the small
+    tables every log row is checked against."""
     vector_file = None
     if spec.columns.ad_vector.file:  # read (bounded) before the catalog: each catalog chunk looks its ads up
         try:
@@ -265,17 +286,9 @@ def load_dataset(spec: DataSpec, on_chunk: Callable[[str, int], None] | None = N
     seen: set[str] = set()
     catalog = _read(spec, report, "catalog", _catalog_columns(spec),
                     lambda f: _check_catalog_chunk(spec, report, f, seen, vector_file), on_chunk)
-    catalog_ids = set(catalog["ad_id"])
     users = None
     if spec.has_users:
         seen_users: set[str] = set()
         users = _read(spec, report, "users", _users_columns(spec),
                       lambda f: _check_users_chunk(spec, report, f, seen_users), on_chunk).set_index("user_id")
-    logs = _read(spec, report, "logs", _log_columns(spec),
-                 lambda f: _check_log_chunk(spec, report, f, catalog_ids, users), on_chunk)
-    skipped = sum(report.logs.skipped.values())
-    if skipped > spec.max_skipped_fraction * report.logs.read:
-        raise DataValidationError(
-            f"{skipped:,d} of {report.logs.read:,d} log rows were skipped, more than max_skipped_fraction "
-            f"{spec.max_skipped_fraction:g}; is the spec's column mapping right?", report=report)
-    return LoadedData(catalog=catalog, logs=logs, schema=spec.schema(), report=report)
+    return catalog, users

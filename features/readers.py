@@ -114,13 +114,16 @@ def _check_first_row_width(table: TableSpec, path: Path) -> None:
                             f"({table.sep!r}-separated)")
 
 
-def _read_parquet(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _read_parquet(path: Path, chunk_rows: int, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise DataReadError(f"{path}: not a readable Parquet file: {err}") from err
+    if columns is not None:  # the file's columns among them; a missing one is reported by validation
+        present = set(parquet.schema_arrow.names)
+        columns = [c for c in columns if c in present]
     start = 1
-    for batch in parquet.iter_batches(batch_size=chunk_rows):
+    for batch in parquet.iter_batches(batch_size=chunk_rows, columns=columns):
         frame = batch.to_pandas()
         frame[LINE_COL] = range(start, start + len(frame))
         start += len(frame)
@@ -158,16 +161,23 @@ def read_table(table: TableSpec, root: Path, chunk_rows: int, name: str = "table
 
     `name` (logs, catalog, users) names the table's keys in errors."""
     for path in resolve_files(table, root, f"{name}.files"):
-        fmt = _format_of(table, path)
-        if fmt == "parquet":
-            frames = _read_parquet(path, chunk_rows)
-        elif fmt == "mind_behaviors":
-            frames = map(expand_mind_behaviors, _read_text(table, path, chunk_rows, MIND_BEHAVIOR_COLUMNS))
-        elif fmt == "movielens_100k_items":
-            frames = map(movielens_100k_items, _read_text(table, path, chunk_rows, ML100K_ITEM_COLUMNS))
-        else:
-            frames = _read_text(table, path, chunk_rows)
-        for frame in frames:
-            rel = os.path.relpath(path, root)
-            frame[FILE_COL] = rel
-            yield Chunk(frame=frame, file=rel)
+        yield from read_file(table, path, root, chunk_rows)
+
+
+def read_file(table: TableSpec, path: Path, root: Path, chunk_rows: int,
+              columns: list[str] | None = None) -> Iterator[Chunk]:
+    """One file of a table as chunks of at most `chunk_rows` source rows (`_file` relative to `root`).
+    `columns`: read only these from a Parquet file (a streaming pass needs a few of many)."""
+    fmt = _format_of(table, path)
+    if fmt == "parquet":
+        frames = _read_parquet(path, chunk_rows, columns)
+    elif fmt == "mind_behaviors":
+        frames = map(expand_mind_behaviors, _read_text(table, path, chunk_rows, MIND_BEHAVIOR_COLUMNS))
+    elif fmt == "movielens_100k_items":
+        frames = map(movielens_100k_items, _read_text(table, path, chunk_rows, ML100K_ITEM_COLUMNS))
+    else:
+        frames = _read_text(table, path, chunk_rows)
+    rel = os.path.relpath(path, root)
+    for frame in frames:
+        frame[FILE_COL] = rel
+        yield Chunk(frame=frame, file=rel)

@@ -8,12 +8,18 @@ import pandas as pd
 
 from features.schema import DEFAULT_SCHEMA, FeatureSchema
 
+HASHED_KEY = "__hash_buckets__"  # in `to_dict`: the hashed features and their bucket counts
+
 
 @dataclass
 class Vocabularies:
-    """Per feature, the known values ordered by training frequency (ties by value)."""
+    """Per feature, the known values ordered by training frequency (ties by value).
+
+    `hashed`: features looked up by hash into a fixed number of buckets instead (an unbounded id space,
+    `data.stream.hash_buckets`); their `values` are empty."""
 
     values: dict[str, list] = field(default_factory=dict)
+    hashed: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> list:
         return self.values[name]
@@ -22,20 +28,28 @@ class Vocabularies:
         return len(self.values[name])
 
     def to_dict(self) -> dict[str, list]:
-        return {k: list(v) for k, v in self.values.items()}
+        out: dict = {k: list(v) for k, v in self.values.items()}
+        if self.hashed:
+            out[HASHED_KEY] = dict(self.hashed)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, list]) -> Vocabularies:
-        return cls(values={k: list(v) for k, v in d.items()})
+        hashed = {k: int(v) for k, v in dict(d.get(HASHED_KEY, {})).items()}
+        return cls(values={k: list(v) for k, v in d.items() if k != HASHED_KEY}, hashed=hashed)
 
 
 def _ordered_values(column: pd.Series, min_count: int) -> list:
-    counts = column.value_counts()
+    return ordered_by_count(column.value_counts(), min_count, pd.api.types.is_integer_dtype(column))
+
+
+def ordered_by_count(counts: pd.Series, min_count: int, integer: bool) -> list:
+    """Values (the index) with at least `min_count`, by count descending, ties by value."""
     counts = counts[counts >= min_count]
     frame = pd.DataFrame({"value": counts.index, "count": counts.to_numpy()})
     frame = frame.sort_values(["count", "value"], ascending=[False, True])
     values = frame["value"].tolist()
-    if pd.api.types.is_integer_dtype(column):
+    if integer:
         return [int(v) for v in values]
     return [str(v) for v in values]
 

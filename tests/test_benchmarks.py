@@ -22,6 +22,8 @@ CASES = {
     "dp_curve": ["--config", "configs/tiny.yaml", "--set", "retrieval.loss=full_softmax", "--set",
                  "data.synthetic.n_impressions=3000", "--noise", "1", "--epochs", "1", "--delta", "1e-4"],
     "read_logs": ["--rows", "5000", "--chunk-rows", "1000"],
+    "streaming": ["--rows", "6000", "--files", "3", "--piece-rows", "3000", "--users", "500",
+                  "--in-memory-rows", "3000"],
     "explanations": ["--impressions", "2000", "--history-length", "5", "--batches", "2", "--calls", "2"],
     "encoder_modes": ["--quick"],
     "ranking_real": ["--config", "configs/tiny.yaml", "--set", "ranking.epochs=1", "--seeds", "1",

@@ -217,6 +217,22 @@ class ExportConfig(TypedModel):
         return self
 
 
+MAX_HASH_BUCKETS = 1 << 28  # rows of one hashed embedding table
+
+
+class StreamConfig(TypedModel):
+    """Streaming input (docs/data.md#streaming): the spec's log files are read by tf.data chunk by chunk
+    and never held whole; vocabularies come from one streaming pass (or hashing, `hash_buckets`);
+    multi-worker jobs give each worker whole files."""
+
+    enabled: bool = False
+    # feature -> bucket count: ids hashed into that many embedding rows instead of a vocabulary (an
+    # unbounded id space: user ids, say); query string features only (user id, user/context categoricals)
+    hash_buckets: dict[str, Annotated[int, Field(ge=1, le=MAX_HASH_BUCKETS)]] = Field(default_factory=dict)
+    shuffle_buffer: int = Field(10_000, ge=0, le=10_000_000)  # rows shuffled in memory (0: file order)
+    cycle_length: int = Field(2, ge=1, le=64)  # files read at a time, their chunks interleaved
+
+
 class DataConfig(TypedModel):
     source: Literal["synthetic", "spec"] = "synthetic"  # "synthetic" | "spec" (real logs through a YAML data spec)
     time_window: TimeWindow = (0.0, 1.0)  # share of the log's time span to use, [start, end]
@@ -226,11 +242,15 @@ class DataConfig(TypedModel):
     # The catalog's creative vectors (a spec's `columns.ad_vector`, the synthetic world's `creative`):
     # "use" fuses them in both ad towers; "ignore" leaves them out (a text-only run on the same data).
     ad_vectors: Literal["use", "ignore"] = "use"
+    stream: StreamConfig = Field(default_factory=StreamConfig)
 
     @model_validator(mode="after")
     def _spec_named(self) -> DataConfig:
         if self.source == "spec" and not self.spec:
             raise cross_field("spec", "data.source is 'spec' but data.spec names no spec file")
+        if self.stream.enabled and self.source != "spec":
+            raise cross_field("stream", "data.stream.enabled reads a data spec's log files: set data.source "
+                                        "'spec' and data.spec (the synthetic world is generated in memory)")
         return self
 
 

@@ -126,6 +126,8 @@ def _metadata(trained: TrainedModels, name: str, version: int, outputs: list[str
             # which inputs the model takes as pseudonyms and under which key (its id, never the key):
             # the embedded server returns this block, and the client hashes or refuses by it
             **({"privacy": schema.extra["privacy"]} if "privacy" in schema.extra else {}),
+            # ids looked up by hash (`data.stream.hash_buckets`) in the graph: a raw id is hashed the same way
+            **({"hash_buckets": dict(trained.vocabularies.hashed)} if trained.vocabularies.hashed else {}),
             "offline_metrics": trained.metrics.get(name if name != RECOMMENDER else RANKING)}
 
 

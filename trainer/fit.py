@@ -157,11 +157,12 @@ def parameter_server_notes_dropped():
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
               model_dir: Path, progress: bool, parts: dict, validation: tf.data.Dataset | None = None,
               monitor: str | None = None, metrics: tf.keras.callbacks.Callback | None = None,
-              loggers: tuple[tf.keras.callbacks.Callback, ...] = ()) -> dict:
+              loggers: tuple[tf.keras.callbacks.Callback, ...] = (), steps_per_epoch: int | None = None) -> dict:
     """Fit `model` (or restore it if this stage already finished); returns history and step count.
 
     Early stopping on `monitor` (restoring the best epoch's weights) needs `validation` or `metrics`,
-    a callback that puts the monitored value into each epoch's logs; `loggers` put more values there."""
+    a callback that puts the monitored value into each epoch's logs; `loggers` put more values there.
+    `steps_per_epoch`: the epoch's length for a dataset that repeats (streamed input)."""
     stage_dir = model_dir / "stages" / name
     done_file = stage_dir / DONE
     backup_dir = model_dir / "backup" / name
@@ -172,7 +173,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
         return state
 
     ps = is_parameter_server(strategy)
-    steps = None
+    steps = steps_per_epoch
     if ps:
         dataset, steps = _parameter_server_dataset(dataset)
     if backup_dir.is_dir() and any(backup_dir.iterdir()):

@@ -201,4 +201,4 @@ def tombstone_vocabularies(vocabularies: Vocabularies, forgotten: frozenset[str]
             if isinstance(v, str) and v in forgotten:
                 out[i], replaced = f"{TOMBSTONE}{i}", replaced + 1
         values[name] = out
-    return Vocabularies(values=values), replaced
+    return Vocabularies(values=values, hashed=dict(vocabularies.hashed)), replaced

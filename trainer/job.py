@@ -120,6 +120,12 @@ def run_training(cfg: JobConfig, strategy=None, progress: bool = True,
     (a caller that exports clears them once the export is published). `frames`: (catalog, logs) read by
     the caller, instead of `data.source` (`trainer.prepare.load_job_data`)."""
     strategy = strategy or tf.distribute.get_strategy()
+    if cfg.data.stream.enabled:
+        if warm_start or frames is not None or schema is not None:
+            raise DataError("data.stream.enabled reads the data spec's files itself: no warm start, frames or schema")
+        from trainer.streaming import train_streaming
+
+        return train_streaming(cfg, strategy, progress, with_ranking, keep_stages)
     dp = cfg.privacy.dp if cfg.privacy.dp.enabled else None
     if dp is not None:
         refuse_unprivate_parts(with_ranking, warm_start, strategy)

@@ -23,21 +23,29 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
     """Raw value -> vocabulary index (index 0 is the OOV bucket) -> embedding."""
 
     def __init__(self, vocabulary: list, dim: int, is_int: bool, l2: float = 0.0, oov_rate: float = 0.0,
-                 row_l2: np.ndarray | None = None, **kwargs):
+                 row_l2: np.ndarray | None = None, hash_buckets: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.oov_rate = oov_rate  # training only: this share of values is looked up as unknown (OOV)
         # Training only: a penalty row_l2[row] * |embedding|^2 for each looked-up value, averaged over the
         # batch. With row_l2 = l2 / (the value's training count) every row gets the same total penalty per
         # epoch, while its data gradient grows with its count: ids seen a few times stay near zero.
         self.row_l2 = None if row_l2 is None else tf.constant(np.asarray(row_l2, np.float32))
-        if is_int:
+        self.hash_buckets = hash_buckets
+        if hash_buckets:
+            # An unbounded id space (`data.stream.hash_buckets`): every value, seen or not, has a bucket
+            # (no OOV row; colliding values share one), the same in training and in the served graph.
+            if row_l2 is not None:
+                raise ValueError("a hashed feature has no per-value counts for a frequency-aware L2")
+            self.lookup = tf.keras.layers.Hashing(num_bins=hash_buckets)
+        elif is_int:
             self.lookup = tf.keras.layers.IntegerLookup(
                 vocabulary=np.asarray(vocabulary, dtype=np.int64), mask_token=None, num_oov_indices=1)
         else:
             self.lookup = tf.keras.layers.StringLookup(
                 vocabulary=[str(v) for v in vocabulary], mask_token=None, num_oov_indices=1)
         self.embedding = tf.keras.layers.Embedding(
-            len(vocabulary) + 1, dim, embeddings_regularizer=tf.keras.regularizers.l2(l2) if l2 else None)
+            hash_buckets or len(vocabulary) + 1, dim,
+            embeddings_regularizer=tf.keras.regularizers.l2(l2) if l2 else None)
 
     def get_config(self) -> dict:
         """The constructor's arguments, for the SavedModel's Keras metadata. The vocabulary and `row_l2`
@@ -45,15 +53,16 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
         vocabulary, and `row_l2` comes from the training rows. `from_config` therefore cannot rebuild the
         layer (a TypeError, which Keras' loader handles); jobs rebuild it from their vocabularies."""
         regularizer = self.embedding.embeddings_regularizer
-        return {**super().get_config(), "vocabulary_size": int(self.embedding.input_dim) - 1,
+        size = int(self.embedding.input_dim) - (0 if self.hash_buckets else 1)  # rows beside the OOV row
+        return {**super().get_config(), "vocabulary_size": size,
                 "dim": int(self.embedding.output_dim),
-                "is_int": isinstance(self.lookup, tf.keras.layers.IntegerLookup),
+                "is_int": isinstance(self.lookup, tf.keras.layers.IntegerLookup), "hash_buckets": self.hash_buckets,
                 "l2": float(regularizer.l2) if regularizer is not None else 0.0, "oov_rate": float(self.oov_rate),
                 "row_l2_size": None if self.row_l2 is None else int(self.row_l2.shape[0])}
 
     def call(self, values, training=None):
         rows = self.lookup(values)
-        if training and self.oov_rate > 0:
+        if training and self.oov_rate > 0 and not self.hash_buckets:
             # Teaches the OOV row what an unknown value means (e.g. users who arrive after training).
             rows = tf.where(tf.random.uniform(tf.shape(rows)) < self.oov_rate, tf.zeros_like(rows), rows)
         out = self.embedding(rows)
@@ -75,7 +84,8 @@ class FeatureEmbeddings(tf.keras.layers.Layer):
         row_l2 = row_l2 or {}
         self.tables = {
             n: CategoricalEmbedding(vocabularies[n], dims[n], n in int_features, l2, oov_rates.get(n, 0.0),
-                                    row_l2.get(n), name=f"emb_{n}")
+                                    row_l2.get(n), hash_buckets=getattr(vocabularies, "hashed", {}).get(n, 0),
+                                    name=f"emb_{n}")
             for n in self.names
         }
 
@@ -101,7 +111,8 @@ def embedding_dims(names, vocabularies, id_names: tuple[str, ...], id_dim: int, 
         if n in id_names:
             dims[n] = id_dim
         else:
-            dims[n] = int(min(small_dim, max(2, round(1.6 * (len(vocabularies[n]) + 1) ** 0.56))))
+            size = getattr(vocabularies, "hashed", {}).get(n) or len(vocabularies[n]) + 1
+            dims[n] = int(min(small_dim, max(2, round(1.6 * size ** 0.56))))
     return dims
 
 
