@@ -20,7 +20,7 @@ cached), so both data sets are subsampled to keep the whole run under an hour th
 world with fewer impressions, ml-latest-small with a seeded share of its users (and the movies they
 rated as the catalog), and few retrieval epochs. The output says how much.
 
-    .venv/bin/python benchmarks/encoder_modes.py            # ~40 min on 2 idle cores (estimate); table on stdout, logs on stderr
+    .venv/bin/python benchmarks/encoder_modes.py            # ~40 min idle (estimate); table on stdout, logs on stderr
     .venv/bin/python benchmarks/encoder_modes.py --quick    # tiny encoder and world, about a minute (the test)
 """
 
