@@ -40,3 +40,28 @@ def test_benchmark_runs_and_writes_its_report(name, tmp_path):
     report = json.loads(out.read_text())
     # read_logs writes its own JSON (it keeps TensorFlow out of its RSS); the others name themselves.
     assert report.get("benchmark", name) == name and len(report) > 1, report
+
+
+def _encoder_modes(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("encoder_modes_under_test", ROOT / "benchmarks" / "encoder_modes.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_encoder_modes_searches_the_same_number_of_rates_per_mode_and_picks_on_validation(monkeypatch):
+    modes = _encoder_modes(monkeypatch)
+    base = {"top_layers": (1e-5, 1e-4), "lora": (1e-3, 3e-3), "full": (1e-5, 1e-4)}
+    assert modes.parse_grid(["lora=2e-4,5e-3"], base)["lora"] == (2e-4, 5e-3)
+    for bad, message in [(["lora=1e-3"], "as many rates"), (["frozen=1e-3,2e-3"], "MODE=RATE"),
+                         (["lora=fast,slow"], "numbers"), (["lora=0,1e-3"], "in \\(0, 1\\)"), (["lora"], "MODE=RATE")]:
+        with pytest.raises(SystemExit, match=message):
+            modes.parse_grid(bad, base)
+    runs = [{"encoder_learning_rate": r, "validation_recall": v, "recall": t}
+            for r, v, t in [(1e-3, 0.30, 0.9), (3e-3, 0.35, 0.1), (1e-2, 0.35, 0.5)]]
+    # The best validation recall, not the best test recall; on a tie the earlier (lower) rate.
+    assert modes.chosen(runs)["encoder_learning_rate"] == 3e-3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import tiny_config
+from tests.conftest import fewer_impressions, tiny_config
 from trainer.config import ConfigError, MaskedLMConfig, config_from_dict
 
 
@@ -137,3 +137,53 @@ def test_a_trainable_encoder_runs_once_per_distinct_ad_with_the_per_row_outputs_
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
                                    rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, encoder_rate", [("full", 1e-4), ("lora", 1e-4), ("full", 0.0)])
+def test_the_encoder_steps_at_its_own_learning_rate_and_the_towers_at_theirs(tmp_path, mode, encoder_rate):
+    """Adam's first step moves each weight with a gradient well above its epsilon by its learning rate:
+    after one real training step the largest move among the encoder's weights is its rate, among the
+    towers' the retrieval rate (100x apart). Rate 0: one optimizer, the encoder at the towers' rate."""
+    from trainer.builders import build_retrieval, build_text_assets
+    from trainer.fit import build_model
+    from trainer.inputs import retrieval_dataset
+    from trainer.prepare import prepare_data, sampling_counts
+
+    towers_rate = 1e-2
+    cfg = tiny_config(tmp_path, encoder={"mode": mode, "fine_tune_learning_rate": encoder_rate},
+                      retrieval={"learning_rate": towers_rate}, data=fewer_impressions(2000))
+    data = prepare_data(cfg)
+    catalog, schema, split = data.catalog, data.schema, data.split
+    text = build_text_assets(cfg, catalog, schema)
+    strategy = tf.distribute.get_strategy()
+    model = build_retrieval(cfg, strategy, schema, data.vocabularies, catalog, text, None,
+                            sampling_counts(split.train, schema))
+    assert (model.encoder_optimizer is None) == (encoder_rate == 0)
+    batches = retrieval_dataset(split.train, cfg, schema)[0].take(1)
+    build_model(model, next(iter(batches)), strategy)
+    variables = model.trainable_variables
+    encoder = {v.ref() for v in text.adapter.trainable_weights}
+    assert encoder and len(encoder) < len(variables)
+    before = [v.numpy() for v in variables]
+    model.fit(batches, epochs=1, verbose=0)
+
+    def largest_move(in_encoder: bool) -> float:
+        return max(float(np.max(np.abs(v.numpy() - b))) for v, b in zip(variables, before, strict=True)
+                   if (v.ref() in encoder) == in_encoder)
+
+    expected = encoder_rate or towers_rate
+    assert expected * 0.9 < largest_move(True) <= expected * 1.001
+    assert towers_rate * 0.9 < largest_move(False) <= towers_rate * 1.001
+    assert int(model.optimizer.iterations.numpy()) == 1
+    if encoder_rate:
+        assert int(model.encoder_optimizer.iterations.numpy()) == 1
+        # Its state travels with the model, as the compiled optimizer's does (BackupAndRestore saves the model).
+        path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+        saved = [name for name, _ in tf.train.list_variables(path)]
+        slots = [n for n in saved if n.startswith("model/encoder_optimizer/_variables/")]
+        assert len(slots) == 2 * len(encoder)  # Adam's two moments per encoder weight
+
+
+def test_an_encoder_learning_rate_must_not_be_negative():
+    with pytest.raises(ConfigError, match=re.escape("encoder.fine_tune_learning_rate")):
+        config_from_dict({"encoder": {"fine_tune_learning_rate": -1e-5}}, "job.yaml")

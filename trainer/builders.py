@@ -87,6 +87,14 @@ def _compile(model, learning_rate: float, cfg: JobConfig) -> None:
                   steps_per_execution=cfg.training.steps_per_execution)
 
 
+def encoder_optimizer(cfg: JobConfig) -> tf.keras.optimizers.Optimizer | None:
+    """The trainable encoder's own Adam at `encoder.fine_tune_learning_rate` (create it in the strategy's
+    scope); None when the encoder is frozen or that rate is 0 (it then steps with the towers)."""
+    if cfg.encoder.mode == "frozen" or not cfg.encoder.fine_tune_learning_rate:
+        return None
+    return tf.keras.optimizers.Adam(cfg.encoder.fine_tune_learning_rate)
+
+
 def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, text: TextAssets,
                     cached: np.ndarray | None, counts: dict[str, float] | None = None) -> RetrievalModel:
     """`counts`: training positives per ad (`sampling_counts`) for the logQ correction; without them
@@ -107,7 +115,8 @@ def build_retrieval(cfg: JobConfig, strategy, schema, vocabularies, catalog, tex
                                catalog_features=frame_to_tensors(catalog, schema.ad_string_features, schema),
                                jit_compile=cfg.training.jit_compile, history_text_table=history_table,
                                sampling_counts=counts, catalog_vectors=catalog_vectors(catalog, schema),
-                               dp=cfg.privacy.dp if cfg.privacy.dp.enabled else None)
+                               dp=cfg.privacy.dp if cfg.privacy.dp.enabled else None,
+                               encoder_optimizer=encoder_optimizer(cfg))
         _compile(model, cfg.retrieval.learning_rate, cfg)
     return model
 

@@ -62,6 +62,9 @@ class EncoderConfig(TypedModel):
     mode: EncoderMode = "frozen"
     trainable_layers: int = Field(2, ge=1)
     lora_rank: int = Field(8, ge=1)
+    # top_layers, lora, full: the Adam learning rate of the encoder's trainable weights, a second optimizer
+    # next to the towers' `retrieval.learning_rate`; 0 = no second one (the encoder steps at that rate too)
+    fine_tune_learning_rate: float = Field(0.0, ge=0)
     sequence_length: int = Field(32, ge=2)
     cache_dir: str = ""  # frozen mode: reuse catalog text embeddings computed earlier for the same weights and texts
     masked_lm: MaskedLMConfig = Field(default_factory=MaskedLMConfig)

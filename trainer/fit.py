@@ -57,6 +57,9 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
         if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
             rate = rate(optimizer.iterations)
         logs["learning_rate"] = float(tf.keras.backend.get_value(rate))
+        encoder = getattr(self.model, "encoder_optimizer", None)
+        if encoder is not None:
+            logs["encoder_learning_rate"] = float(tf.keras.backend.get_value(encoder.learning_rate))
 
 
 class EpochTimer(tf.keras.callbacks.Callback):

@@ -155,12 +155,17 @@ class RetrievalModel(tfrs.Model):
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,
                  catalog_text: CatalogText, catalog_features: dict | None = None, jit_compile: bool = False,
                  history_text_table: np.ndarray | None = None, sampling_counts: dict[str, float] | None = None,
-                 catalog_vectors: CatalogVectors | None = None, dp: DPConfig | None = None):
+                 catalog_vectors: CatalogVectors | None = None, dp: DPConfig | None = None,
+                 encoder_optimizer: tf.keras.optimizers.Optimizer | None = None):
         """`history_text_table`: per catalog ad (in `catalog_features` order) the frozen text embedding the
         query tower pools over a history; `sampling_counts`: ad id -> training positives, for logQ;
         `catalog_vectors`: the ads' creative vectors, fused in the ad tower; `dp`: train with DP-SGD
-        (trainer/dp.py; needs `cfg.loss` 'full_softmax')."""
+        (trainer/dp.py; needs `cfg.loss` 'full_softmax'); `encoder_optimizer`: steps the trainable text
+        encoder's weights (the compiled optimizer then steps only the rest)."""
         super().__init__()
+        if encoder_optimizer is not None and catalog_text.encoder is None:
+            raise ValueError("an encoder optimizer needs a trainable text encoder (encoder.mode other than frozen)")
+        self.encoder_optimizer = encoder_optimizer
         self.schema = schema
         catalog_ids = None if catalog_features is None else [
             v.decode() if isinstance(v, bytes) else str(v) for v in catalog_features[schema.ad_id]]
@@ -297,9 +302,32 @@ class RetrievalModel(tfrs.Model):
         return tf.reduce_sum(loss) / tf.cast(tf.shape(loss)[0] * replicas, loss.dtype)
 
     def train_step(self, features):
-        if self.dp is None:
+        if self.dp is not None:
+            return self._private_train_step(features)
+        if self.encoder_optimizer is None:
             return super().train_step(features)
-        return self._private_train_step(features)
+        # tfrs.Model.train_step, with the gradients split between the two optimizers.
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(features, training=True)
+            regularization_loss = tf.reduce_sum([tf.reduce_sum(x) for x in self.losses])
+            total_loss = loss + regularization_loss
+        variables = self.trainable_variables
+        self._apply_gradients(tape.gradient(total_loss, variables), variables)
+        metrics = {metric.name: metric.result() for metric in self.metrics}
+        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
+        return metrics
+
+    def _apply_gradients(self, grads, variables) -> None:
+        """One optimizer step: the trainable encoder's weights through `encoder_optimizer` when there is
+        one (a pretrained BERT wants a far lower rate than freshly initialised towers), the rest through
+        the compiled optimizer."""
+        if self.encoder_optimizer is None:
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+            return
+        encoder = {v.ref() for v in self.catalog_text.encoder.trainable_weights}
+        pairs = list(zip(grads, variables, strict=True))
+        self.encoder_optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() in encoder])
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() not in encoder])
 
     def _rows(self, features, ads):
         """(features, additive loss masks [batch, catalog], targets): each row's inputs to `_row_loss`.
@@ -347,5 +375,5 @@ class RetrievalModel(tfrs.Model):
         ad_sum = tf.matmul(residuals * scale[:, None], queries, transpose_a=True) / temperature
         ad_noised = (ad_sum + tf.random.normal(tf.shape(ad_sum), stddev=stddev)) / self.dp_batch_size
         ad_grads = ad_tape.gradient(ads, ad_vars, output_gradients=ad_noised)
-        self.optimizer.apply_gradients(zip(query_grads + ad_grads, query_vars + ad_vars, strict=True))
+        self._apply_gradients(query_grads + ad_grads, query_vars + ad_vars)
         return {"loss": tf.reduce_mean(losses), "clipped": tf.reduce_mean(tf.cast(norms > clip, tf.float32))}
