@@ -8,20 +8,11 @@ because an in-process TensorFlow server cannot be stopped: it ends with the proc
 
 import json
 import os
-import socket
 import sys
 
+from tests.processes import free_ports
+
 WORKERS, PS = 2, 2
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main(argv: list[str]) -> int:

@@ -133,7 +133,7 @@ def test_parameter_server_needs_a_cluster_with_chief_workers_and_ps(monkeypatch)
 
 def test_a_ps_task_of_the_training_command_serves_until_killed(tmp_path):
     """`python -m trainer.task` on a ps (or worker) task of TF_CONFIG starts its server instead of training."""
-    from tests.ps_cluster import free_ports
+    from tests.processes import free_ports
 
     ports = free_ports(3)
     cluster = {"chief": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{ports[1]}"], "ps": [f"127.0.0.1:{ports[2]}"]}

@@ -13,6 +13,7 @@ import yaml
 from features.synthetic import SyntheticConfig, generate_world
 from features.synthetic_files import write_world
 from tests.conftest import tiny_config
+from tests.processes import run_workers
 from trainer.config import config_to_dict
 
 STREAM_SETTINGS = dict(
@@ -91,23 +92,11 @@ def test_streaming_refuses_what_needs_the_whole_log(tmp_path):
 
 
 def test_two_multi_worker_processes_read_disjoint_files(tmp_path):
-    from tests.test_training_job import _free_ports, _task
 
     cfg, _ = _stream_config(tmp_path, 5)
     config = tmp_path / "stream.yaml"
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    procs = [_task(config, "--strategy", "multi_worker", "--no-export",
-                   env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
-             for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=420)
-        finally:
-            p.kill()
-        outputs.append(out)
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_workers(config, 2, "--no-export")
     read = []
     for i, out in enumerate(outputs):
         line = re.search(rf"stream: worker {i} of 2 read in training: (.*)", out)

@@ -3,9 +3,6 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, fewer_impressions, tiny_config
+from tests.conftest import fewer_impressions, tiny_config
+from tests.processes import run_workers, task
 from trainer.config import config_to_dict
 
 
@@ -25,37 +23,9 @@ def _write_config(tmp: Path, name: str, **overrides) -> tuple[Path, dict]:
     return path, cfg
 
 
-def _task(config: Path, *extra, env=None, **kwargs):
-    cmd = [sys.executable, "-m", "trainer.task", "--config", str(config), "--quiet", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, **kwargs)
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_multi_worker_mirrored_two_processes(tmp_path):
     config, cfg = _write_config(tmp_path, "mwms", retrieval={"epochs": 1}, ranking={"epochs": 1})
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = [_task(config, "--strategy", "multi_worker",
-                   env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
-             for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=420)
-        finally:
-            p.kill()
-        outputs.append(out)
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_workers(config, 2)
     digests = [[line for line in out.splitlines() if line.startswith("weights digest:")][-1] for out in outputs]
     assert digests[0] == digests[1], digests
     model_dir, export_dir = Path(cfg["training"]["model_dir"]), Path(cfg["export"]["export_dir"])
@@ -71,7 +41,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
 
 
 def _run_to_end(config: Path, timeout: float = 300) -> str:
-    p = _task(config, "--no-export")
+    p = task(config, "--no-export")
     out, _ = p.communicate(timeout=timeout)
     assert p.returncode == 0, out[-3000:]
     return out
@@ -86,9 +56,9 @@ def test_killed_job_resumes_without_lost_or_repeated_steps(tmp_path):
     model_dir = Path(cfg["training"]["model_dir"])
     backup = model_dir / "backup"
     # The uninterrupted run goes alongside the killed one and its rerun: neither reads the other's dirs.
-    uninterrupted = _task(baseline_cfg, "--no-export")
+    uninterrupted = task(baseline_cfg, "--no-export")
     try:
-        p = _task(config, "--no-export")
+        p = task(config, "--no-export")
         deadline = time.monotonic() + 240
         while not (backup.exists() and any(backup.rglob("*.index"))):
             assert p.poll() is None, "training ended before its first backup"
