@@ -102,8 +102,7 @@ def run_mode(config: str, overrides: list[str], mode: str, rate: float | None, w
 
     name = mode if rate is None else f"{mode}-{rate:g}"
     cfg = load_config(config, [*overrides, f"encoder.mode={mode}", f"training.model_dir={workdir / name}",
-                               # positional: YAML reads "5e-05" (no dot) as a string
-                               *([] if rate is None else [f"encoder.fine_tune_learning_rate={rate:.12f}"])])
+                               *([] if rate is None else [f"encoder.fine_tune_learning_rate={rate!r}"])])
     t0 = time.perf_counter()
     trained = run_training(cfg, progress=False, frames=frames, schema=schema)
     seconds = time.perf_counter() - t0

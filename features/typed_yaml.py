@@ -7,6 +7,7 @@ own exception class so a user sees which kind of file is wrong.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,12 @@ class StrictSafeLoader(yaml.SafeLoader):
                                             "a key may appear once per mapping")
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot, so `5e-05` or `1e3` would be strings and a number key
+# would refuse them; YAML 1.2 reads them as floats, as every other config tool does.
+StrictSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def safe_load(text: str):

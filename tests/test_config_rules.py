@@ -138,3 +138,13 @@ def test_a_config_composes_on_its_base_and_refuses_a_looping_chain(tmp_path):
     (tmp_path / "gone.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
         load_config(tmp_path / "gone.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_numbers_on_set_and_in_files(tmp_path):
+    # YAML 1.1 would read them as strings, and a number key would refuse them.
+    cfg = apply_overrides(JobConfig(), ["encoder.fine_tune_learning_rate=5e-05", "retrieval.learning_rate=1E-3"])
+    assert cfg.encoder.fine_tune_learning_rate == 5e-05 and cfg.retrieval.learning_rate == 0.001
+    path = tmp_path / "job.yaml"
+    path.write_text("retrieval:\n  learning_rate: 2e-3\n")
+    assert load_config(path).retrieval.learning_rate == 0.002
+    assert apply_overrides(JobConfig(), ["training.model_dir='1e5'"]).training.model_dir == "1e5"  # quoted: a string
