@@ -143,10 +143,21 @@ def _dataset(stream: LogStream, cfg: JobConfig, strategy, files: list, columns: 
     return strategy.distribute_datasets_from_function(lambda ctx: make(ctx.get_per_replica_batch_size(batch_size)))
 
 
-def _steps(rows: int, batch_size: int, what: str) -> int:
+def _fit_streamed(name: str, model, epochs: int, batch_size: int, stream: LogStream, files: list,
+                  columns: tuple[str, ...], schema: FeatureSchema, positives_only: bool, rows: int, what: str,
+                  cfg: JobConfig, strategy, model_dir: Path, progress: bool, opened: list[str]) -> dict:
+    """One stage over the worker's files: built on a few rows of the first file, then `epochs` of
+    ceil(rows / batch_size) steps (`rows`: the stage's rows in every file, `what` they are; clicked rows
+    only when `positives_only`)."""
     if rows == 0:
         raise DataError(f"streamed logs: no {what} to train on")
-    return math.ceil(rows / batch_size)
+    build_model(model, next(iter(log_dataset(stream, stream.files[:1], columns, schema, 8))), strategy)
+    steps = math.ceil(rows / batch_size)
+    log(f"{name}: {rows:,d} {what}, {epochs} epochs of {steps} steps, batch {batch_size}, "
+        f"{strategy.num_replicas_in_sync} replica(s)")
+    ds = _dataset(stream, cfg, strategy, files, columns, schema, batch_size, positives_only, opened)
+    return fit_stage(name, model, ds, epochs, cfg, strategy, model_dir, progress, model.checkpoint_parts(),
+                     steps_per_epoch=steps)
 
 
 def _sample(stream: LogStream, schema: FeatureSchema) -> pd.DataFrame:
@@ -200,14 +211,9 @@ def train_streaming(cfg: JobConfig, strategy, progress: bool = True, with_rankin
     counts_per_ad = {k: float(v) for k, v in counts.positives.items()}
     retrieval = build_retrieval(cfg, strategy, schema, vocabularies, catalog, text, cached, counts_per_ad)
     r_columns = (*query_inputs(schema, 0), *schema.ad_string_features)
-    sample_ds = log_dataset(stream, stream.files[:1], r_columns, schema, 8)
-    build_model(retrieval, next(iter(sample_ds)), strategy)
-    r_steps = _steps(counts.positive_rows, cfg.retrieval.batch_size, "positive rows")
-    log(f"retrieval: {counts.positive_rows:,d} positive pairs, {cfg.retrieval.epochs} epochs of {r_steps} steps, "
-        f"batch {cfg.retrieval.batch_size}, {strategy.num_replicas_in_sync} replica(s)")
-    ds = _dataset(stream, cfg, strategy, files, r_columns, schema, cfg.retrieval.batch_size, True, opened)
-    r_state = fit_stage("retrieval", retrieval, ds, cfg.retrieval.epochs, cfg, strategy, model_dir, progress,
-                        retrieval.checkpoint_parts(), steps_per_epoch=r_steps)
+    r_state = _fit_streamed("retrieval", retrieval, cfg.retrieval.epochs, cfg.retrieval.batch_size, stream, files,
+                            r_columns, schema, True, counts.positive_rows, "positive pairs", cfg, strategy, model_dir,
+                            progress, opened)
     if cached is None:
         cached = encode_packed(text.adapter, text.packed_catalog)
     ranking, k_state = None, {"history": {}, "steps": 0}
@@ -248,13 +254,8 @@ def _train_ranking(cfg: JobConfig, strategy, stream: LogStream, files: list, sch
     columns = (*schema.query_features, *schema.ad_string_features, schema.click, *extra)
     model = build_ranking(cfg, strategy, schema, vocabularies, stream.catalog, cached)
     model.set_statistics(counts.click_rate, None)
-    build_model(model, next(iter(log_dataset(stream, stream.files[:1], columns, schema, 8))), strategy)
-    steps = _steps(counts.rows, cfg.ranking.batch_size, "rows")
-    log(f"ranking: {counts.rows:,d} impressions, {cfg.ranking.epochs} epochs of {steps} steps, "
-        f"batch {cfg.ranking.batch_size}")
-    ds = _dataset(stream, cfg, strategy, files, columns, schema, cfg.ranking.batch_size, False, opened)
-    state = fit_stage("ranking", model, ds, cfg.ranking.epochs, cfg, strategy, model_dir, progress,
-                      model.checkpoint_parts(), steps_per_epoch=steps)
+    state = _fit_streamed("ranking", model, cfg.ranking.epochs, cfg.ranking.batch_size, stream, files, columns,
+                          schema, False, counts.rows, "impressions", cfg, strategy, model_dir, progress, opened)
     model.ctr_calibrator.reset()  # no out-of-sample rows to fit calibrators on
     model.cvr_calibrator.reset()
     return model, state
