@@ -5,7 +5,8 @@ config's world, runs the trained ad tower over every catalog ad and the trained 
 requests of real users of that world (the earliest test row of `--queries` distinct users, drawn with
 `--seed`), and writes them to one .npz: `ads` [n_ads, dim], `queries` [n, dim], `ad_ids`, `user_ids`.
 
-    # ~25 min on 2 loaded cores: the 100k-ad world, MiniLM over 100k ad texts (cached), 3 epochs
+    # ~23 min on the 2 cores at a load average of 8-11: the 100k-ad world (1 min), the tiny BERT over the
+    # 100k ad texts (45 s, cached), 3 epochs (15 min), the job's evaluation over the catalog (3.5 min)
     nice -n 5 .venv/bin/python benchmarks/trained_embeddings.py --config configs/ann100k.yaml \
         --out runs/bench/ann100k_embeddings.npz
     nice -n 5 .venv/bin/python benchmarks/ann.py --embeddings runs/bench/ann100k_embeddings.npz \
