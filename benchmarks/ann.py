@@ -10,7 +10,8 @@ top-k of the same model. For each catalog, in one process:
 - brute force (the exported default: matmul + top_k in TensorFlow): p50/p99 for one query and a
   batch of 64, index memory;
 - IVF for each storage and nprobe: recall@k against the exact top-k, the same latencies, index
-  memory and build time (k-means + storage);
+  memory and build time (k-means + storage), and where the exact top-k lies in the partitions (how
+  many hold it, the nprobe that covers it: what decides the nprobe a recall needs);
 - faiss-cpu IndexIVFFlat (inner product, the same number of partitions) at the smallest nprobe
   whose recall reaches the IVF's, when faiss is installed (`pip install 'adrec[bench]'`); the
   report says plainly when it is missing.
@@ -84,6 +85,25 @@ def exact_top(ads: tf.Tensor, queries: np.ndarray, k: int, ad_chunk: int = 1 << 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
+
+
+def top_spread(layout, queries: np.ndarray, exact: np.ndarray) -> dict:
+    """How a query's exact top k sits in the partitions: how many partitions hold it, and the nprobe
+    (partitions taken by centroid score, as the search takes them) that covers all of it. Skewed or
+    near-tied embeddings spread the top k, and the nprobe a recall needs follows."""
+    partition = np.empty(len(layout.order), np.int64)
+    for j in range(layout.n_partitions):
+        partition[layout.order[layout.starts[j]:layout.starts[j] + layout.sizes[j]]] = j
+    holding = np.array([len(np.unique(partition[row])) for row in exact])
+    covering = np.empty(len(queries), np.int64)
+    for i in range(0, len(queries), 64):  # [64, P] centroid ranks at a time
+        order = np.argsort(-(queries[i:i + 64] @ layout.centroids.T), axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
+        covering[i:i + 64] = np.take_along_axis(rank, partition[exact[i:i + 64]], axis=1).max(axis=1) + 1
+    return {"top_partitions_mean": float(holding.mean()), "top_partitions_median": float(np.median(holding)),
+            "nprobe_covering_top_median": float(np.median(covering)),
+            "nprobe_covering_top_p90": float(np.percentile(covering, 90))}
 
 
 class Timer:
@@ -240,7 +260,8 @@ def bench_size(ads: np.ndarray, queries: np.ndarray, args, faiss, source: str) -
     rows[-1]["batches_not_timed"] = sorted(set(args.batch) - set(brute_batches))
     timer.add(rows[-1], lambda q: brute(q).values.numpy(), brute_batches)
     layout = build_layout(ads, args.partitions, seed=args.seed, iterations=args.iterations)
-    log(f"layout {layout.describe()}")
+    placement = top_spread(layout, queries, exact)
+    log(f"layout {layout.describe()}; the exact top {k} of a query: {placement}")
     ids = tf.range(n_ads)
     for storage in args.storage:
         t0 = time.perf_counter()
@@ -257,7 +278,7 @@ def bench_size(ads: np.ndarray, queries: np.ndarray, args, faiss, source: str) -
             found = np.concatenate([search(queries[i:i + 64])[1].numpy() for i in range(0, len(queries), 64)])
             row = {"n_ads": n_ads, "source": source, "method": "ivf", "storage": storage, "nprobe": nprobe,
                    "recall": recall(found, exact), "index_mb": index.nbytes() / 2**20,
-                   "build_seconds": layout.build_seconds + stored, **layout.describe()}
+                   "build_seconds": layout.build_seconds + stored, **layout.describe(), **placement}
             rows.append(row)
             timer.add(row, lambda q, search=search: search(q)[0].numpy())
             log(f"ivf {storage} nprobe {nprobe}: recall {row['recall']:.4f}")

@@ -80,6 +80,29 @@ def test_ann_measures_the_trained_embeddings_exactly_when_every_partition_is_pro
     assert {r["n_ads"] for r in report["results"]} == {len(trained_tiny.catalog)}
     assert rows[("ivf", 8)]["recall"] == 1.0 and rows[("ivf", 8)]["partitions"] == 8
     assert rows[("ivf", 2)]["recall"] < 1.0
+    ivf = rows[("ivf", 2)]  # every query's exact top 20 lies within its 8 best partitions
+    assert 1 <= ivf["top_partitions_mean"] <= 8 and 1 <= ivf["nprobe_covering_top_median"] <= 8
     assert ("brute_force", None) in rows
     with pytest.raises(SystemExit):  # the file's catalog, not synthetic sizes
         ann.main(["--embeddings", str(tmp_path / "emb.npz"), "--ads", "10", "--out", str(report_path)])
+
+
+def test_top_spread_counts_the_partitions_holding_the_exact_top_and_the_probes_covering_it(monkeypatch):
+    from trainer.ivf_index import build_layout
+
+    ann = _benchmark(monkeypatch, "ann")
+    # Four tight clusters on the axes: k-means puts each in its own partition.
+    rng = np.random.default_rng(0)
+    centres = np.eye(4, 8, dtype=np.float32)
+    ads = np.repeat(centres, 10, axis=0) + rng.normal(0, 0.01, (40, 8)).astype(np.float32)
+    ads /= np.linalg.norm(ads, axis=1, keepdims=True)
+    layout = build_layout(ads, 4, seed=0)
+    assert sorted(layout.sizes) == [10, 10, 10, 10]
+    query = np.array([[1.0, 0.6, 0, 0, 0, 0, 0, 0]], np.float32)  # nearest cluster 0, then cluster 1
+    exact = np.argsort(-(query @ ads.T), axis=1)
+    within = ann.top_spread(layout, query, exact[:, :10])  # all of cluster 0: one partition, the best
+    assert within["top_partitions_mean"] == 1 and within["nprobe_covering_top_median"] == 1
+    across = ann.top_spread(layout, query, exact[:, :15])  # and 5 of cluster 1: the second best partition
+    assert across["top_partitions_mean"] == 2 and across["nprobe_covering_top_median"] == 2
+    spread_out = ann.top_spread(layout, query, np.array([[0, 10, 20, 30]]))  # one ad of each cluster
+    assert spread_out["top_partitions_mean"] == 4 and spread_out["nprobe_covering_top_p90"] == 4
