@@ -1,12 +1,17 @@
-"""The IVF index (trainer/ivf_index.py) against brute force and faiss IVF-Flat, on clustered vectors.
+"""The IVF index (trainer/ivf_index.py) against brute force and faiss IVF-Flat, on clustered vectors
+or a trained model's embeddings.
 
 Ad embeddings are synthetic unit vectors with cluster structure: `--clusters` Gaussian clusters
 with uneven (log-normal) sizes, each ad its cluster's centre plus noise of norm `--spread`,
-normalised; queries are drawn the same way. For each catalog size, in one process:
+normalised; queries are drawn the same way. Or, with `--embeddings FILE.npz`, a trained retrieval
+model's ad tower over its whole catalog (`ads`) and its query tower over held-out requests of real
+users (`queries`), as benchmarks/trained_embeddings.py writes them: recall is then against the exact
+top-k of the same model. For each catalog, in one process:
 - brute force (the exported default: matmul + top_k in TensorFlow): p50/p99 for one query and a
   batch of 64, index memory;
 - IVF for each storage and nprobe: recall@k against the exact top-k, the same latencies, index
-  memory and build time (k-means + storage);
+  memory and build time (k-means + storage), and where the exact top-k lies in the partitions (how
+  many hold it, the nprobe that covers it: what decides the nprobe a recall needs);
 - faiss-cpu IndexIVFFlat (inner product, the same number of partitions) at the smallest nprobe
   whose recall reaches the IVF's, when faiss is installed (`pip install 'adrec[bench]'`); the
   report says plainly when it is missing.
@@ -21,6 +26,8 @@ numbers under load.
     # build, faiss); faiss on the IVF's own k-means instead of a second one, float32 only
     .venv/bin/python benchmarks/ann.py --ads 10000000 --partitions 4000 --iterations 5 --storage float32 \
         --nprobe 4 8 16 32 --faiss-shared-partitions --keep-other-sizes --out runs/bench/ann.json
+    # a trained model's 100k ads (the recipe: benchmarks/trained_embeddings.py)
+    .venv/bin/python benchmarks/ann.py --embeddings runs/bench/ann100k_embeddings.npz --out runs/bench/ann_trained.json
 """
 
 from __future__ import annotations
@@ -78,6 +85,25 @@ def exact_top(ads: tf.Tensor, queries: np.ndarray, k: int, ad_chunk: int = 1 << 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
+
+
+def top_spread(layout, queries: np.ndarray, exact: np.ndarray) -> dict:
+    """How a query's exact top k sits in the partitions: how many partitions hold it, and the nprobe
+    (partitions taken by centroid score, as the search takes them) that covers all of it. Skewed or
+    near-tied embeddings spread the top k, and the nprobe a recall needs follows."""
+    partition = np.empty(len(layout.order), np.int64)
+    for j in range(layout.n_partitions):
+        partition[layout.order[layout.starts[j]:layout.starts[j] + layout.sizes[j]]] = j
+    holding = np.array([len(np.unique(partition[row])) for row in exact])
+    covering = np.empty(len(queries), np.int64)
+    for i in range(0, len(queries), 64):  # [64, P] centroid ranks at a time
+        order = np.argsort(-(queries[i:i + 64] @ layout.centroids.T), axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
+        covering[i:i + 64] = np.take_along_axis(rank, partition[exact[i:i + 64]], axis=1).max(axis=1) + 1
+    return {"top_partitions_mean": float(holding.mean()), "top_partitions_median": float(np.median(holding)),
+            "nprobe_covering_top_median": float(np.median(covering)),
+            "nprobe_covering_top_p90": float(np.percentile(covering, 90))}
 
 
 class Timer:
@@ -173,7 +199,8 @@ def faiss_rows(faiss, ads, queries, exact, targets, layout, k, args) -> list[tup
     return [(row, lambda q, nprobe=nprobe: search(q, nprobe)) for nprobe, row in rows.items()]
 
 
-def bench_size(n_ads: int, args, faiss) -> list[dict]:
+def synthetic(n_ads: int, args) -> tuple[np.ndarray, np.ndarray]:
+    """`n_ads` clustered ads and `args.queries` queries drawn the same way (module docstring)."""
     rng = np.random.default_rng(args.seed)
     centres = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -183,6 +210,38 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
     ads = clustered(n_ads, centres, weights, args.spread, rng)
     queries = clustered(args.queries, centres, weights, args.spread, rng)
     log(f"{n_ads} ads x {args.dim} in {args.clusters} clusters ({time.perf_counter() - started:.1f}s)")
+    return ads, queries
+
+
+def load_embeddings(path: Path, min_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """`ads` [n, d] and `queries` [m, d] from an .npz (benchmarks/trained_embeddings.py writes one), checked:
+    2-D, the same width, finite, at least `min_queries` queries (the largest timed batch)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted({"ads", "queries"} - set(data.files))
+            if missing:
+                raise SystemExit(f"--embeddings {path}: no array(s) {missing} (it has {sorted(data.files)})")
+            ads, queries = data["ads"], data["queries"]
+    except (OSError, ValueError) as err:  # not a file, not an .npz, or an object array
+        raise SystemExit(f"--embeddings {path}: cannot read it as an .npz of arrays ({err})") from err
+    for name, array in (("ads", ads), ("queries", queries)):
+        if array.ndim != 2 or not len(array) or not np.issubdtype(array.dtype, np.floating):
+            raise SystemExit(f"--embeddings {path}: {name!r} is {array.dtype} {array.shape}; expected a non-empty "
+                             "2-D float array")
+        if not np.isfinite(array).all():
+            raise SystemExit(f"--embeddings {path}: {name!r} holds NaN or infinite values")
+    if ads.shape[1] != queries.shape[1]:
+        raise SystemExit(f"--embeddings {path}: ads are {ads.shape[1]}-d but queries {queries.shape[1]}-d")
+    if len(queries) < min_queries:
+        raise SystemExit(f"--embeddings {path}: {len(queries)} queries, fewer than the largest --batch "
+                         f"({min_queries})")
+    log(f"{len(ads)} ads x {ads.shape[1]} and {len(queries)} queries from {path}")
+    return ads.astype(np.float32), queries.astype(np.float32)
+
+
+def bench_size(ads: np.ndarray, queries: np.ndarray, args, faiss, source: str) -> list[dict]:
+    n_ads = len(ads)
+    started = time.perf_counter()
     k = min(args.k, n_ads)
     ads_tf = tf.constant(ads)
     ads = np.asarray(ads_tf)  # shares the tensor's buffer: one copy of the catalog (2.5 GB at 10M), not two
@@ -194,13 +253,15 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
     def brute(q):
         return tf.math.top_k(tf.linalg.matmul(q, ads_tf, transpose_b=True), k=k)
 
-    rows = [{"n_ads": n_ads, "method": "brute_force", "recall": 1.0, "index_mb": ads.nbytes / 2**20}]
+    rows = [{"n_ads": n_ads, "source": source, "method": "brute_force", "recall": 1.0,
+             "index_mb": ads.nbytes / 2**20}]
     # The exported brute force scores a batch against every ad at once: [batch, n] floats
     brute_batches = [b for b in args.batch if b * n_ads * 4 <= args.max_brute_scores_gb * 2**30]
     rows[-1]["batches_not_timed"] = sorted(set(args.batch) - set(brute_batches))
     timer.add(rows[-1], lambda q: brute(q).values.numpy(), brute_batches)
     layout = build_layout(ads, args.partitions, seed=args.seed, iterations=args.iterations)
-    log(f"layout {layout.describe()}")
+    placement = top_spread(layout, queries, exact)
+    log(f"layout {layout.describe()}; the exact top {k} of a query: {placement}")
     ids = tf.range(n_ads)
     for storage in args.storage:
         t0 = time.perf_counter()
@@ -215,9 +276,9 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
 
             search = tf.function(search, reduce_retracing=True)
             found = np.concatenate([search(queries[i:i + 64])[1].numpy() for i in range(0, len(queries), 64)])
-            row = {"n_ads": n_ads, "method": "ivf", "storage": storage, "nprobe": nprobe,
+            row = {"n_ads": n_ads, "source": source, "method": "ivf", "storage": storage, "nprobe": nprobe,
                    "recall": recall(found, exact), "index_mb": index.nbytes() / 2**20,
-                   "build_seconds": layout.build_seconds + stored, **layout.describe()}
+                   "build_seconds": layout.build_seconds + stored, **layout.describe(), **placement}
             rows.append(row)
             timer.add(row, lambda q, search=search: search(q)[0].numpy())
             log(f"ivf {storage} nprobe {nprobe}: recall {row['recall']:.4f}")
@@ -226,7 +287,7 @@ def bench_size(n_ads: int, args, faiss) -> list[dict]:
         ivf = [r for r in rows if r["method"] == "ivf"]
         targets = sorted({r["recall"] for r in ivf if r["storage"] == "float32"} or {r["recall"] for r in ivf})
         for row, fn in faiss_rows(faiss, ads, queries, exact, targets, layout, k, args):
-            rows.append({"n_ads": n_ads, **row})
+            rows.append({"n_ads": n_ads, "source": source, **row})
             timer.add(rows[-1], fn)
             log(f"faiss nprobe {row['nprobe']}: recall {row['recall']:.4f}")
     timer.run(args.rounds, args.min_seconds, args.min_calls)
@@ -254,7 +315,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ads", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--ads", type=int, nargs="+", help="synthetic catalog sizes (default 100k and 1M)")
+    parser.add_argument("--embeddings", type=Path,
+                        help="an .npz of a trained model's `ads` and `queries` (benchmarks/trained_embeddings.py) "
+                             "instead of synthetic vectors; --ads, --dim, --clusters, --spread, --queries unused")
     parser.add_argument("--ten-million", action="store_true", help="also 10M ads (~11 GB of RAM at peak)")
     parser.add_argument("--dim", type=int, default=64, help="embedding size (retrieval.embedding_dim)")
     parser.add_argument("--clusters", type=int, default=1000)
@@ -278,18 +342,30 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "ann.json")
     args = parser.parse_args(argv)
+    if args.embeddings is not None and (args.ads or args.ten_million):
+        parser.error("--embeddings measures the file's catalog: no --ads / --ten-million with it")
     args.queries = max(args.queries, max(args.batch))
     try:
         import faiss
     except ImportError:
         faiss = None
         print("faiss-cpu is not installed: no faiss IVF-Flat comparison (pip install 'adrec[bench]')", flush=True)
-    sizes = [*args.ads, *([10_000_000] if args.ten_million else [])]
-    rows = [r for n in sizes for r in bench_size(n, args, faiss)]
+    if args.embeddings is not None:
+        ads, queries = load_embeddings(args.embeddings, max(args.batch))
+        rows = bench_size(ads, queries, args, faiss, f"trained:{args.embeddings.name}")
+        vectors = {"source": "trained", "embeddings": str(args.embeddings), "dim": ads.shape[1],
+                   "queries": len(queries)}
+    else:
+        sizes = [*(args.ads or [100_000, 1_000_000]), *([10_000_000] if args.ten_million else [])]
+        rows = [r for n in sizes for r in bench_size(*synthetic(n, args), args, faiss, "synthetic")]
+        vectors = {"source": "synthetic", "dim": args.dim, "clusters": args.clusters, "spread": args.spread,
+                   "queries": args.queries}
     if args.keep_other_sizes and args.out.exists():
-        rows += [r for r in json.loads(args.out.read_text())["results"] if r["n_ads"] not in sizes]
+        done = {(r["source"], r["n_ads"]) for r in rows}  # rows written before sources were named are synthetic
+        rows += [r for r in json.loads(args.out.read_text())["results"]
+                 if (r.get("source", "synthetic"), r["n_ads"]) not in done]
         rows.sort(key=lambda r: r["n_ads"])
-    write_report(args.out, "ann", dim=args.dim, k=args.k, clusters=args.clusters, spread=args.spread,
+    write_report(args.out, "ann", k=args.k, **vectors,
                  faiss=faiss.__version__ if faiss is not None else "not installed", results=rows)
     print(table(rows))
     print(f"wrote {args.out}")
