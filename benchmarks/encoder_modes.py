@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -122,14 +123,24 @@ def run_mode(config: str, overrides: list[str], mode: str, rate: float | None, w
     timed = epochs[1:] or epochs
     k = max(cfg.retrieval.eval_ks)
     retrieval, ranking = trained.metrics["retrieval"], trained.metrics["ranking"]
-    validation = retrieval.get("model_validation", {}).get(f"recall@{k}")
+    validation_metrics = retrieval.get("model_validation", {})
+    validation = validation_metrics.get(f"recall@{k}")
     return {"mode": mode, "encoder_learning_rate": rate, "trainable_parameters": trainable, "full_parameters": full,
             "share_of_full": trainable / full, "retrieval_positives": positives,
             "retrieval_epoch_seconds": epochs,
             "examples_per_second": positives * len(timed) / max(sum(timed), 1e-9),
             "recall_at_k": k, "recall": retrieval["model"][f"recall@{k}"], "validation_recall": validation,
+            "test_clicks": retrieval["model"]["queries"], "validation_clicks": validation_metrics.get("queries"),
             "recall_most_popular": retrieval["most_popular"][f"recall@{k}"],
             "ranking_auc": ranking["auc"], "ranking_gauc": ranking.get("gauc"), "job_seconds": round(seconds, 1)}
+
+
+def standard_error(recall: float, clicks: int | None) -> float:
+    """Recall@K's standard error over `clicks` held-out clicks, each a hit or a miss (binomial); NaN
+    without clicks."""
+    if not clicks:
+        return float("nan")
+    return math.sqrt(recall * (1 - recall) / clicks)
 
 
 def chosen(runs: list[dict]) -> dict:
@@ -144,13 +155,18 @@ def _rate(rate: float | None) -> str:
 def format_table(name: str, rows: list[dict], grid_runs: list[dict]) -> list[str]:
     k = rows[0]["recall_at_k"]
     lines = [f"  {name}", f"  {'mode':12s}{'enc. lr':>9s}{'trainable':>13s}{'% of full':>11s}{'examples/s':>12s}"
-                          f"{'val R@' + str(k):>11s}{'R@' + str(k):>9s}{'rank AUC':>10s}{'job s':>8s}"]
+                          f"{'val R@' + str(k):>11s}{'R@' + str(k):>9s}{'SE':>7s}{'rank AUC':>10s}{'job s':>8s}"]
     for r in rows:
         lines.append(f"  {r['mode']:12s}{_rate(r['encoder_learning_rate']):>9s}{r['trainable_parameters']:13,d}"
                      f"{100 * r['share_of_full']:10.2f}%{r['examples_per_second']:12.1f}"
-                     f"{r['validation_recall'] or float('nan'):11.3f}{r['recall']:9.3f}{r['ranking_auc']:10.4f}"
+                     f"{r['validation_recall'] or float('nan'):11.3f}{r['recall']:9.3f}"
+                     f"{standard_error(r['recall'], r.get('test_clicks')):7.3f}{r['ranking_auc']:10.4f}"
                      f"{r['job_seconds']:8.0f}")
-    lines.append(f"  {'most popular':12s}{'':54s}{rows[0]['recall_most_popular']:9.3f}")
+    popular = rows[0]["recall_most_popular"]
+    lines.append(f"  {'most popular':12s}{'':56s}{popular:9.3f}"
+                 f"{standard_error(popular, rows[0].get('test_clicks')):7.3f}")
+    lines.append(f"  SE: the binomial standard error of one R@{k} over the {rows[0].get('test_clicks')} test clicks "
+                 f"(validation: {rows[0].get('validation_clicks')} clicks)")
     lines.append(f"  grid (encoder lr: validation / test R@{k}): " + "; ".join(
         f"{r['mode']} {_rate(r['encoder_learning_rate'])}: {r['validation_recall'] or float('nan'):.3f} / "
         f"{r['recall']:.3f}" for r in grid_runs if r["encoder_learning_rate"] is not None))
@@ -165,7 +181,12 @@ def verdict(rows: list[dict]) -> str | None:
     lora, full = by["lora"], by["full"]
     gap = lora["recall"] - full["recall"]
     close, small = gap >= -0.01, lora["share_of_full"] < 0.02
-    return (f"  LoRA - full: R@{lora['recall_at_k']} {gap:+.3f} ({'within' if close else 'NOT within'} 0.01 of "
+    # Both recalls are over the same clicks, so (hits agreeing more often than not) the gap's own
+    # standard error is at most that of two independent estimates.
+    spread = math.hypot(standard_error(lora["recall"], lora.get("test_clicks")),
+                        standard_error(full["recall"], full.get("test_clicks")))
+    return (f"  LoRA - full: R@{lora['recall_at_k']} {gap:+.3f} (standard error at most {spread:.3f}; "
+            f"{'within' if close else 'NOT within'} 0.01 of "
             f"full or above), {100 * lora['share_of_full']:.2f}% of full's trainable parameters "
             f"({'under' if small else 'NOT under'} 2%): goal {'met' if close and small else 'not met'}")
 

@@ -2,6 +2,7 @@
 change that breaks one would go unseen until the next `make bench`."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -65,3 +66,21 @@ def test_encoder_modes_searches_the_same_number_of_rates_per_mode_and_picks_on_v
             for r, v, t in [(1e-3, 0.30, 0.9), (3e-3, 0.35, 0.1), (1e-2, 0.35, 0.5)]]
     # The best validation recall, not the best test recall; on a tie the earlier (lower) rate.
     assert modes.chosen(runs)["encoder_learning_rate"] == 3e-3
+
+
+def test_encoder_modes_reports_each_recall_with_its_standard_error(monkeypatch):
+    modes = _encoder_modes(monkeypatch)
+    # Recall 0.2 over 400 clicks: sqrt(0.2 * 0.8 / 400) = 0.02; no clicks, no estimate.
+    assert modes.standard_error(0.2, 400) == pytest.approx(0.02)
+    assert math.isnan(modes.standard_error(0.2, 0)) and math.isnan(modes.standard_error(0.2, None))
+    row = {"recall_at_k": 100, "trainable_parameters": 10, "examples_per_second": 5.0, "validation_recall": 0.3,
+           "ranking_auc": 0.7, "job_seconds": 1.0, "recall_most_popular": 0.1, "test_clicks": 400,
+           "validation_clicks": 40}
+    lora = {**row, "mode": "lora", "encoder_learning_rate": 1e-3, "share_of_full": 0.015, "recall": 0.2}
+    full = {**row, "mode": "full", "encoder_learning_rate": 1e-4, "share_of_full": 1.0, "recall": 0.2 + 0.015}
+    table = "\n".join(modes.format_table("world", [lora, full], [lora, full]))
+    assert "0.020" in table and "400 test clicks" in table and "validation: 40 clicks" in table
+    line = modes.verdict([lora, full])
+    # 0.015 below full: missed, whatever the noise, and the gap's standard error is said beside it.
+    spread = math.hypot(0.02, math.sqrt(0.215 * 0.785 / 400))
+    assert "-0.015" in line and f"at most {spread:.3f}" in line and "goal not met" in line
