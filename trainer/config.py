@@ -155,7 +155,7 @@ class RankingConfig(TypedModel):
     # the weighted sum divided by the number of known entries ("mean") or not ("sum", as in DIN); dropout
     # on its hidden layers in training
     attention_units: PositiveInts = Field((32,), min_length=1)
-    attention_keys: Literal["text", "projected"] = "text"
+    attention_keys: Literal["text", "projected"] = "projected"
     attention_scale: Literal["mean", "sum"] = "mean"
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
