@@ -135,7 +135,7 @@ def _run(args, results) -> int:
     from trainer.builders import build_text_assets
     from trainer.config import config_to_dict, load_config
     from trainer.evaluate import predict_ranking
-    from trainer.metrics import bootstrap_gauc_difference, paired_bootstrap
+    from trainer.metrics import auc, bootstrap_gauc_difference, group_auc, paired_bootstrap
     from trainer.prepare import prepare_data
     from trainer.progress import log
     from trainer.ranking_baselines import RankingBaselines
@@ -164,6 +164,7 @@ def _run(args, results) -> int:
             np.save(cache, cached)
 
     labels, users = test[schema.click].to_numpy(), test[schema.user_id].to_numpy()
+    train_labels, train_users = train[schema.click].to_numpy(), train[schema.user_id].to_numpy()
     table, arms, arm_scores = {}, {}, {}
     seeds = args.seeds
     model = None
@@ -180,13 +181,17 @@ def _run(args, results) -> int:
             with tempfile.TemporaryDirectory(prefix="adrec-ranking-real-") as tmp:
                 run = train_ranking(cfg, strategy, schema, vocabularies, catalog, cached, train, Path(tmp))
             pred = predict_ranking(run.model, test, schema)
+            fitted = predict_ranking(run.model, train, schema)["pctr"]  # in-sample: how much the arm overfits
             m = {**_metrics(labels, pred["pctr"], users),
+                 "train_auc": auc(train_labels, fitted),
+                 "train_gauc": group_auc(train_labels, fitted, train_users)["gauc"],
                  "ece_uncalibrated": _metrics(labels, pred["pctr_raw"], users)["ece"],
                  "seconds": round(time.time() - t0, 1), "seed": seed, "history_pool": pool,
                  "validation": run.validation, "calibration": run.calibration}
             runs.append(m)
             arm_scores[pool].append(pred["pctr"])
-            log(f"{name}, seed {seed}: AUC {m['auc']:.4f} gAUC {m['gauc']:.4f} log loss {m['logloss']:.4f} "
+            log(f"{name}, seed {seed}: AUC {m['auc']:.4f} gAUC {m['gauc']:.4f} (training rows {m['train_gauc']:.4f}) "
+                f"log loss {m['logloss']:.4f} "
                 f"ECE {m['ece']:.4f} (uncalibrated {m['ece_uncalibrated']:.4f}), {m['seconds']:.0f}s")
             if model is None:  # the first arm's first seed: the bootstrap against the best baseline, the export
                 model, model_pred = run.model, pred
@@ -227,11 +232,13 @@ def _run(args, results) -> int:
     for name, arm_runs in arms.items():
         summary[name] = {key: {"mean": float(np.mean([r[key] for r in arm_runs])),
                                "sd": float(np.std([r[key] for r in arm_runs], ddof=1)) if len(arm_runs) > 1 else 0.0,
-                               "per_seed": [r[key] for r in arm_runs]} for key in ("auc", "gauc", "logloss", "ece")}
+                               "per_seed": [r[key] for r in arm_runs]}
+                         for key in ("auc", "gauc", "logloss", "ece", "train_gauc")}
         s = summary[name]
         say(f"  {name:34s} AUC {s['auc']['mean']:.4f}+-{s['auc']['sd']:.4f}  gAUC {s['gauc']['mean']:.4f}"
             f"+-{s['gauc']['sd']:.4f}  (gAUC per seed " + " ".join(f"{v:.4f}" for v in s["gauc"]["per_seed"])
-            + f"; log loss mean {s['logloss']['mean']:.4f}, ECE mean {s['ece']['mean']:.4f})")
+            + f"; log loss mean {s['logloss']['mean']:.4f}, ECE mean {s['ece']['mean']:.4f}; "
+            f"gAUC on its training rows {s['train_gauc']['mean']:.4f})")
         say(f"  {'':34s} gAUC - best baseline's ({best}), per seed: "
             + " ".join(f"{r['gauc'] - table[best]['gauc']:+.4f}" for r in arm_runs))
     lr = "logistic regression"

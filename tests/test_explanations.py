@@ -47,6 +47,18 @@ def planted(trained_past):
     world's ads have distinct text vectors (random ones): the tiny random BERT's are nearly parallel
     (cosine ~0.96), which would hide which ad a history holds from a model that reads history ads by
     their text."""
+    return _planted_model(trained_past)
+
+
+@pytest.fixture(scope="module")
+def planted_din(trained_past):
+    """`planted` with the other activation unit settings: DIN's unscaled sum, weights from the projected
+    text, two hidden layers with dropout."""
+    return _planted_model(trained_past, attention_keys="projected", attention_scale="sum", attention_units=(16, 8),
+                          attention_dropout=0.1)
+
+
+def _planted_model(trained_past, **attention):
     from trainer.builders import build_ranking
     from trainer.fit import build_model
     from trainer.inputs import ranking_dataset
@@ -54,7 +66,7 @@ def planted(trained_past):
     cfg = trained_past.config
     cfg = cfg.model_copy(update={"ranking": cfg.ranking.model_copy(update={
         "history": True, "negative_history": False, "user_stats": False, "history_pool": "target_attention",
-        "user_id_dropout": 0.0})})
+        "user_id_dropout": 0.0, **attention})})
     rows = _planted(trained_past, 3000, seed=1, cause_share=0.5)
     strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(3)
@@ -91,6 +103,28 @@ def test_removing_the_top_explained_ad_lowers_the_score_more_than_a_random_one(t
         _check_faithful(trained_past, planted, pool)
     finally:
         planted.history_attention = units
+
+
+def test_the_din_unit_settings_explain_exactly_and_serve_the_same_the_tf1_way(trained_past, planted_din, tmp_path):
+    """Leave-one-out drops stay exact when the pool is an unscaled sum, and the exported graph (weights
+    computed from the projected text) gives the in-process scores and explanations through the TF1 loader."""
+    from features.dataset import frame_to_tensors
+    from trainer.explain import explain
+    from trainer.servables import RankingServable
+
+    _check_faithful(trained_past, planted_din, "target_attention, sum of projected-key weights")
+    schema = trained_past.schema
+    module = RankingServable(planted_din, schema, trained_past.text)
+    tf.saved_model.save(module, str(tmp_path / "ranking"), signatures={"serving_default": module.serve})
+    rows, feats = _ranking_request(trained_past, _planted(trained_past, 16, seed=3, cause_share=0.5))
+    server = TF1(tmp_path / "ranking")
+    served = server.run({k: v for k, v in feats.items() if k in server.sig.inputs})  # it reads no counters
+    inputs = frame_to_tensors(rows, planted_din.feature_names, schema)
+    expected = {**{k: v.numpy() for k, v in planted_din.serve_probabilities(inputs).items()},
+                **{k: v.numpy() for k, v in explain(planted_din, inputs, None).items()}}
+    np.testing.assert_array_equal(served["because_ad_ids"], expected["because_ad_ids"])
+    for name in ("pctr", "because_weights", "group_contributions"):
+        np.testing.assert_allclose(served[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
 def _check_faithful(trained_past, model, pool):

@@ -150,6 +150,14 @@ class RankingConfig(TypedModel):
     # how a history is pooled: "mean" of its ads' text, or "target_attention" (DIN): each history ad
     # weighted by an MLP of (history ad, candidate ad), so the summary depends on the ad being scored
     history_pool: Literal["mean", "target_attention"] = "mean"
+    # target_attention's activation unit: its hidden layers' widths; what it compares ("text": the history
+    # and candidate ads' unit text embeddings, "projected": the same through the model's text projection);
+    # the weighted sum divided by the number of known entries ("mean") or not ("sum", as in DIN); dropout
+    # on its hidden layers in training
+    attention_units: PositiveInts = Field((32,), min_length=1)
+    attention_keys: Literal["text", "projected"] = "projected"
+    attention_scale: Literal["mean", "sum"] = "mean"
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
     user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
     recent_window: int = Field(10, ge=1)
     item_stats: bool = False  # the ad's smoothed click rate and count over the training rows (out-of-fold in training)

@@ -104,9 +104,9 @@ def _because(ranking: RankingModel, features, parts, logit) -> dict[str, tf.Tens
     n = ranking.history_length
     terms = ranking.history_terms(history, ranking.candidate_text(features), ranking.history_attention.get(HISTORY))
     count = tf.reduce_sum(terms["known"], axis=1, keepdims=True)  # [rows, 1]
-    total = tf.cast(terms["pooled"], tf.float32) * tf.maximum(count, 1.0)  # the weighted sum the pool divided
-    without = (total[:, None, :] - terms["weights"][:, :, None] * terms["vectors"]) / tf.maximum(
-        count - terms["known"], 1.0)[:, :, None]  # [rows, N, d]: entry i's pool without entry i
+    total = tf.cast(terms["pooled"], tf.float32) * ranking.pool_divisor(count)  # the weighted sum the pool divided
+    without = (total[:, None, :] - terms["weights"][:, :, None] * terms["vectors"]) / ranking.pool_divisor(
+        count - terms["known"])[:, :, None]  # [rows, N, d]: entry i's pool without entry i
     present = tf.not_equal(history, PAD_AD_ID)
     length = terms["length"][:, None, :] - tf.cast(present, tf.float32)[:, :, None]
     replaced = iter(ranking.history_parts(without, terms["unit_text"][:, None, :], length))

@@ -121,7 +121,9 @@ class RankingModel(tfrs.Model):
         self.histories = (*((HISTORY,) if cfg.history else ()),
                           *((NEGATIVE_HISTORY,) if cfg.negative_history else ()))
         self.history_length = history_length if self.histories else 0  # the history inputs' width
-        self.history_attention = {name: TargetAttention(name=f"{name}_attention") for name in self.histories} \
+        self.history_attention = {
+            name: TargetAttention(cfg.attention_units, cfg.attention_dropout, cfg.attention_scale,
+                                  name=f"{name}_attention") for name in self.histories} \
             if cfg.history_pool == "target_attention" else {}
         self.user_stats = UserStatsFeatures(cfg.recent_window, click_prior, name="user_stats") \
             if cfg.user_stats else None
@@ -211,7 +213,7 @@ class RankingModel(tfrs.Model):
             vectors = tf.math.l2_normalize(self.catalog_vectors(features[self.schema.ad_id]), -1)
             parts.append(("ad", self.vector_projection(vectors)))
         for name in self.histories:
-            terms = self.history_terms(features[name], text, self.history_attention.get(name))
+            terms = self.history_terms(features[name], text, self.history_attention.get(name), training=training)
             parts += [(name, p) for p in self.history_parts(terms["pooled"], terms["unit_text"], terms["length"])]
         if self.user_stats is not None:
             parts.append(("user", self.user_stats(features[USER_EVENTS], features[USER_CLICKS],
@@ -244,16 +246,17 @@ class RankingModel(tfrs.Model):
         dtype = parts[0][1].dtype
         return tf.concat([tf.cast(p, dtype) for _, p in parts], axis=-1)
 
-    def history_terms(self, history, text, attention=None) -> dict[str, tf.Tensor]:
+    def history_terms(self, history, text, attention=None, training: bool = False) -> dict[str, tf.Tensor]:
         """What a history's features are made of: `vectors` [b, N, d] (the history ads' unit text
         embeddings), `weights` [b, N] (1, or the target attention's weight, for ads in the catalog; 0 for
         padding and unknown ads), `known` [b, N] (in the catalog), `pooled` [b, d] (the weighted sum over
-        the known ads divided by their count), `unit_text` [b, d] (the candidate's unit text embedding),
-        `length` [b, 1] (non-padding entries).
+        the known ads divided by `pool_divisor` of their count), `unit_text` [b, d] (the candidate's unit
+        text embedding), `length` [b, 1] (non-padding entries).
 
         Pooled by the mean, or with `attention` (`ranking.history_pool: target_attention`) by the
-        candidate's weights over the history ads. Ads outside the catalog add nothing to the pool (but
-        count in the length); "" is padding."""
+        candidate's weights over the history ads (`ranking.attention_keys: projected`: weights computed
+        from the text projection of both). Ads outside the catalog add nothing to the pool (but count in
+        the length); "" is padding."""
         rows = self.catalog_text.lookup(history)
         known = tf.cast(rows > 0, tf.float32)
         vectors = tf.math.l2_normalize(tf.cast(table_rows(self.catalog_text.table, rows), tf.float32), -1)
@@ -263,10 +266,19 @@ class RankingModel(tfrs.Model):
             pooled = tf.reduce_sum(vectors * known[:, :, None], axis=1) / tf.maximum(
                 tf.reduce_sum(known, axis=1, keepdims=True), 1.0)
         else:
-            pooled, weights = attention(vectors, unit_text, rows > 0)
+            keys = query = None
+            if self.cfg.attention_keys == "projected":
+                keys, query = self.text_projection(vectors), self.text_projection(unit_text)
+            pooled, weights = attention(vectors, unit_text, rows > 0, keys, query, training=training)
         length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
         return {"vectors": vectors, "weights": tf.cast(weights, tf.float32), "known": known,
                 "pooled": pooled, "unit_text": unit_text, "length": length}
+
+    def pool_divisor(self, count) -> tf.Tensor:
+        """What a history's weighted sum over `count` known ads is divided by: the count (at least 1),
+        or 1 for target attention with `ranking.attention_scale: sum`."""
+        units = list(self.history_attention.values())
+        return units[0].divisor(count) if units else tf.maximum(count, 1.0)
 
     def history_parts(self, pooled, unit_text, length) -> list[tf.Tensor]:
         """[projected pooled text embedding, its cosine with the candidate's text, log(1 + length)]; leading

@@ -281,28 +281,54 @@ class HistoryPooling(tf.keras.layers.Layer):
 class TargetAttention(tf.keras.layers.Layer):
     """DIN's activation unit (Zhou et al. 2018): the candidate ad attends over the user's history ads.
 
-    Each history vector h gets the weight 1 + MLP([h, c, h * c, h - c]) for the candidate vector c;
-    the output is the weighted sum over the present entries divided by their count. The weights are
-    not softmax-normalised (as in DIN: the summary keeps how strongly the history speaks for this ad),
-    and the MLP's last layer starts at zero, so an untrained unit is exactly the mean pooling it
-    replaces. Returns (summary [batch, d], weights [batch, N], 0 where absent)."""
+    Each history entry gets the weight 1 + MLP([k, q, k * q, k - q]) for its key k and the candidate's
+    query q (by default the history and candidate vectors themselves; `keys`/`query` let the unit compare
+    other views of them, e.g. a learned projection); the output is the weighted sum of the present
+    history vectors, divided by their count (`scale="mean"`) or not (`scale="sum"`, as in the paper). The
+    weights are not softmax-normalised (as in DIN: the summary keeps how strongly the history speaks for
+    this ad), and the MLP's last layer starts at zero, so an untrained unit is exactly the mean (or sum)
+    pooling it replaces. `dropout`: on the hidden layers, in training. Returns (summary [batch, d],
+    weights [batch, N], 0 where absent)."""
 
-    def __init__(self, units: int = 32, **kwargs):
+    SCALES = ("mean", "sum")
+
+    def __init__(self, units: int | tuple[int, ...] = 32, dropout: float = 0.0, scale: str = "mean", **kwargs):
         super().__init__(**kwargs)
-        self.hidden = tf.keras.layers.Dense(units, activation="relu", name="hidden")
+        if scale not in self.SCALES:
+            raise ValueError(f"TargetAttention scale: expected one of {list(self.SCALES)}, got {scale!r}")
+        units = (units,) if isinstance(units, int) else tuple(units)
+        if not units or min(units) < 1:
+            raise ValueError(f"TargetAttention units: expected positive layer widths, got {units!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"TargetAttention dropout: expected a rate in [0, 1), got {dropout!r}")
+        self.scale = scale
+        self.hidden = [tf.keras.layers.Dense(u, activation="relu", name="hidden" if i == 0 else f"hidden_{i}")
+                       for i, u in enumerate(units)]
+        self.dropout = tf.keras.layers.Dropout(dropout) if dropout else None
         self.out = tf.keras.layers.Dense(1, kernel_initializer="zeros", name="weight")
 
     def get_config(self) -> dict:
         """The constructor's arguments; `from_config` rebuilds the layer."""
-        return {**super().get_config(), "units": int(self.hidden.units)}
+        return {**super().get_config(), "units": [int(h.units) for h in self.hidden],
+                "dropout": float(self.dropout.rate) if self.dropout is not None else 0.0, "scale": self.scale}
 
-    def call(self, history, candidate, present):
-        c = tf.broadcast_to(candidate[:, None, :], tf.shape(history))
-        x = tf.concat([history, c, history * c, history - c], axis=-1)
+    def divisor(self, count):
+        """What the weighted sum over `count` present entries is divided by."""
+        return tf.maximum(count, 1.0) if self.scale == "mean" else tf.ones_like(count)
+
+    def call(self, history, candidate, present, keys=None, query=None, training=None):
+        keys = history if keys is None else keys
+        query = candidate if query is None else query
+        q = tf.broadcast_to(query[:, None, :], tf.shape(keys))
+        x = tf.concat([keys, q, keys * q, keys - q], axis=-1)
+        for layer in self.hidden:
+            x = layer(x)
+            if self.dropout is not None:
+                x = self.dropout(x, training=training)
         mask = tf.cast(present, history.dtype)
-        weights = (1.0 + tf.squeeze(self.out(self.hidden(x)), axis=-1)) * mask
-        summary = tf.reduce_sum(weights[:, :, None] * history, axis=1) / tf.maximum(
-            tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+        weights = (1.0 + tf.squeeze(self.out(x), axis=-1)) * mask
+        summary = tf.reduce_sum(weights[:, :, None] * history, axis=1) / self.divisor(
+            tf.reduce_sum(mask, axis=1, keepdims=True))
         return summary, weights
 
 
