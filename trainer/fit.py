@@ -85,6 +85,10 @@ class StepsTimer(EpochTimer):
     epoch also pays for tracing the step function. (A batch hook: ParameterServerStrategy refuses those,
     and runs `EpochTimer`.)"""
 
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True  # it never reads the logs, so Keras need not wait for them
+
     def on_train_batch_end(self, batch, logs=None):
         self._last = time.perf_counter()
 
@@ -147,10 +151,11 @@ class _DropNotes(logging.Filter):
 #   train_step, not tracked as Keras metrics), so it logs the last finished step's values, each epoch;
 # - every epoch's backup checkpoint of sharded variables retraces the saver's function.
 PARAMETER_SERVER_NOTES = ("Could not get Model metric results", "MultiDeviceSaver.save.<locals>.tf_function_save")
-# Keras times the batch hooks of the first batches all together, its own progress bar's first writes
-# to the terminal included, and warns when they outlast a step: with fast steps, that warning is about
-# the bar (the job's own batch hook only reads the clock).
-PROGRESS_BAR_NOTES = ("is slow compared to the batch time",)
+# Keras times a step from its dispatch to the batch-end hooks, and the hooks of the first batches all
+# together; a hook that reads the step's logs (the progress bar's) waits there for the step to finish, so the
+# step's own compute is counted as hook time and Keras warns that the hooks outlast the step. The job's
+# own batch hook only reads the clock.
+HOOK_TIMING_NOTES = ("is slow compared to the batch time",)
 
 
 @contextlib.contextmanager
@@ -210,7 +215,7 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
     verbose = fit_verbosity(progress)
-    notes = (PARAMETER_SERVER_NOTES if ps else ()) + (PROGRESS_BAR_NOTES if verbose == 1 and not ps else ())
+    notes = HOOK_TIMING_NOTES + (PARAMETER_SERVER_NOTES if ps else ())
     with notes_dropped(notes), _dataset_options_warning_ignored() if ps else contextlib.nullcontext():
         hist = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, validation_data=validation,
                          verbose=min(verbose, 1) * 2 if ps else verbose,  # no progress bar under parameter servers
