@@ -55,7 +55,7 @@ def write_inputs(root: Path, rows: int, files: int, piece_rows: int, n_users: in
     return spec
 
 
-def _config(spec: Path, work: Path, stream: bool, hash_users: int) -> dict:
+def _config(spec: Path, work: Path, stream: bool, hash_users: int, shuffle_buffer: int) -> dict:
     from trainer.config import config_to_dict, load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
@@ -65,7 +65,8 @@ def _config(spec: Path, work: Path, stream: bool, hash_users: int) -> dict:
     for section, values in OVERRIDES.items():
         raw[section].update(values)
     raw["data"].update({"source": "spec", "spec": str(spec)})
-    raw["data"]["stream"] = {"enabled": stream, "hash_buckets": {"user_id": hash_users} if hash_users else {}}
+    raw["data"]["stream"] = {"enabled": stream, "hash_buckets": {"user_id": hash_users} if hash_users else {},
+                             "shuffle_buffer": shuffle_buffer}
     return raw
 
 
@@ -89,6 +90,61 @@ def child(config: Path) -> int:
                       "validation_pass_seconds": m.get("stream", {}).get("validation_pass_seconds"),
                       "peak_rss_mb": round(peak_rss_mb(), 1)}))
     return 0
+
+
+def _per_row_pipeline(stream, files, columns, schema, batch_size: int, shuffle_buffer: int):
+    """The baseline input pipeline: tf.data's own interleave, per-row `unbatch` and `shuffle`, `batch`
+    (what `features.stream.log_dataset` did before it mixed and batched rows in numpy)."""
+    import tensorflow as tf
+
+    from features.dataset import frame_to_tensors
+    from features.stream import _tf_dtype, catalog_join
+
+    ad_columns = tuple(n for n in columns if n in schema.ad_string_features and n != schema.ad_id)
+    log_names = tuple(n for n in columns if n not in ad_columns)
+    signature = {n: tf.TensorSpec([None], _tf_dtype(schema, n)) for n in log_names}
+
+    def rows_of(path: bytes):
+        for frame in stream.frames(path.decode(), stream.scratch_report()):
+            yield frame_to_tensors(frame, log_names, schema)
+
+    ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files]).interleave(
+        lambda p: tf.data.Dataset.from_generator(rows_of, output_signature=signature, args=(p,)), cycle_length=2)
+    ds = ds.unbatch().shuffle(shuffle_buffer, seed=0).batch(batch_size).map(catalog_join(stream.catalog, ad_columns,
+                                                                                          schema))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options).prefetch(2)
+
+
+def pipeline_rates(spec: Path, batch_size: int, shuffle_buffer: int, rounds: int = 2) -> dict:
+    """Rows/s of the ranking stage's input pipeline alone (no training) over `spec`'s log: the job's
+    (`log_dataset`) against the per-row tf.data baseline, in this process, alternated `rounds` times so
+    both see the same load."""
+    from features.spec import load_spec
+    from features.stream import log_dataset, open_stream
+
+    loaded = load_spec(spec)
+    schema = loaded.schema()
+    stream = open_stream(loaded)
+    columns = (*schema.query_features, *schema.ad_string_features, schema.click, schema.position, schema.conversion)
+    make = {"numpy_pool": lambda: log_dataset(stream, stream.files, columns, schema, batch_size,
+                                              shuffle_buffer=shuffle_buffer),
+            "per_row_tf_data": lambda: _per_row_pipeline(stream, stream.files, columns, schema, batch_size,
+                                                         shuffle_buffer)}
+    seconds: dict[str, list[float]] = {name: [] for name in make}
+    rows = 0
+    for _ in range(rounds):
+        for name, build in make.items():
+            t0, rows = time.perf_counter(), 0
+            for batch in build():
+                rows += int(batch[schema.click].shape[0])
+            seconds[name].append(time.perf_counter() - t0)
+            print(f"pipeline {name}: {rows:,d} rows in {seconds[name][-1]:.1f}s", file=sys.stderr)
+    rates = {name: round(rows / min(s)) for name, s in seconds.items()}
+    return {"rows": rows, "batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "rows_per_s": rates,
+            "speedup": round(rates["numpy_pool"] / rates["per_row_tf_data"], 2),
+            "note": "input pipeline alone, no training; best of the alternated rounds"}
 
 
 def _run_child(raw: dict, work: Path, name: str) -> dict:
@@ -116,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--piece-rows", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--in-memory-rows", type=int, default=1_000_000)
+    parser.add_argument("--shuffle-buffer", type=int, default=10_000, help="data.stream.shuffle_buffer")
     parser.add_argument("--hash-users", type=int, default=0, help="hash user ids into this many buckets (0: vocab)")
     parser.add_argument("--work", default="", help="keep the files here (default: a temporary directory)")
     parser.add_argument("--out", default="runs/bench/streaming.json")
@@ -136,14 +193,20 @@ def main(argv=None) -> int:
                                 args.piece_rows, args.users)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        pipeline = pipeline_rates(sub_spec, OVERRIDES["ranking"]["batch_size"], args.shuffle_buffer)
+        print(f"input pipeline alone on {pipeline['rows']:,d} rows: {pipeline['rows_per_s']['numpy_pool']:,d} rows/s "
+              f"(numpy pool) against {pipeline['rows_per_s']['per_row_tf_data']:,d} (per-row tf.data shuffle), "
+              f"{pipeline['speedup']}x", file=sys.stderr)
         # The short in-memory run first, its numbers kept, so a long streaming run that is stopped leaves them.
-        in_memory = _run_child(_config(sub_spec, work / "memory", False, 0), work, "in_memory")
+        in_memory = _run_child(_config(sub_spec, work / "memory", False, 0, args.shuffle_buffer), work, "in_memory")
         out.write_text(json.dumps({"benchmark": "streaming", "rows": args.rows, "in_memory": in_memory,
-                                   "streaming": "not finished"}, indent=2))
-        streamed = _run_child(_config(spec, work / "stream", True, args.hash_users), work, "stream")
+                                   "input_pipeline": pipeline, "streaming": "not finished"}, indent=2))
+        streamed = _run_child(_config(spec, work / "stream", True, args.hash_users, args.shuffle_buffer), work,
+                              "stream")
     result = {
         "benchmark": "streaming", "rows": args.rows, "files": args.files, "parquet_mb": round(size_mb, 1),
         "write_seconds": round(write_s, 1), "hash_users": args.hash_users, "streaming": streamed,
+        "input_pipeline": pipeline,
         "in_memory": {**in_memory, "rows_read": sub_rows,
                       "note": f"the in-memory path on the first {sub_rows:,d} rows only (a log it can hold), "
                               "its split's training rows trained; rows/s compare, RSS does not"},
@@ -153,6 +216,9 @@ def main(argv=None) -> int:
           f"({streamed['job_rows_per_s']:,d} rows/s end to end; ranking epoch {streamed['ranking_rows_per_s']:,d} "
           f"rows/s); peak RSS {streamed['peak_rss_mb']:.0f} MB "
           f"({'under' if result['under_budget'] else 'OVER'} the {RSS_BUDGET_MB} MB budget)")
+    print(f"input pipeline alone ({pipeline['rows']:,d} rows, no training): {pipeline['rows_per_s']['numpy_pool']:,d} "
+          f"rows/s against {pipeline['rows_per_s']['per_row_tf_data']:,d} for a per-row tf.data shuffle "
+          f"({pipeline['speedup']}x)")
     print(f"in-memory (subsample of {sub_rows:,d} rows, not the full log): {in_memory['rows_trained']:,d} training "
           f"rows, {in_memory['job_rows_per_s']:,d} rows/s end to end; ranking epoch "
           f"{in_memory['ranking_rows_per_s']:,d} rows/s; peak RSS {in_memory['peak_rss_mb']:.0f} MB")

@@ -4,9 +4,9 @@ The catalog (and a users table) are small: they are read and validated whole, as
 does. The log files are read one chunk (`spec.chunk_rows` rows) at a time, validated by the same
 rules (`check_log_chunk`: a problem keeps its file:line, skipped rows are counted per reason) and
 typed; `LogStream.frames` yields the kept rows of one file. `log_dataset` turns a list of files into
-a tf.data pipeline: one generator per file, interleaved, rows shuffled in a bounded buffer and
-batched, and the ad's catalog columns joined in the graph (a hash table from ad id to catalog row and
-a gather) instead of a pandas merge.
+a tf.data pipeline: files interleaved, rows mixed in a bounded pool and batched in numpy
+(`features.row_pool`), and the ad's catalog columns joined in the graph (a hash table from ad id to
+catalog row and a gather) instead of a pandas merge.
 
 Multi-worker jobs shard by file (`shard_files`): worker i of n reads files[i::n], so the workers read
 disjoint files whose union is every file.
@@ -14,6 +14,7 @@ disjoint files whose union is every file.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import tensorflow as tf
 from features.dataset import frame_to_tensors
 from features.loader import check_log_chunk, load_keyed_tables, log_columns
 from features.readers import read_file, resolve_files
+from features.row_pool import batches, interleave
 from features.schema import FeatureSchema
 from features.spec import DataSpec
 from features.validate import ValidationReport, require_columns
@@ -118,38 +120,46 @@ def log_dataset(stream: LogStream, files: list, columns: tuple[str, ...], schema
                 on_file: Callable[[str], None] | None = None) -> tf.data.Dataset:
     """Batches of `columns` from the rows of `files` (log columns read, catalog ad columns joined).
 
-    Files are read `cycle_length` at a time, interleaved row-chunk by row-chunk; `shuffle_buffer` rows
-    are shuffled (0: file order); `repeat` cycles the files for good (a multi-worker job sets its steps
-    per epoch, since workers' files hold different row counts). `on_file(path)` is called as each file
-    is opened (e.g. a worker's record of what it read). The auto-shard policy is OFF: a worker's files
-    are chosen by `shard_files`, not by tf.distribute."""
+    Files are read `cycle_length` at a time, interleaved in slices of at most `batch_size` rows;
+    `shuffle_buffer` rows are mixed in a pool (`features.row_pool`; 0: file order, files in the
+    given order); `repeat` cycles the files for good, each pass in a new random order when shuffling
+    (a multi-worker job sets its steps per epoch, since workers' files hold different row counts).
+    The mixing and batching run in numpy, so tf.data sees one element per batch. `on_file(path)` is
+    called as each file is opened (e.g. a worker's record of what it read). The auto-shard policy is
+    OFF: a worker's files are chosen by `shard_files`, not by tf.distribute."""
     if not files:
         raise StreamError("no log files to read")
+    if batch_size < 1:
+        raise StreamError(f"batch_size must be >= 1, not {batch_size}")
     ad_columns = tuple(n for n in columns if n in schema.ad_string_features and n != schema.ad_id)
     log_names = tuple(n for n in columns if n not in ad_columns)
     signature = {n: tf.TensorSpec([None], _tf_dtype(schema, n)) for n in log_names}
+    paths = [str(f) for f in files]
 
-    def rows_of(path: bytes):
-        name = path.decode()
+    def chunks_of(path: str) -> Iterator[dict[str, np.ndarray]]:
         if on_file is not None:
-            on_file(name)
-        for frame in stream.frames(name, stream.scratch_report()):
+            on_file(path)
+        for frame in stream.frames(path, stream.scratch_report()):
             if positives_only:
                 frame = frame[frame[schema.click] > 0]
             if len(frame):
                 yield frame_to_tensors(frame, log_names, schema)
 
-    def one_file(path):
-        return tf.data.Dataset.from_generator(rows_of, output_signature=signature, args=(path,))
+    iterations = itertools.count()
 
-    ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
-    ds = ds.interleave(one_file, cycle_length=max(1, min(cycle_length, len(files))), block_length=1)
-    ds = ds.unbatch()
-    if repeat:
-        ds = ds.repeat()
-    if shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    def generate():
+        rng = np.random.default_rng([seed, next(iterations)])  # each new iterator mixes anew, reproducibly
+
+        def passes():
+            while True:
+                yield from (paths if not shuffle_buffer else [paths[i] for i in rng.permutation(len(paths))])
+                if not repeat:
+                    return
+
+        slices = interleave(chunks_of, passes(), max(1, min(cycle_length, len(paths))), batch_size)
+        yield from batches(slices, batch_size, shuffle_buffer, rng)
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     if ad_columns:
         ds = ds.map(catalog_join(stream.catalog, ad_columns, schema))
     options = tf.data.Options()

@@ -253,3 +253,32 @@ def test_data_layers_describe_their_tables_by_size():
     assert adapter.get_config()["backbone"]["config"]["hidden_dim"] == 8
     for layer in (emb, features, history, text, stats, tower, adapter):
         json.dumps(layer.get_config())
+
+
+def test_keras_hook_timing_note_is_dropped_and_other_warnings_are_kept():
+    """Keras warns that the batch hooks are slow when a hook that waits for the step's logs (its own
+    progress bar's) outlasts the step's dispatch; `fit_stage` drops that one note, and nothing else."""
+    import logging
+
+    import tensorflow as tf
+
+    from trainer.fit import HOOK_TIMING_NOTES, notes_dropped
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, handler = tf.get_logger(), Keep()
+    logger.addHandler(handler)
+    try:
+        keras_note = ("Callback method `on_train_batch_end` is slow compared to the batch time (batch time: "
+                      "0.0010s vs `on_train_batch_end` time: 0.0050s). Check your callbacks.")
+        with notes_dropped(HOOK_TIMING_NOTES):
+            logger.warning(keras_note)
+            logger.warning("a real problem")
+        logger.warning(keras_note)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["a real problem", keras_note]

@@ -83,6 +83,10 @@ def test_streaming_refuses_what_needs_the_whole_log(tmp_path):
     cfg, _ = _stream_config(tmp_path, 2, hash_buckets={"category": 10})
     with pytest.raises(DataError, match="'category' is not one of the query string features"):
         run_training(cfg)
+    cfg, _ = _stream_config(tmp_path, 2, hash_buckets={"user_id": 100})
+    cfg.ranking.user_id_dropout = 0.5
+    with pytest.raises(DataError, match="ranking.user_id_dropout 0.5 cannot be used with a hashed 'user_id'"):
+        run_training(cfg)
     from trainer.streaming import refuse_unstreamable
 
     cfg, _ = _stream_config(tmp_path, 2)

@@ -240,8 +240,8 @@ class StreamConfig(TypedModel):
     # feature -> bucket count: ids hashed into that many embedding rows instead of a vocabulary (an
     # unbounded id space: user ids, say); query string features only (user id, user/context categoricals)
     hash_buckets: dict[str, Annotated[int, Field(ge=1, le=MAX_HASH_BUCKETS)]] = Field(default_factory=dict)
-    shuffle_buffer: int = Field(10_000, ge=0, le=10_000_000)  # rows shuffled in memory (0: file order)
-    cycle_length: int = Field(2, ge=1, le=64)  # files read at a time, their chunks interleaved
+    shuffle_buffer: int = Field(10_000, ge=0, le=10_000_000)  # rows mixed in a pool before batching (0: file order)
+    cycle_length: int = Field(2, ge=1, le=64)  # files read at a time, a batch-sized slice of each in turn
 
 
 class DataConfig(TypedModel):

@@ -85,6 +85,10 @@ class StepsTimer(EpochTimer):
     epoch also pays for tracing the step function. (A batch hook: ParameterServerStrategy refuses those,
     and runs `EpochTimer`.)"""
 
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True  # it never reads the logs, so Keras need not wait for them
+
     def on_train_batch_end(self, batch, logs=None):
         self._last = time.perf_counter()
 
@@ -132,29 +136,45 @@ def _seeds_drawn_where_run():
 
 
 class _DropNotes(logging.Filter):
-    """TensorFlow notes that say nothing actionable about a parameter-server fit:
-    - Keras cannot read the TFRS models' step results (`loss`, `total_loss`, ... are returned by their
-      train_step, not tracked as Keras metrics), so it logs the last finished step's values, each epoch;
-    - every epoch's backup checkpoint of sharded variables retraces the saver's function."""
+    """Drops TensorFlow log records that contain any of `notes`."""
 
-    NOTES = ("Could not get Model metric results", "MultiDeviceSaver.save.<locals>.tf_function_save")
+    def __init__(self, notes: tuple[str, ...]):
+        super().__init__()
+        self.notes = notes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(note in record.getMessage() for note in self.NOTES)
+        return not any(note in record.getMessage() for note in self.notes)
+
+
+# TensorFlow notes that say nothing actionable about a parameter-server fit:
+# - Keras cannot read the TFRS models' step results (`loss`, `total_loss`, ... are returned by their
+#   train_step, not tracked as Keras metrics), so it logs the last finished step's values, each epoch;
+# - every epoch's backup checkpoint of sharded variables retraces the saver's function.
+PARAMETER_SERVER_NOTES = ("Could not get Model metric results", "MultiDeviceSaver.save.<locals>.tf_function_save")
+# Keras times a step from its dispatch to the batch-end hooks, and the hooks of the first batches all
+# together; a hook that reads the step's logs (the progress bar's) waits there for the step to finish, so the
+# step's own compute is counted as hook time and Keras warns that the hooks outlast the step. The job's
+# own batch hook only reads the clock.
+HOOK_TIMING_NOTES = ("is slow compared to the batch time",)
 
 
 @contextlib.contextmanager
-def parameter_server_notes_dropped():
-    note = _DropNotes()
+def notes_dropped(notes: tuple[str, ...]):
+    note = _DropNotes(notes)
     logger = tf.get_logger()
     logger.addFilter(note)
     try:
-        with warnings.catch_warnings():
-            # tf.data asks for the dataset's options while the coordinator traces the per-worker dataset
-            warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
-            yield
+        yield
     finally:
         logger.removeFilter(note)
+
+
+@contextlib.contextmanager
+def _dataset_options_warning_ignored():
+    with warnings.catch_warnings():
+        # tf.data asks for the dataset's options while the coordinator traces the per-worker dataset
+        warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options")
+        yield
 
 
 def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobConfig, strategy,
@@ -195,7 +215,8 @@ def fit_stage(name: str, model, dataset: tf.data.Dataset, epochs: int, cfg: JobC
             monitor=monitor, mode="max", patience=cfg.training.early_stopping_patience,
             restore_best_weights=True, verbose=int(progress)))
     verbose = fit_verbosity(progress)
-    with parameter_server_notes_dropped() if ps else contextlib.nullcontext():
+    notes = HOOK_TIMING_NOTES + (PARAMETER_SERVER_NOTES if ps else ())
+    with notes_dropped(notes), _dataset_options_warning_ignored() if ps else contextlib.nullcontext():
         hist = model.fit(dataset, epochs=epochs, steps_per_epoch=steps, validation_data=validation,
                          verbose=min(verbose, 1) * 2 if ps else verbose,  # no progress bar under parameter servers
                          callbacks=callbacks)

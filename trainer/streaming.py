@@ -74,12 +74,19 @@ def refuse_unstreamable(cfg: JobConfig) -> None:
             raise DataError(f"{key} cannot be used with data.stream.enabled: {fix} (docs/data.md#streaming)")
 
 
-def _check_hash_buckets(hashed: dict[str, int], schema: FeatureSchema) -> None:
+def _check_hash_buckets(hashed: dict[str, int], schema: FeatureSchema, cfg: JobConfig) -> None:
     allowed = (*schema.query_string_features,)
     for name in hashed:
         if name not in allowed:
             raise DataError(f"data.stream.hash_buckets: {name!r} is not one of the query string features "
                             f"{list(allowed)}; only those can be hashed")
+    # A hashed id has no unknown row to drop it to, so the dropout would silently not happen.
+    dropouts = {"retrieval.user_id_dropout": cfg.retrieval.user_id_dropout,
+                "ranking.user_id_dropout": cfg.ranking.user_id_dropout}
+    for key, rate in dropouts.items():
+        if schema.user_id in hashed and rate > 0:
+            raise DataError(f"{key} {rate} cannot be used with a hashed {schema.user_id!r} "
+                            "(data.stream.hash_buckets): a hashed id has no unknown-id row to drop to; set it to 0")
 
 
 def _stream(cfg: JobConfig, progress: bool) -> tuple[LogStream, FeatureSchema]:
@@ -184,7 +191,7 @@ def train_streaming(cfg: JobConfig, strategy, progress: bool = True, with_rankin
     model_dir.mkdir(parents=True, exist_ok=True)
     stream, schema = _stream(cfg, progress)
     hashed = dict(cfg.data.stream.hash_buckets)
-    _check_hash_buckets(hashed, schema)
+    _check_hash_buckets(hashed, schema, cfg)
     t0 = time.time()
     with Progress("streaming pass: validation and vocabularies", unit="rows", enabled=progress) as shown:
         counts = count_pass(stream, schema, frozenset(hashed), cfg.privacy.min_count,
