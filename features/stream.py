@@ -114,6 +114,14 @@ def catalog_join(catalog: pd.DataFrame, names: tuple[str, ...], schema: FeatureS
     return join
 
 
+def split_columns(columns: tuple[str, ...], schema: FeatureSchema):
+    """`columns` as (the catalog's ad columns, joined in the graph by ad id; the columns read from the
+    log files; the log columns' TensorSpecs, one batch each)."""
+    ad_columns = tuple(n for n in columns if n in schema.ad_string_features and n != schema.ad_id)
+    log_names = tuple(n for n in columns if n not in ad_columns)
+    return ad_columns, log_names, {n: tf.TensorSpec([None], _tf_dtype(schema, n)) for n in log_names}
+
+
 def log_dataset(stream: LogStream, files: list, columns: tuple[str, ...], schema: FeatureSchema,
                 batch_size: int, *, positives_only: bool = False, shuffle_buffer: int = 0, seed: int = 0,
                 repeat: bool = False, cycle_length: int = 2,
@@ -131,9 +139,7 @@ def log_dataset(stream: LogStream, files: list, columns: tuple[str, ...], schema
         raise StreamError("no log files to read")
     if batch_size < 1:
         raise StreamError(f"batch_size must be >= 1, not {batch_size}")
-    ad_columns = tuple(n for n in columns if n in schema.ad_string_features and n != schema.ad_id)
-    log_names = tuple(n for n in columns if n not in ad_columns)
-    signature = {n: tf.TensorSpec([None], _tf_dtype(schema, n)) for n in log_names}
+    ad_columns, log_names, signature = split_columns(columns, schema)
     paths = [str(f) for f in files]
 
     def chunks_of(path: str) -> Iterator[dict[str, np.ndarray]]:
@@ -149,14 +155,25 @@ def log_dataset(stream: LogStream, files: list, columns: tuple[str, ...], schema
 
     def generate():
         rng = np.random.default_rng([seed, next(iterations)])  # each new iterator mixes anew, reproducibly
+        finished: set[str] = set()
+        with_rows: set[str] = set()
+
+        def read(path: str) -> Iterator[dict[str, np.ndarray]]:
+            for chunk in chunks_of(path):
+                with_rows.add(path)
+                yield chunk
+            finished.add(path)
 
         def passes():
             while True:
                 yield from (paths if not shuffle_buffer else [paths[i] for i in rng.permutation(len(paths))])
                 if not repeat:
                     return
+                if len(finished) == len(set(paths)) and not with_rows:  # else repeating would spin for good
+                    raise StreamError(f"{len(paths)} log file(s) hold no {'clicked ' if positives_only else ''}"
+                                      f"rows to train on: {', '.join(Path(p).name for p in paths)}")
 
-        slices = interleave(chunks_of, passes(), max(1, min(cycle_length, len(paths))), batch_size)
+        slices = interleave(read, passes(), max(1, min(cycle_length, len(paths))), batch_size)
         yield from batches(slices, batch_size, shuffle_buffer, rng)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)

@@ -148,3 +148,16 @@ def test_csv_logs_stream_with_their_physical_lines(tmp_path):
     rows = [(u.decode(), c.decode())
             for b in ds for u, c in zip(b["user_id"].numpy(), b["category"].numpy(), strict=True)]
     assert sorted(rows) == [("u1", "fashion"), ("u1", "fashion"), ("u2", "fashion")]
+
+
+def test_repeating_files_without_rows_to_train_on_is_an_error_not_a_spin(spec):
+    """A worker whose files hold no (clicked) rows: a repeating pipeline would read them for good."""
+    stream = open_stream(spec)
+    schema = spec.schema()
+    stream.transform = lambda frame: frame.iloc[:0]  # every row dropped, e.g. by the forget list
+    ds = log_dataset(stream, stream.files, (S.user_id, S.ad_id, S.click), schema, 16, repeat=True,
+                     shuffle_buffer=64)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"log file\(s\) hold no rows to train on: part-"):
+        next(iter(ds))
+    once = log_dataset(stream, stream.files, (S.user_id, S.ad_id, S.click), schema, 16)
+    assert list(once) == []  # read once, no rows is an empty dataset
