@@ -98,11 +98,9 @@ def _per_row_pipeline(stream, files, columns, schema, batch_size: int, shuffle_b
     import tensorflow as tf
 
     from features.dataset import frame_to_tensors
-    from features.stream import _tf_dtype, catalog_join
+    from features.stream import catalog_join, split_columns
 
-    ad_columns = tuple(n for n in columns if n in schema.ad_string_features and n != schema.ad_id)
-    log_names = tuple(n for n in columns if n not in ad_columns)
-    signature = {n: tf.TensorSpec([None], _tf_dtype(schema, n)) for n in log_names}
+    ad_columns, log_names, signature = split_columns(columns, schema)
 
     def rows_of(path: bytes):
         for frame in stream.frames(path.decode(), stream.scratch_report()):
