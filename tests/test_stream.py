@@ -130,6 +130,8 @@ def test_hashed_embedding_maps_every_id_into_its_buckets():
     assert out.shape == (4, 4) and layer.embedding.input_dim == 16
     np.testing.assert_array_equal(out[0], out[3])
     assert layer.get_config()["hash_buckets"] == 16
+    with pytest.raises(ValueError, match="no OOV row to drop values to"):  # it would silently not drop
+        CategoricalEmbedding([], 4, False, hash_buckets=16, oov_rate=0.5)
 
 
 def test_csv_logs_stream_with_their_physical_lines(tmp_path):

@@ -36,6 +36,8 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
             # (no OOV row; colliding values share one), the same in training and in the served graph.
             if row_l2 is not None:
                 raise ValueError("a hashed feature has no per-value counts for a frequency-aware L2")
+            if oov_rate > 0:
+                raise ValueError("a hashed feature has no OOV row to drop values to (oov_rate must be 0)")
             self.lookup = tf.keras.layers.Hashing(num_bins=hash_buckets)
         elif is_int:
             self.lookup = tf.keras.layers.IntegerLookup(
@@ -62,7 +64,7 @@ class CategoricalEmbedding(tf.keras.layers.Layer):
 
     def call(self, values, training=None):
         rows = self.lookup(values)
-        if training and self.oov_rate > 0 and not self.hash_buckets:
+        if training and self.oov_rate > 0:
             # Teaches the OOV row what an unknown value means (e.g. users who arrive after training).
             rows = tf.where(tf.random.uniform(tf.shape(rows)) < self.oov_rate, tf.zeros_like(rows), rows)
         out = self.embedding(rows)
