@@ -263,8 +263,8 @@ class RankingModel(tfrs.Model):
         unit_text = tf.math.l2_normalize(text, -1)
         if attention is None:
             weights = known
-            pooled = tf.reduce_sum(vectors * known[:, :, None], axis=1) / tf.maximum(
-                tf.reduce_sum(known, axis=1, keepdims=True), 1.0)
+            pooled = tf.reduce_sum(vectors * known[:, :, None], axis=1) / self.pool_divisor(
+                tf.reduce_sum(known, axis=1, keepdims=True))
         else:
             keys = query = None
             if self.cfg.attention_keys == "projected":
