@@ -53,9 +53,9 @@ def planted(trained_past):
 @pytest.fixture(scope="module")
 def planted_din(trained_past):
     """`planted` with the other activation unit settings: DIN's unscaled sum, weights from the projected
-    text, two hidden layers with dropout."""
+    text and each entry's position, two hidden layers with dropout, the mean weight as a feature."""
     return _planted_model(trained_past, attention_keys="projected", attention_scale="sum", attention_units=(16, 8),
-                          attention_dropout=0.1)
+                          attention_dropout=0.1, attention_positions=True, attention_mass=True)
 
 
 def _planted_model(trained_past, **attention):

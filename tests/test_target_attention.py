@@ -1,4 +1,4 @@
-"""The DIN activation unit's variants (`ranking.attention_*`), on small random tensors."""
+"""The DIN activation unit's variants (`ranking.attention_*`), on small random tensors and the tiny job's model."""
 
 import numpy as np
 import pytest
@@ -81,3 +81,109 @@ def test_config_round_trip_and_refusals():
         TargetAttention(units=())
     with pytest.raises(ValueError, match="dropout"):
         TargetAttention(dropout=1.0)
+    with pytest.raises(ValueError, match="positions"):
+        TargetAttention(positions=-1)
+
+
+def test_positions_start_as_the_plain_unit_and_let_the_weight_follow_recency():
+    """`ranking.attention_positions`: the MLP reads a learned embedding of each entry's place, so the same
+    ad weighs differently at another place; untrained, the unit is still the mean pooling."""
+    history, candidates, present = _inputs()
+    unit = TargetAttention(units=(6,), positions=5, position_dim=3)
+    summary, weights = unit(history, candidates, present)
+    mask = present.numpy().astype(np.float32)
+    np.testing.assert_array_equal(weights.numpy(), mask)
+    np.testing.assert_allclose(summary.numpy(), (history.numpy() * mask[:, :, None]).sum(1)
+                               / np.maximum(mask.sum(1), 1)[:, None], rtol=1e-6, atol=1e-6)
+    assert unit.hidden[0].kernel.shape == (4 * 8 + 3, 6)
+    _perturb(unit)
+    same = tf.repeat(history[:1, :1], 5, axis=1)  # one ad at every place
+    _, weights = unit(same, candidates[:1], tf.ones([1, 5], tf.bool))
+    assert np.ptp(weights.numpy()[0]) > 1e-3  # its weight depends on where it is
+    _, plain = TargetAttention(units=(6,))(same, candidates[:1], tf.ones([1, 5], tf.bool))
+    assert np.ptp(plain.numpy()[0]) == 0.0  # without positions it cannot
+    _, shorter = unit(history[:, :3], candidates, present[:, :3])  # a narrower history reads the first places
+    assert shorter.shape == (3, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="wider than positions"):
+        unit(tf.concat([history, history], 1), candidates, tf.concat([present, present], 1))
+    again = TargetAttention.from_config(unit.get_config())
+    assert again.positions == 5 and again.position_dim == 3
+
+
+@pytest.mark.parametrize("mass", [True, False])
+def test_attention_mass_is_the_mean_weight_of_each_history(trained_past, mass):
+    """`ranking.attention_mass`: each history's parts end with the mean of the unit's weights over its known
+    ads (0 for none), the one summary of how strongly the history speaks for the candidate that the
+    cosine of the pooled vector normalises away; off, the parts are what they were."""
+    from features.dataset import frame_to_tensors
+    from trainer.builders import build_ranking
+    from trainer.fit import build_model
+    from trainer.inputs import ranking_dataset
+
+    cfg = trained_past.config
+    cfg = cfg.model_copy(update={"ranking": cfg.ranking.model_copy(update={"attention_mass": mass})})
+    rows = trained_past.split.train.head(64)
+    model = build_ranking(cfg, tf.distribute.get_strategy(), trained_past.schema, trained_past.vocabularies,
+                          trained_past.catalog, trained_past.catalog_text_embeddings, rows)
+    build_model(model, next(iter(ranking_dataset(rows, cfg, trained_past.schema))), tf.distribute.get_strategy())
+    for unit in model.history_attention.values():
+        _perturb(unit)
+    features = frame_to_tensors(rows, model.feature_names, trained_past.schema)
+    parts = model.input_parts(features)
+    for name in model.histories:
+        terms = model.history_terms(features[name], model.candidate_text(features), model.history_attention[name])
+        mine = [p for g, p in parts if g == name]
+        assert len(mine) == 3 + mass
+        if mass:
+            known = terms["known"].numpy()
+            expected = (terms["weights"].numpy() * known).sum(1) / np.maximum(known.sum(1), 1)
+            np.testing.assert_allclose(mine[-1].numpy()[:, 0], expected, rtol=1e-5, atol=1e-6)
+            assert np.ptp(expected[known.sum(1) > 0]) > 1e-3  # it varies with the candidate and history
+            assert (expected[known.sum(1) == 0] == 0).all()
+
+
+def test_entry_features_move_the_weights():
+    """Per-entry inputs (`ranking.attention_joint`'s click flag) reach the MLP: the same entries weigh
+    differently with another flag, and an untrained unit ignores them (the mean pooling)."""
+    history, candidates, present = _inputs()
+    unit = TargetAttention(units=(6,))
+    ones, zeros = tf.ones([3, 5, 1]), tf.zeros([3, 5, 1])
+    np.testing.assert_array_equal(unit(history, candidates, present, entry_features=ones)[1].numpy(),
+                                  present.numpy().astype(np.float32))
+    assert unit.hidden[0].kernel.shape == (4 * 8 + 1, 6)
+    _perturb(unit)
+    clicked = unit(history, candidates, present, entry_features=ones)[1].numpy()
+    skipped = unit(history, candidates, present, entry_features=zeros)[1].numpy()
+    assert not np.allclose(clicked[0], skipped[0])
+    np.testing.assert_array_equal(clicked[~present.numpy()], 0.0)
+
+
+def test_joint_unit_weighs_both_histories_by_their_click(trained_past):
+    """`ranking.attention_joint`: one unit (one set of weights, saved once) for the positives and the
+    non-clicks; the same ads weigh differently as clicks and as non-clicks."""
+    from features.dataset import frame_to_tensors
+    from features.history import HISTORY
+    from features.user_stats import NEGATIVE_HISTORY
+    from trainer.builders import build_ranking
+    from trainer.fit import build_model
+    from trainer.inputs import ranking_dataset
+
+    cfg = trained_past.config
+    cfg = cfg.model_copy(update={"ranking": cfg.ranking.model_copy(update={"attention_joint": True})})
+    rows = trained_past.split.train.head(64)
+    strategy = tf.distribute.get_strategy()
+    model = build_ranking(cfg, strategy, trained_past.schema, trained_past.vocabularies, trained_past.catalog,
+                          trained_past.catalog_text_embeddings, rows)
+    build_model(model, next(iter(ranking_dataset(rows, cfg, trained_past.schema))), strategy)
+    unit = model.history_attention[HISTORY]
+    assert model.history_attention[NEGATIVE_HISTORY] is unit
+    assert unit.hidden[0].kernel.shape[0] == 4 * 32 + 1  # projected keys and query, and the click flag
+    assert len({id(v) for v in model.trainable_variables}) == len(model.trainable_variables)
+    _perturb(unit)
+    features = frame_to_tensors(rows, model.feature_names, trained_past.schema)
+    text = model.candidate_text(features)
+    as_clicks = model.history_terms(features[HISTORY], text, unit, clicked=True)["weights"].numpy()
+    as_skips = model.history_terms(features[HISTORY], text, unit, clicked=False)["weights"].numpy()
+    known = model.history_terms(features[HISTORY], text, unit)["known"].numpy() > 0
+    assert known.any() and not np.allclose(as_clicks[known], as_skips[known])
+    model.input_parts(features)  # both histories run through the one unit

@@ -153,11 +153,18 @@ class RankingConfig(TypedModel):
     # target_attention's activation unit: its hidden layers' widths; what it compares ("text": the history
     # and candidate ads' unit text embeddings, "projected": the same through the model's text projection);
     # the weighted sum divided by the number of known entries ("mean") or not ("sum", as in DIN); dropout
-    # on its hidden layers in training
+    # on its hidden layers in training; `attention_positions`: the unit also reads a learned embedding of each
+    # entry's position (most recent first); `attention_mass`: each history adds the mean of its weights
+    # over its known ads as a feature (how strongly the history speaks for this ad, which the cosine
+    # of the pooled vector normalises away); `attention_joint`: one unit weighs both histories, each entry
+    # carrying whether it was a click as an input of the unit (instead of one unit per history)
     attention_units: PositiveInts = Field((32,), min_length=1)
     attention_keys: Literal["text", "projected"] = "projected"
     attention_scale: Literal["mean", "sum"] = "mean"
     attention_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_positions: bool = False
+    attention_mass: bool = False
+    attention_joint: bool = False
     user_stats: bool = False  # the user's earlier events, clicks, and clicks among the last `recent_window`
     recent_window: int = Field(10, ge=1)
     item_stats: bool = False  # the ad's smoothed click rate and count over the training rows (out-of-fold in training)

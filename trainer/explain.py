@@ -102,14 +102,17 @@ def _because(ranking: RankingModel, features, parts, logit) -> dict[str, tf.Tens
                 BECAUSE_WEIGHTS: tf.zeros([rows, EXPLAINED_HISTORY])}
     history = features[HISTORY]  # [rows, N]
     n = ranking.history_length
-    terms = ranking.history_terms(history, ranking.candidate_text(features), ranking.history_attention.get(HISTORY))
+    terms = ranking.history_terms(history, ranking.candidate_text(features), ranking.history_attention.get(HISTORY),
+                                  clicked=True)
     count = tf.reduce_sum(terms["known"], axis=1, keepdims=True)  # [rows, 1]
     total = tf.cast(terms["pooled"], tf.float32) * ranking.pool_divisor(count)  # the weighted sum the pool divided
     without = (total[:, None, :] - terms["weights"][:, :, None] * terms["vectors"]) / ranking.pool_divisor(
         count - terms["known"])[:, :, None]  # [rows, N, d]: entry i's pool without entry i
     present = tf.not_equal(history, PAD_AD_ID)
     length = terms["length"][:, None, :] - tf.cast(present, tf.float32)[:, :, None]
-    replaced = iter(ranking.history_parts(without, terms["unit_text"][:, None, :], length))
+    mass = ranking.weight_mass(tf.reduce_sum(terms["weights"], axis=1, keepdims=True) - terms["weights"],
+                               count - terms["known"])[:, :, None]  # [rows, N, 1]: the mean weight without entry i
+    replaced = iter(ranking.history_parts(without, terms["unit_text"][:, None, :], length, mass))
     dtype = parts[0][1].dtype
     pieces = [tf.cast(next(replaced) if g == HISTORY else tf.repeat(p[:, None, :], n, axis=1), dtype)
               for g, p in parts]

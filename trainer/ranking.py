@@ -121,10 +121,14 @@ class RankingModel(tfrs.Model):
         self.histories = (*((HISTORY,) if cfg.history else ()),
                           *((NEGATIVE_HISTORY,) if cfg.negative_history else ()))
         self.history_length = history_length if self.histories else 0  # the history inputs' width
-        self.history_attention = {
-            name: TargetAttention(cfg.attention_units, cfg.attention_dropout, cfg.attention_scale,
-                                  name=f"{name}_attention") for name in self.histories} \
-            if cfg.history_pool == "target_attention" else {}
+        self.history_attention = {}  # history name -> its unit (`ranking.attention_joint`: one for both)
+        if cfg.history_pool == "target_attention":
+            def unit(name):
+                return TargetAttention(cfg.attention_units, cfg.attention_dropout, cfg.attention_scale,
+                                       positions=self.history_length if cfg.attention_positions else 0,
+                                       name=f"{name}_attention")
+            joint = unit("joint_history") if cfg.attention_joint else None
+            self.history_attention = {name: joint or unit(name) for name in self.histories}
         self.user_stats = UserStatsFeatures(cfg.recent_window, click_prior, name="user_stats") \
             if cfg.user_stats else None
         self.item_stats = None
@@ -186,7 +190,7 @@ class RankingModel(tfrs.Model):
         for name in ("position_tower", "user_stats", "item_stats"):
             if getattr(self, name) is not None:
                 parts[name] = getattr(self, name)
-        for name, attention in self.history_attention.items():
+        for name, attention in self.history_attention.items():  # a joint unit is saved once per name: one object
             parts[f"{name}_attention"] = attention
         return parts
 
@@ -213,8 +217,10 @@ class RankingModel(tfrs.Model):
             vectors = tf.math.l2_normalize(self.catalog_vectors(features[self.schema.ad_id]), -1)
             parts.append(("ad", self.vector_projection(vectors)))
         for name in self.histories:
-            terms = self.history_terms(features[name], text, self.history_attention.get(name), training=training)
-            parts += [(name, p) for p in self.history_parts(terms["pooled"], terms["unit_text"], terms["length"])]
+            terms = self.history_terms(features[name], text, self.history_attention.get(name),
+                                       clicked=name == HISTORY, training=training)
+            parts += [(name, p) for p in self.history_parts(terms["pooled"], terms["unit_text"], terms["length"],
+                                                            terms["mass"])]
         if self.user_stats is not None:
             parts.append(("user", self.user_stats(features[USER_EVENTS], features[USER_CLICKS],
                                                   features[RECENT_CLICKS])))
@@ -246,16 +252,19 @@ class RankingModel(tfrs.Model):
         dtype = parts[0][1].dtype
         return tf.concat([tf.cast(p, dtype) for _, p in parts], axis=-1)
 
-    def history_terms(self, history, text, attention=None, training: bool = False) -> dict[str, tf.Tensor]:
+    def history_terms(self, history, text, attention=None, clicked: bool = True,
+                      training: bool = False) -> dict[str, tf.Tensor]:
         """What a history's features are made of: `vectors` [b, N, d] (the history ads' unit text
         embeddings), `weights` [b, N] (1, or the target attention's weight, for ads in the catalog; 0 for
         padding and unknown ads), `known` [b, N] (in the catalog), `pooled` [b, d] (the weighted sum over
         the known ads divided by `pool_divisor` of their count), `unit_text` [b, d] (the candidate's unit
-        text embedding), `length` [b, 1] (non-padding entries).
+        text embedding), `length` [b, 1] (non-padding entries), `mass` [b, 1] (the mean weight over the
+        known ads, 0 for none).
 
         Pooled by the mean, or with `attention` (`ranking.history_pool: target_attention`) by the
         candidate's weights over the history ads (`ranking.attention_keys: projected`: weights computed
-        from the text projection of both). Ads outside the catalog add nothing to the pool (but count in
+        from the text projection of both; `ranking.attention_joint`: the unit also reads `clicked`, whether
+        this history holds clicks or non-clicks). Ads outside the catalog add nothing to the pool (but count in
         the length); "" is padding."""
         rows = self.catalog_text.lookup(history)
         known = tf.cast(rows > 0, tf.float32)
@@ -269,10 +278,19 @@ class RankingModel(tfrs.Model):
             keys = query = None
             if self.cfg.attention_keys == "projected":
                 keys, query = self.text_projection(vectors), self.text_projection(unit_text)
-            pooled, weights = attention(vectors, unit_text, rows > 0, keys, query, training=training)
+            flags = tf.fill(tf.concat([tf.shape(rows), [1]], 0), float(clicked)) if self.cfg.attention_joint else None
+            pooled, weights = attention(vectors, unit_text, rows > 0, keys, query, flags, training=training)
         length = tf.reduce_sum(tf.cast(tf.not_equal(history, ""), tf.float32), axis=1, keepdims=True)
-        return {"vectors": vectors, "weights": tf.cast(weights, tf.float32), "known": known,
-                "pooled": pooled, "unit_text": unit_text, "length": length}
+        weights = tf.cast(weights, tf.float32)
+        mass = self.weight_mass(tf.reduce_sum(weights, axis=1, keepdims=True),
+                                tf.reduce_sum(known, axis=1, keepdims=True))
+        return {"vectors": vectors, "weights": weights, "known": known,
+                "pooled": pooled, "unit_text": unit_text, "length": length, "mass": mass}
+
+    @staticmethod
+    def weight_mass(weight_sum, count) -> tf.Tensor:
+        """The mean weight over `count` known ads (0 for none): `ranking.attention_mass`'s feature."""
+        return weight_sum / tf.maximum(count, 1.0)
 
     def pool_divisor(self, count) -> tf.Tensor:
         """What a history's weighted sum over `count` known ads is divided by: the count (at least 1),
@@ -280,11 +298,15 @@ class RankingModel(tfrs.Model):
         units = list(self.history_attention.values())
         return units[0].divisor(count) if units else tf.maximum(count, 1.0)
 
-    def history_parts(self, pooled, unit_text, length) -> list[tf.Tensor]:
-        """[projected pooled text embedding, its cosine with the candidate's text, log(1 + length)]; leading
-        axes are free ([b, d] or [b, N, d]: the leave-one-out variants of `trainer/explain.py`)."""
+    def history_parts(self, pooled, unit_text, length, mass) -> list[tf.Tensor]:
+        """[projected pooled text embedding, its cosine with the candidate's text, log(1 + length)], and
+        with target attention and `ranking.attention_mass` the mean weight `mass`; leading axes are free
+        ([b, d] or [b, N, d]: the leave-one-out variants of `trainer/explain.py`)."""
         cosine = tf.reduce_sum(tf.math.l2_normalize(pooled, -1) * unit_text, axis=-1, keepdims=True)
-        return [self.text_projection(pooled), cosine, tf.math.log1p(length)]
+        parts = [self.text_projection(pooled), cosine, tf.math.log1p(length)]
+        if self.history_attention and self.cfg.attention_mass:
+            parts.append(tf.cast(mass, parts[0].dtype))
+        return parts
 
     def call(self, features):
         """The served (position-free, uncalibrated) CTR logit."""

@@ -289,13 +289,21 @@ class TargetAttention(tf.keras.layers.Layer):
     history vectors, divided by their count (`scale="mean"`) or not (`scale="sum"`, as in the paper). The
     weights are not softmax-normalised (as in DIN: the summary keeps how strongly the history speaks for
     this ad), and the MLP's last layer starts at zero, so an untrained unit is exactly the mean (or sum)
-    pooling it replaces. `dropout`: on the hidden layers, in training. Returns (summary [batch, d],
-    weights [batch, N], 0 where absent)."""
+    pooling it replaces. `dropout`: on the hidden layers, in training. `positions`: the history's width N
+    to learn a `position_dim`-wide embedding per entry position (entries are most recent first) that the
+    MLP reads beside the comparison, so a weight can depend on recency (0: no position input).
+    `entry_features` [batch, N, e] (a call argument): more per-entry inputs of the MLP, e.g. whether the
+    entry was a click, when one unit weighs two histories. Returns
+    (summary [batch, d], weights [batch, N], 0 where absent)."""
 
     SCALES = ("mean", "sum")
 
-    def __init__(self, units: int | tuple[int, ...] = 32, dropout: float = 0.0, scale: str = "mean", **kwargs):
+    def __init__(self, units: int | tuple[int, ...] = 32, dropout: float = 0.0, scale: str = "mean",
+                 positions: int = 0, position_dim: int = 8, **kwargs):
         super().__init__(**kwargs)
+        if positions < 0 or position_dim < 1:
+            raise ValueError(f"TargetAttention positions / position_dim: expected >= 0 / >= 1, got "
+                             f"{positions!r} / {position_dim!r}")
         if scale not in self.SCALES:
             raise ValueError(f"TargetAttention scale: expected one of {list(self.SCALES)}, got {scale!r}")
         units = (units,) if isinstance(units, int) else tuple(units)
@@ -308,21 +316,33 @@ class TargetAttention(tf.keras.layers.Layer):
                        for i, u in enumerate(units)]
         self.dropout = tf.keras.layers.Dropout(dropout) if dropout else None
         self.out = tf.keras.layers.Dense(1, kernel_initializer="zeros", name="weight")
+        self.positions, self.position_dim = int(positions), int(position_dim)
+        self.position = tf.keras.layers.Embedding(self.positions, self.position_dim, name="position") \
+            if self.positions else None
 
     def get_config(self) -> dict:
         """The constructor's arguments; `from_config` rebuilds the layer."""
         return {**super().get_config(), "units": [int(h.units) for h in self.hidden],
-                "dropout": float(self.dropout.rate) if self.dropout is not None else 0.0, "scale": self.scale}
+                "dropout": float(self.dropout.rate) if self.dropout is not None else 0.0, "scale": self.scale,
+                "positions": self.positions, "position_dim": self.position_dim}
 
     def divisor(self, count):
         """What the weighted sum over `count` present entries is divided by."""
         return tf.maximum(count, 1.0) if self.scale == "mean" else tf.ones_like(count)
 
-    def call(self, history, candidate, present, keys=None, query=None, training=None):
+    def call(self, history, candidate, present, keys=None, query=None, entry_features=None, training=None):
         keys = history if keys is None else keys
         query = candidate if query is None else query
         q = tf.broadcast_to(query[:, None, :], tf.shape(keys))
-        x = tf.concat([keys, q, keys * q, keys - q], axis=-1)
+        parts = [keys, q, keys * q, keys - q]
+        if self.position is not None:
+            n = tf.shape(keys)[1]
+            tf.debugging.assert_less_equal(n, self.positions, message="TargetAttention: history wider than positions")
+            pos = tf.cast(self.position(tf.range(n)), keys.dtype)
+            parts.append(tf.broadcast_to(pos[None], tf.concat([tf.shape(keys)[:2], [self.position_dim]], 0)))
+        if entry_features is not None:
+            parts.append(tf.cast(entry_features, keys.dtype))
+        x = tf.concat(parts, axis=-1)
         for layer in self.hidden:
             x = layer(x)
             if self.dropout is not None:
