@@ -158,9 +158,10 @@ def test_entry_features_move_the_weights():
     np.testing.assert_array_equal(clicked[~present.numpy()], 0.0)
 
 
-def test_joint_unit_weighs_both_histories_by_their_click(trained_past):
+def test_joint_unit_weighs_both_histories_by_their_click(trained_past, tmp_path):
     """`ranking.attention_joint`: one unit (one set of weights, saved once) for the positives and the
-    non-clicks; the same ads weigh differently as clicks and as non-clicks."""
+    non-clicks; the same ads weigh differently as clicks and as non-clicks; a checkpoint restores it
+    into a new model, and the exported graph scores the same through the TF1 loader."""
     from features.dataset import frame_to_tensors
     from features.history import HISTORY
     from features.user_stats import NEGATIVE_HISTORY
@@ -187,3 +188,20 @@ def test_joint_unit_weighs_both_histories_by_their_click(trained_past):
     known = model.history_terms(features[HISTORY], text, unit)["known"].numpy() > 0
     assert known.any() and not np.allclose(as_clicks[known], as_skips[known])
     model.input_parts(features)  # both histories run through the one unit
+
+    path = tf.train.Checkpoint(**model.checkpoint_parts()).write(str(tmp_path / "weights"))
+    again = build_ranking(cfg, strategy, trained_past.schema, trained_past.vocabularies, trained_past.catalog,
+                          trained_past.catalog_text_embeddings, rows)
+    build_model(again, next(iter(ranking_dataset(rows, cfg, trained_past.schema))), strategy)
+    tf.train.Checkpoint(**again.checkpoint_parts()).read(path).assert_existing_objects_matched()
+    expected = model.serve_probabilities(features)["pctr"].numpy()
+    np.testing.assert_allclose(again.serve_probabilities(features)["pctr"].numpy(), expected, rtol=1e-6)
+
+    from tests.test_ranking_serving import TF1, _ranking_request
+    from trainer.servables import RankingServable
+
+    module = RankingServable(model, trained_past.schema, trained_past.text, explanations=False)
+    tf.saved_model.save(module, str(tmp_path / "ranking"), signatures={"serving_default": module.serve})
+    _, request = _ranking_request(trained_past, rows)
+    served = TF1(tmp_path / "ranking").run(request)
+    np.testing.assert_allclose(served["pctr"], expected, rtol=1e-4, atol=1e-6)
