@@ -27,6 +27,7 @@ from features.user_stats import NEGATIVE_HISTORY, RECENT_CLICKS, USER_CLICKS, US
 from features.vocab import Vocabularies
 from trainer.calibration import Calibrator
 from trainer.config import RankingConfig
+from trainer.loss_scaling import ScaledLossModel
 from trainer.towers import (
     CatalogText,
     CatalogVectors,
@@ -66,7 +67,7 @@ class PositionTower(tf.keras.layers.Layer):
         return tf.squeeze(self.out(self.hidden(tf.concat(parts, axis=-1))), axis=-1)
 
 
-class RankingModel(tfrs.Model):
+class RankingModel(ScaledLossModel):
     """DCN-v2: x0 -> Cross x N and a deep MLP (stacked or parallel) -> CTR and CVR logits.
 
     x0 concatenates the embeddings of the user, context and ad features, the projected ad text

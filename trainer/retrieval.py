@@ -15,6 +15,7 @@ from features.schema import FeatureSchema
 from features.vocab import Vocabularies
 from trainer.config import DPConfig, RetrievalConfig
 from trainer.dp import clipped_noised_sum, per_row_gradients, squared_norms
+from trainer.loss_scaling import LossScaleOptimizer, ScaledLossModel, apply_together
 from trainer.towers import (
     CatalogText,
     CatalogVectors,
@@ -149,7 +150,7 @@ class AdTower(tf.keras.Model):
         return self.core(ids, features["text_embedding"], features["creative_embedding"])
 
 
-class RetrievalModel(tfrs.Model):
+class RetrievalModel(ScaledLossModel):
     """In-batch softmax over (query, clicked ad) pairs, with temperature on cosine scores."""
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, cfg: RetrievalConfig,
@@ -304,30 +305,24 @@ class RetrievalModel(tfrs.Model):
     def train_step(self, features):
         if self.dp is not None:
             return self._private_train_step(features)
-        if self.encoder_optimizer is None:
-            return super().train_step(features)
-        # tfrs.Model.train_step, with the gradients split between the two optimizers.
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(features, training=True)
-            regularization_loss = tf.reduce_sum([tf.reduce_sum(x) for x in self.losses])
-            total_loss = loss + regularization_loss
-        variables = self.trainable_variables
-        self._apply_gradients(tape.gradient(total_loss, variables), variables)
-        metrics = {metric.name: metric.result() for metric in self.metrics}
-        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
-        return metrics
+        return super().train_step(features)
 
     def _apply_gradients(self, grads, variables) -> None:
         """One optimizer step: the trainable encoder's weights through `encoder_optimizer` when there is
         one (a pretrained BERT wants a far lower rate than freshly initialised towers), the rest through
-        the compiled optimizer."""
+        the compiled optimizer (under mixed_float16 loss scaling both skip an overflowing step together)."""
         if self.encoder_optimizer is None:
             self.optimizer.apply_gradients(zip(grads, variables, strict=True))
             return
         encoder = {v.ref() for v in self.catalog_text.encoder.trainable_weights}
         pairs = list(zip(grads, variables, strict=True))
-        self.encoder_optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() in encoder])
-        self.optimizer.apply_gradients([(g, v) for g, v in pairs if v.ref() not in encoder])
+        towers = [(g, v) for g, v in pairs if v.ref() not in encoder]
+        encoder_pairs = [(g, v) for g, v in pairs if v.ref() in encoder]
+        if isinstance(self.optimizer, LossScaleOptimizer):
+            apply_together(self.optimizer, towers, self.encoder_optimizer, encoder_pairs)
+            return
+        self.encoder_optimizer.apply_gradients(encoder_pairs)
+        self.optimizer.apply_gradients(towers)
 
     def _rows(self, features, ads):
         """(features, additive loss masks [batch, catalog], targets): each row's inputs to `_row_loss`.

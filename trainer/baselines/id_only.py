@@ -25,6 +25,7 @@ from features.vocab import Vocabularies
 from trainer.baselines.base import Scorer
 from trainer.baselines.epochs import run_epochs, validation_metric
 from trainer.config import RetrievalConfig
+from trainer.loss_scaling import ScaledLossModel
 from trainer.metrics import ranks_in_batches
 
 ID_ONLY_DIM = 32
@@ -37,7 +38,7 @@ def _id_tower(vocabulary: list, dim: int, name: str) -> tf.keras.Model:
     ], name=name)
 
 
-class IdOnlyRetrieval(tfrs.Model):
+class IdOnlyRetrieval(ScaledLossModel):
     """User id -> embedding, ad id -> embedding, in-batch softmax (the TFRS basic retrieval tutorial)."""
 
     def __init__(self, schema: FeatureSchema, vocabularies: Vocabularies, dim: int = ID_ONLY_DIM):
