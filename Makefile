@@ -22,8 +22,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find serving/protos -name '*
 demo: setup
 	$(BIN)/adrec demo --config configs/demo.yaml
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), a file's tests in one process so its
+# module fixtures train once; a single process leaves one of CI's two cores idle most of the time.
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # mypy checks what pyproject.toml's [tool.mypy] names (features, serving); trainer is not clean yet.
 lint: setup
