@@ -3,6 +3,7 @@ change that breaks one would go unseen until the next `make bench`."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -85,3 +86,31 @@ def test_encoder_modes_reports_each_recall_with_its_standard_error(monkeypatch):
     # 0.015 below full: missed, whatever the noise, and the gap's standard error is said beside it.
     spread = math.hypot(0.02, math.sqrt(0.215 * 0.785 / 400))
     assert "-0.015" in line and f"at most {spread:.3f}" in line and "goal not met" in line
+
+
+def test_encoder_modes_prints_the_tables_of_a_report_stopped_early(monkeypatch, tmp_path, capsys):
+    modes = _encoder_modes(monkeypatch)
+    row = {"recall_at_k": 100, "trainable_parameters": 10, "share_of_full": 0.01, "examples_per_second": 5.0,
+           "ranking_auc": 0.7, "job_seconds": 1.0, "recall_most_popular": 0.1, "test_clicks": 400,
+           "validation_clicks": 40}
+    runs = [{**row, "mode": m, "encoder_learning_rate": r, "validation_recall": v, "recall": t}
+            for m, r, v, t in [("lora", 1e-3, 0.30, 0.21), ("lora", 1e-2, 0.33, 0.20), ("full", 5e-5, 0.31, 0.25)]]
+    report = {"benchmark": "encoder_modes", "modes": ["frozen", "lora", "full", "top_layers"],
+              "grid": {"lora": [1e-3, 1e-2], "full": [5e-5, 2e-4], "top_layers": [5e-5, 2e-4]},
+              "datasets": {"world": {"subsample": "all of it", "runs": runs}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert modes.main(["--from-report", str(path)]) == 0
+    out = capsys.readouterr().out
+    # LoRA's choice is its validation best (1e-2, test 0.200); full and top_layers did not finish their grids.
+    assert re.search(r"\n  lora +0\.01 .* 0\.200 ", out)
+    assert "grid NOT complete: full ran 1 of its 2 rates; top_layers ran 0 of its 2 rates" in out
+    assert "-0.050" in out and "goal not met" in out
+    path.write_text(json.dumps({"benchmark": "quality"}))
+    with pytest.raises(SystemExit):
+        modes.main(["--from-report", str(path)])
+    assert "not an encoder_modes report" in capsys.readouterr().err
+    path.write_text(json.dumps({"benchmark": "encoder_modes", "grid": {}}))
+    with pytest.raises(SystemExit):
+        modes.main(["--from-report", str(path)])
+    assert "missing or malformed" in capsys.readouterr().err
