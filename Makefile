@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/mypy
 
 # Every benchmark in one go (13 min on the 2-core CPU machine before ranking_real.py, which adds
-# 10-25 min, and encoder_modes.py, ~40 min); JSON results land in runs/bench/.
+# 10-25 min, and encoder_modes.py, ~70 min); JSON results land in runs/bench/.
 bench: setup
 	$(BIN)/python benchmarks/retrieval_scaling.py --ads 10000 100000 1000000
 	$(BIN)/pip install --quiet -e ".[bench]" || echo "no faiss-cpu: benchmarks/ann.py runs without its faiss column"
