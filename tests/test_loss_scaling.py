@@ -2,6 +2,7 @@
 for float16 still reach the weights, and a second optimizer (the encoder's) skips the steps the loss
 scale overflows."""
 
+import contextlib
 import logging
 
 import numpy as np
@@ -33,6 +34,19 @@ class _WarningsOf(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def scaling_warnings():
+    """The TensorFlow warnings that say a LossScaleOptimizer's loss or gradients went unscaled."""
+    handler = _WarningsOf()
+    logging.getLogger("tensorflow").addHandler(handler)
+    found: list[str] = []
+    try:
+        yield found
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+        found += [m for m in handler.messages if "get_scaled_loss" in m or "get_unscaled_gradients" in m]
+
+
 def _one_step(base):
     class Linear(base):
         def __init__(self):
@@ -50,18 +64,14 @@ def _one_step(base):
 
 
 def test_a_float16_gradient_below_float16_range_reaches_the_weights(float16_policy):
-    handler = _WarningsOf()
-    logging.getLogger("tensorflow").addHandler(handler)
-    try:
+    with scaling_warnings() as unscaled_warnings:
         model, x = _one_step(ScaledLossModel)
-    finally:
-        logging.getLogger("tensorflow").removeHandler(handler)
     assert isinstance(model.optimizer, LossScaleOptimizer)  # compile wrapped it, as under any Keras model
     assert model.dense.compute_dtype == "float16"
     # d loss / d kernel = TINY_LOSS * (sum of x over the batch) per input; SGD at 1e6 moves it by that * 1e6.
     expected = 1.0 - 1e6 * TINY_LOSS * x.sum(axis=0)[:, None]
     np.testing.assert_allclose(model.dense.kernel.numpy(), expected, rtol=2e-3)
-    assert not [m for m in handler.messages if "get_scaled_loss" in m or "get_unscaled_gradients" in m]
+    assert not unscaled_warnings
 
     unscaled, _ = _one_step(tfrs.Model)  # TFRS's own step: the same gradient flushes to zero in float16
     np.testing.assert_array_equal(unscaled.dense.kernel.numpy(), np.ones((3, 1), np.float32))
@@ -96,17 +106,15 @@ def test_a_float16_job_with_a_trainable_encoder_scales_its_loss_and_stays_finite
                       data=fewer_impressions(1500),
                       training={"mixed_precision": "mixed_float16"}, retrieval={"epochs": 2, "batch_size": 32},
                       ranking={"epochs": 1, "validation_fraction": 0.0}, evaluation={"baselines": ["most_popular"]})
-    handler = _WarningsOf()
-    logging.getLogger("tensorflow").addHandler(handler)
     try:
-        trained = run_training(cfg, progress=False)
+        with scaling_warnings() as unscaled_warnings:
+            trained = run_training(cfg, progress=False)
     finally:
-        logging.getLogger("tensorflow").removeHandler(handler)
         tf.keras.mixed_precision.set_global_policy("float32")
         import keras
 
         keras.mixed_precision.set_global_policy("float32")
-    assert not [m for m in handler.messages if "get_scaled_loss" in m or "get_unscaled_gradients" in m]
+    assert not unscaled_warnings
     for model in (trained.retrieval, trained.ranking):
         assert isinstance(model.optimizer, LossScaleOptimizer)
         assert np.isfinite(float(model.optimizer.loss_scale.numpy()))

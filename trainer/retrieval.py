@@ -312,7 +312,7 @@ class RetrievalModel(ScaledLossModel):
         one (a pretrained BERT wants a far lower rate than freshly initialised towers), the rest through
         the compiled optimizer (under mixed_float16 loss scaling both skip an overflowing step together)."""
         if self.encoder_optimizer is None:
-            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+            super()._apply_gradients(grads, variables)
             return
         encoder = {v.ref() for v in self.catalog_text.encoder.trainable_weights}
         pairs = list(zip(grads, variables, strict=True))
